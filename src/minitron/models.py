@@ -161,3 +161,26 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: str | torch
                              "Re-export it with save_pretrained.") from e
     model.to(resolve_device(device)).eval()
     return model, (load_tokenizer(name) if with_tokenizer else None)
+
+
+@torch.no_grad()
+def lm_loss(model, blocks: torch.Tensor, batch_size: int = 8, attention_mask: torch.Tensor | None = None) -> float:
+    """Mean next-token cross-entropy (fp32) of a causal LM over token blocks [N, T].
+
+    Every block predicts its tokens 1..T-1; masked positions (attention_mask == 0) are skipped.
+    """
+    device = next(model.parameters()).device
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start:start + batch_size].to(device)  # [B, T]
+        mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+        ).view(ids.shape[0], -1)  # [B*(T-1), V] -> [B, T-1]
+        valid = torch.ones_like(nll, dtype=torch.bool) if mask is None else mask[:, 1:].bool() & mask[:, :-1].bool()
+        total += nll[valid].double().sum().cpu()
+        count += int(valid.sum())
+    if count == 0:
+        raise ValueError("lm_loss got no tokens to score")
+    return float(total / count)

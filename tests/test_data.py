@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+
+from conftest import make_text
+from minitron.data import DataError, calibration_sample, load_splits, pack, read_texts, split_blocks
+
+
+def test_read_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "row one"}) + "\n\n" + json.dumps({"text": "row two"}) + "\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.rst.txt").write_text("reST source")
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    assert read_texts(str(tmp_path)) == ["plain text", "row one", "row two", "reST source"]
+    assert read_texts(str(tmp_path / "b.jsonl")) == ["row one", "row two"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(DataError, match="'text' field"):
+        read_texts(str(tmp_path / "bad.jsonl"))
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first", "", "second"]}), tmp_path / "d.parquet")
+    assert read_texts(str(tmp_path / "d.parquet")) == ["first", "second"]
+
+
+def test_data_dir_lookup(tmp_path, monkeypatch):
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.valid.raw").write_text(" = Title = \n text \n")
+    monkeypatch.setenv("MINITRON_DATA_DIR", str(tmp_path))
+    assert read_texts("wikitext-2-raw/wiki.valid.raw") == [" = Title = \n text \n"]
+    monkeypatch.delenv("MINITRON_DATA_DIR")
+    assert read_texts("wikitext-2-raw/wiki.valid.raw", data_root=tmp_path)
+
+
+def test_pack_split_calibration(tokenizer):
+    docs = [make_text(50, seed=i) for i in range(6)]
+    blocks = pack(docs, tokenizer, 16)
+    ids = [t for d in docs for t in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]]
+    assert blocks.shape[1] == 16 and blocks.flatten().tolist() == ids[: blocks.numel()]
+    assert pack(docs, tokenizer, 16, max_blocks=3).shape == (3, 16)
+    a, b = split_blocks(blocks, 0.1, seed=1), split_blocks(blocks, 0.1, seed=1)
+    assert torch.equal(a.train, b.train) and torch.equal(a.validation, b.validation)
+    assert len(a.train) + len(a.validation) == len(blocks)
+    train_rows = {tuple(r) for r in a.train.tolist()}
+    assert not any(tuple(r) in train_rows for r in a.validation.tolist())
+    c = calibration_sample(a.train, 5, seed=2)
+    assert c.shape == (5, 16) and torch.equal(c, calibration_sample(a.train, 5, seed=2))
+    with pytest.raises(DataError, match="calibration needs"):
+        calibration_sample(a.train, 10_000)
+
+
+def test_corpus_errors(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="do not fill one block"):
+        pack(["tiny"], tokenizer, 64)
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(DataError, match="holds no text"):
+        read_texts(str(tmp_path))
+    with pytest.raises(DataError, match="validation blocks"):
+        split_blocks(torch.zeros(1, 8, dtype=torch.long))
+    (tmp_path / "e.txt").write_text(make_text(3))
+    with pytest.raises(DataError, match="do not fill one block"):
+        load_splits(str(tmp_path), tokenizer, 4096)

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_model, make_text
+from minitron import arch
+from minitron.data import DataError
+from minitron.models import ModelLoadError
+from minitron.plan import PlanError, PrunePlan, Target, make_plan
+from minitron.prune import OutputExists, PruneConfig, apply_plan, prune
+
+
+def _cfg(model_dir, corpus_dir, out, **kw):
+    base = dict(model=str(model_dir), out=str(out), calib_data=str(corpus_dir), calib_samples=8,
+                heldout_samples=2, seq_len=32, batch_size=4, device="cpu")
+    return PruneConfig(**{**base, **kw})
+
+
+def test_identity_plan_keeps_logits(family, tokenizer):
+    model = make_model(family)
+    ids = tokenizer(make_text(4), return_tensors="pt").input_ids
+    ref = model(ids).logits
+    d = arch.dims_of(model.config)
+    scores = {"heads": torch.rand(d.layers, d.heads), "kv_groups": torch.rand(d.layers, d.kv_heads),
+              "neurons": torch.rand(d.layers, d.ffn), "channels": torch.rand(d.hidden)}
+    apply_plan(model, make_plan(model.config, scores, Target()))
+    assert torch.equal(model(ids).logits, ref)
+
+
+def test_prune_saves_a_plain_hf_model(family, tiny_model_dir, corpus_dir, tmp_path, tokenizer):
+    target = Target(hidden=48, ffn=96, heads=2, kv_heads=1, layers=3)
+    out = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "out", target=target))
+    plan = PrunePlan.load(out / "plan.json")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "scores.safetensors", "scores.json",
+                 "importance.png", "prune_metrics.json", "plan.json"):
+        assert (out / name).is_file(), name
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    cfg = reloaded.config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.num_hidden_layers, cfg.head_dim) == (48, 96, 2, 1, 3, 16)
+    if getattr(cfg, "layer_types", None) is not None:
+        assert len(cfg.layer_types) == 3
+    assert sum(p.numel() for p in reloaded.parameters()) == plan.params_after["total"]
+    assert len(plan.dropped_layers) == 1 and plan.layer_choice["how"].startswith("contiguous")
+    # same logits as the in-memory pruned model
+    model = make_model(family)
+    apply_plan(model, plan)
+    ids = tokenizer(make_text(3), return_tensors="pt").input_ids
+    assert torch.allclose(model(ids).logits, reloaded(ids).logits, atol=1e-5)
+    # layers were renumbered: generation with a KV cache equals generation without one
+    a = reloaded.generate(ids[:, :6], max_new_tokens=8, do_sample=False, use_cache=True)
+    b = reloaded.generate(ids[:, :6], max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(a, b) and a.shape[1] == 14
+    metrics = json.loads((out / "prune_metrics.json").read_text())
+    assert metrics["params_after"] == plan.params_after and metrics["heldout_loss_after"] > 0
+
+
+def test_reused_scores_give_the_same_plan(tiny_model_dir, corpus_dir, tmp_path):
+    target = Target(params=110_000)
+    first = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "a", target=target))
+    second = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "b", target=target,
+                        scores=str(first / "scores.safetensors")))
+    assert json.loads((second / "scores.json").read_text())["meta"]["calib_samples"] == 8
+    assert (first / "plan.json").read_text() == (second / "plan.json").read_text()
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_random_criterion_differs(tiny_model_dir, corpus_dir, tmp_path):
+    a = PrunePlan.load(prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "a", target=Target(ffn=64))) / "plan.json")
+    b = PrunePlan.load(prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "b", target=Target(ffn=64),
+                                  criterion="random")) / "plan.json")
+    assert a.ffn != b.ffn and len(b.ffn[0]) == 64
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_bad_inputs(tiny_model_dir, corpus_dir, tmp_path):
+    ok = dict(target=Target(hidden=32))
+    with pytest.raises(PlanError, match="larger than the source"):
+        prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "o1", target=Target(hidden=1000)))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(OutputExists, match="--overwrite"):
+        prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "full", **ok))
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n")
+    with pytest.raises(DataError, match="holds no text"):
+        prune(_cfg(tiny_model_dir, empty, tmp_path / "o2", **ok))
+    (empty / "a.txt").write_text("only a few words")
+    with pytest.raises(DataError, match="too short"):
+        prune(_cfg(tiny_model_dir, empty, tmp_path / "o3", **ok))
+    with pytest.raises(ModelLoadError, match="not a Hugging Face model dir"):
+        prune(_cfg(tmp_path, corpus_dir, tmp_path / "o4", **ok))
+    (tiny_model_dir / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "o5", **ok))
+    assert not any(p.name.startswith(".o") for p in tmp_path.iterdir())  # no half-written output dirs
+
+
+def test_unknown_architecture(tmp_path, corpus_dir, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=384))
+    model.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(arch.UnsupportedArchitecture, match="supported families: llama, mistral, qwen2, qwen3"):
+        prune(_cfg(tmp_path / "gpt2", corpus_dir, tmp_path / "o", target=Target(hidden=16)))
