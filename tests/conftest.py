@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "nemotron"]
 
 _WORDS = ("the model prunes heads and neurons while a teacher distills knowledge into a student that "
           "keeps most of its accuracy with fewer layers channels parameters tokens data loss small fast "
@@ -48,6 +48,9 @@ def make_config(family: str, vocab: int = 384, layers: int = 4, **over):
               bos_token_id=None)
     if family == "llama":
         kw.update(attention_bias=False)
+    if family == "gemma3_text":  # alternating sliding / full attention, tied, scaled embeddings
+        kw.update(query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True,
+                  layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2))
     kw.update(over)
     return AutoConfig.for_model(family, **kw)
 

@@ -67,11 +67,9 @@ def test_zeroed_units_score_lowest(blocks):
     model = make_model("llama", num_key_value_heads=4)  # MHA: one V per head, so a head can be silenced
     with torch.no_grad():
         layer = arch.decoder_layers(model)[1]
-        q, k, v, o = arch.attn_projs(model, layer)
-        v.weight[2 * 16:3 * 16] = 0  # head 2 of layer 1 outputs zeros
-        gate, up, down = arch.mlp_projs(model, layer)
-        gate.weight[7] = 0
-        up.weight[7] = 0  # neuron 7 of layer 1: act(0) * 0 = 0
+        layer.self_attn.v_proj.weight[2 * 16:3 * 16] = 0  # head 2 of layer 1 outputs zeros
+        layer.mlp.gate_proj.weight[7] = 0
+        layer.mlp.up_proj.weight[7] = 0  # neuron 7 of layer 1: act(0) * 0 = 0
         for lyr in arch.decoder_layers(model):
             for norm in arch.channel_norms(model, lyr):
                 norm.weight[5] = 0  # hidden channel 5 silenced at every hooked norm

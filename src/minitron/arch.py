@@ -13,6 +13,14 @@ import torch
 from torch import nn
 
 
+# A projection's output rows are a concatenation of segments: "q" (query heads x head_dim),
+# "kv" (KV heads x head_dim) or "ffn" (MLP neurons). Split projections have one segment each; fused
+# ones (Phi-3 qkv_proj, gate_up_proj) list theirs in order.
+Segments = tuple[str, ...]
+LLAMA_ATTN_IN: tuple[tuple[str, Segments], ...] = (("q_proj", ("q",)), ("k_proj", ("kv",)), ("v_proj", ("kv",)))
+GATED_MLP_IN: tuple[tuple[str, Segments], ...] = (("gate_proj", ("ffn",)), ("up_proj", ("ffn",)))
+
+
 @dataclass(frozen=True)
 class Arch:
     """Where the parts of one decoder-only family live, and which optional parts it has."""
@@ -23,19 +31,22 @@ class Arch:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     attn: str = "self_attn"
-    q_proj: str = "q_proj"
-    k_proj: str = "k_proj"
-    v_proj: str = "v_proj"
-    o_proj: str = "o_proj"
+    attn_in: tuple[tuple[str, Segments], ...] = LLAMA_ATTN_IN  # projections reading the hidden states
+    o_proj: str = "o_proj"                     # its input (all heads) is hooked for head importance
     mlp: str = "mlp"
-    gate_proj: str = "gate_proj"
-    up_proj: str = "up_proj"
-    down_proj: str = "down_proj"
+    mlp_in: tuple[tuple[str, Segments], ...] = GATED_MLP_IN
+    down_proj: str = "down_proj"               # its input (all neurons) is hooked for neuron importance
     pre_attn_norm: str = "input_layernorm"     # its output feeds q/k/v: hooked for channel importance
-    pre_mlp_norm: str = "post_attention_layernorm"  # its output feeds gate/up: hooked likewise
+    pre_mlp_norm: str = "post_attention_layernorm"  # its output feeds the MLP: hooked likewise
     other_hidden_norms: tuple[str, ...] = ()   # further per-layer norms over the hidden axis (sliced only)
-    head_norms: tuple[str, ...] = ()           # per-head norms over head_dim (Qwen3 q_norm/k_norm): untouched
+    head_norms: tuple[str, ...] = ()           # per-head norms over head_dim (q_norm/k_norm): untouched
     has_layer_types: bool = False              # config.layer_types: one entry per layer
+    layer_has_idx: bool = False                # the decoder layer itself stores layer_idx
+    scaled_embedding: bool = False             # embeddings multiplied by sqrt(hidden_size)
+    # width attributes that modules cache at construction (names -> Dims, see set_module_widths)
+    layer_attrs: tuple[str, ...] = ("hidden_size",)
+    attn_attrs: tuple[str, ...] = ("num_key_value_groups",)
+    mlp_attrs: tuple[str, ...] = ("hidden_size", "intermediate_size")
 
 
 FAMILIES: dict[str, Arch] = {
@@ -43,6 +54,14 @@ FAMILIES: dict[str, Arch] = {
     "mistral": Arch("mistral"),
     "qwen2": Arch("qwen2", has_layer_types=True),   # q/k/v biases: sliced with their rows
     "qwen3": Arch("qwen3", head_norms=("q_norm", "k_norm"), has_layer_types=True),
+    "gemma3_text": Arch("gemma3_text", pre_mlp_norm="pre_feedforward_layernorm",
+                        other_hidden_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+                        head_norms=("q_norm", "k_norm"), has_layer_types=True, layer_has_idx=True,
+                        scaled_embedding=True),
+    "phi3": Arch("phi3", attn_in=(("qkv_proj", ("q", "kv", "kv")),), mlp_in=(("gate_up_proj", ("ffn", "ffn")),),
+                 attn_attrs=("num_key_value_groups", "num_key_value_heads"), mlp_attrs=()),
+    "nemotron": Arch("nemotron", mlp_in=(("up_proj", ("ffn",)),),  # relu^2 MLP without a gate; LayerNorm1P
+                     attn_attrs=("hidden_size", "num_heads", "num_key_value_heads", "num_key_value_groups")),
 }
 
 
@@ -142,19 +161,30 @@ def attention(model: nn.Module, layer: nn.Module) -> nn.Module:
     return getattr(layer, get_arch(model).attn)
 
 
-def attn_projs(model: nn.Module, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-    """(q_proj, k_proj, v_proj, o_proj) of one decoder layer."""
+def attn_inputs(model: nn.Module, layer: nn.Module) -> list[tuple[nn.Linear, Segments]]:
+    """The attention projections that read hidden states, each with its output-row segments."""
     arch = get_arch(model)
     attn = getattr(layer, arch.attn)
-    return (getattr(attn, arch.q_proj), getattr(attn, arch.k_proj), getattr(attn, arch.v_proj),
-            getattr(attn, arch.o_proj))
+    return [(getattr(attn, name), segs) for name, segs in arch.attn_in]
 
 
-def mlp_projs(model: nn.Module, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    """(gate_proj, up_proj, down_proj) of one decoder layer."""
+def attn_output(model: nn.Module, layer: nn.Module) -> nn.Linear:
+    """o_proj: input [B, T, heads*head_dim], output [B, T, hidden]."""
+    arch = get_arch(model)
+    return getattr(getattr(layer, arch.attn), arch.o_proj)
+
+
+def mlp_inputs(model: nn.Module, layer: nn.Module) -> list[tuple[nn.Linear, Segments]]:
+    """The MLP projections that read hidden states, each with its output-row segments."""
     arch = get_arch(model)
     mlp = getattr(layer, arch.mlp)
-    return getattr(mlp, arch.gate_proj), getattr(mlp, arch.up_proj), getattr(mlp, arch.down_proj)
+    return [(getattr(mlp, name), segs) for name, segs in arch.mlp_in]
+
+
+def mlp_output(model: nn.Module, layer: nn.Module) -> nn.Linear:
+    """down_proj: input [B, T, ffn], output [B, T, hidden]."""
+    arch = get_arch(model)
+    return getattr(getattr(layer, arch.mlp), arch.down_proj)
 
 
 def channel_norms(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -175,15 +205,28 @@ def set_layer_index(model: nn.Module, layer: nn.Module, idx: int) -> None:
     Each kept layer keeps its own layer type: write_dims subsets config.layer_types the same way.
     """
     attention(model, layer).layer_idx = idx
+    if get_arch(model).layer_has_idx:
+        layer.layer_idx = idx
 
 
 def set_module_widths(model: nn.Module, layer: nn.Module, dims: Dims) -> None:
     """Fix the width attributes that transformers modules cache at construction time."""
-    layer.hidden_size = dims.hidden
-    attention(model, layer).num_key_value_groups = dims.heads // dims.kv_heads
-    mlp = getattr(layer, get_arch(model).mlp)
-    mlp.hidden_size = dims.hidden
-    mlp.intermediate_size = dims.ffn
+    arch = get_arch(model)
+    values = {"hidden_size": dims.hidden, "intermediate_size": dims.ffn, "num_heads": dims.heads,
+              "num_key_value_heads": dims.kv_heads, "num_key_value_groups": dims.heads // dims.kv_heads}
+    for module, names in ((layer, arch.layer_attrs), (attention(model, layer), arch.attn_attrs),
+                          (getattr(layer, arch.mlp), arch.mlp_attrs)):
+        for name in names:
+            setattr(module, name, values[name])
+
+
+def set_embedding_scale(model: nn.Module, hidden: int) -> None:
+    """Families that scale embeddings by sqrt(hidden) recompute the scale from the config on reload;
+    match it in memory so the pruned model and its reloaded copy agree."""
+    if get_arch(model).scaled_embedding:
+        emb = embedding(model)
+        emb.scalar_embed_scale = hidden**0.5
+        emb.embed_scale.fill_(hidden**0.5)
 
 
 def layer_output(output) -> torch.Tensor:

@@ -98,10 +98,8 @@ class _Collector:
         self.norms = [BatchStat() for _ in range(2 * len(layers))]
         self.hidden: list[torch.Tensor | None] = [None] * (len(layers) + 1)  # inputs of each layer + last output
         for i, layer in enumerate(layers):
-            _, _, _, o_proj = arch.attn_projs(model, layer)
-            _, _, down_proj = arch.mlp_projs(model, layer)
-            self._pre(o_proj, self.attn[i])
-            self._pre(down_proj, self.mlp[i])
+            self._pre(arch.attn_output(model, layer), self.attn[i])
+            self._pre(arch.mlp_output(model, layer), self.mlp[i])
             for j, norm in enumerate(arch.channel_norms(model, layer)):
                 self.handles.append(norm.register_forward_hook(self._norm_hook(self.norms[2 * i + j])))
             self.handles.append(layer.register_forward_pre_hook(self._layer_in(i), with_kwargs=True))

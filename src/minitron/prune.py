@@ -58,23 +58,21 @@ def slice_norm(norm: nn.Module, idx: torch.Tensor) -> None:
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Trim `model` in place to the plan's kept layers, channels, neurons and heads. Returns the model."""
-    dims = arch.Dims(**plan.target)
+    src, dims = arch.Dims(**plan.source), arch.Dims(**plan.target)
     hd = dims.head_dim
+    seg_size = {"q": src.heads * hd, "kv": src.kv_heads * hd, "ffn": src.ffn}  # rows per segment in the source
     hidden = torch.tensor(plan.hidden)
     layers = arch.decoder_layers(model)
     kept = nn.ModuleList([layers[i] for i in plan.kept_layers])
     for old_i, layer in zip(plan.kept_layers, kept, strict=True):
-        q, k, v, o = arch.attn_projs(model, layer)
-        q_rows, kv_rows = _rows(plan.heads[old_i], hd), _rows(plan.kv_heads[old_i], hd)
-        slice_linear(q, out_idx=q_rows, in_idx=hidden)
-        slice_linear(k, out_idx=kv_rows, in_idx=hidden)
-        slice_linear(v, out_idx=kv_rows, in_idx=hidden)
-        slice_linear(o, out_idx=hidden, in_idx=q_rows)
-        gate, up, down = arch.mlp_projs(model, layer)
-        neurons = torch.tensor(plan.ffn[old_i])
-        slice_linear(gate, out_idx=neurons, in_idx=hidden)
-        slice_linear(up, out_idx=neurons, in_idx=hidden)
-        slice_linear(down, out_idx=hidden, in_idx=neurons)
+        rows = {"q": _rows(plan.heads[old_i], hd), "kv": _rows(plan.kv_heads[old_i], hd),
+                "ffn": torch.tensor(plan.ffn[old_i])}
+        for lin, segs in arch.attn_inputs(model, layer) + arch.mlp_inputs(model, layer):
+            offsets = [sum(seg_size[s] for s in segs[:j]) for j in range(len(segs))]
+            slice_linear(lin, out_idx=torch.cat([rows[s] + off for s, off in zip(segs, offsets, strict=True)]),
+                         in_idx=hidden)
+        slice_linear(arch.attn_output(model, layer), out_idx=hidden, in_idx=rows["q"])
+        slice_linear(arch.mlp_output(model, layer), out_idx=hidden, in_idx=rows["ffn"])
         for norm in arch.hidden_norms(model, layer):
             slice_norm(norm, hidden)
         arch.set_module_widths(model, layer, dims)
@@ -85,6 +83,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     emb = arch.embedding(model)
     emb.weight = nn.Parameter(emb.weight.data.index_select(1, hidden.to(emb.weight.device)).clone())
     emb.embedding_dim = len(hidden)
+    arch.set_embedding_scale(model, dims.hidden)
     slice_norm(arch.final_norm(model), hidden)
     head = arch.lm_head(model)
     if dims.tied:
