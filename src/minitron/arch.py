@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
 # A projection's output rows are a concatenation of segments: "q" (query heads x head_dim),
 # "kv" (KV heads x head_dim) or "ffn" (MLP neurons). Split projections have one segment each; fused
 # ones (Phi-3 qkv_proj, gate_up_proj) list theirs in order.
