@@ -1,0 +1,58 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from minitron.config import ConfigError, load_config, save_config
+
+
+@dataclass
+class Inner:
+    tokens: int = 10
+    lr: float = 1e-4
+    tasks: list[str] = field(default_factory=lambda: ["a"])
+    limit: int | None = None
+    on: bool = False
+
+    def check(self):
+        if self.tokens <= 0:
+            raise ConfigError("inner.tokens must be positive")
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: run\ninner:\n  tokens: 2e5\n  tasks: [b, c]\n")
+    cfg = load_config(Outer, path, ["inner.lr=3e-4", "inner.limit=7", "inner.on=true", "inner.tasks=d,e"])
+    assert cfg == Outer("run", Inner(tokens=200000, lr=3e-4, tasks=["d", "e"], limit=7, on=True))
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(Outer, tmp_path / "resolved.yaml") == cfg
+    assert load_config(Outer, None, ["inner.limit=null"]).inner.limit is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("inner.tokenz=5", "unknown key 'tokenz'; known: tokens, lr, tasks, limit, on"),
+    ("inner.tokens=many", "inner.tokens: expected an integer"),
+    ("inner.on=maybe", "expected true/false"),
+    ("name.sub=1", "name is not a section"),
+    ("inner.tokens", "key.sub=value"),
+    ("inner.tokens=-1", "must be positive"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, [override])
+
+
+def test_bad_recipe_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("inner:\n  tokens: 1\n  extra: 2\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) inner.extra"):
+        load_config(Outer, tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(Outer, tmp_path / "b.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "missing.yaml")
