@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import make_model, make_text
 
+from conftest import make_model, make_text
 from minitron import arch
 from minitron.data import pack
 from minitron.importance import ImportanceConfig, compute_importance

@@ -67,11 +67,19 @@ def test_reused_scores_give_the_same_plan(tiny_model_dir, corpus_dir, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama"])
-def test_random_criterion_differs(tiny_model_dir, corpus_dir, tmp_path):
-    a = PrunePlan.load(prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "a", target=Target(ffn=64))) / "plan.json")
-    b = PrunePlan.load(prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "b", target=Target(ffn=64),
-                                  criterion="random")) / "plan.json")
-    assert a.ffn != b.ffn and len(b.ffn[0]) == 64
+def test_criteria_give_different_plans(tiny_model_dir, corpus_dir, tmp_path):
+    plans = {}
+    for criterion in ("activation", "magnitude", "taylor", "random"):
+        out = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / criterion, target=Target(ffn=64, layers=3),
+                         criterion=criterion))
+        plans[criterion] = PrunePlan.load(out / "plan.json")
+        assert json.loads((out / "scores.json").read_text())["meta"]["criterion"] == criterion
+    assert len({tuple(p.ffn[0]) for p in plans.values()}) == 4 and len(plans["random"].ffn[0]) == 64
+    # the depth choice comes from the layer metric, whatever the width criterion
+    assert len({tuple(p.dropped_layers) for p in plans.values()}) == 1
+    with pytest.raises(ValueError, match="no Taylor scores"):
+        prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "t2", target=Target(ffn=64), criterion="taylor",
+                   scores=str(tmp_path / "activation" / "scores.safetensors")))
 
 
 @pytest.mark.parametrize("family", ["llama"])

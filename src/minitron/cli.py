@@ -44,7 +44,8 @@ def _prune_parser(sub) -> None:
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--seq-agg", default="mean", choices=["mean", "l2", "max", "var"])
     c.add_argument("--batch-agg", default="l2", choices=["mean", "l2", "max", "var"])
-    c.add_argument("--criterion", default="activation", choices=["activation", "random"])
+    c.add_argument("--criterion", default="activation", choices=["activation", "magnitude", "taylor", "random"],
+                   help="width scores: Minitron activations (default), weight L2 norm, first-order Taylor, random")
     c.add_argument("--scores", help="reuse scores.safetensors of an earlier run (skips calibration)")
     c.add_argument("--seed", type=int, default=0)
     _add_common(p)

@@ -250,7 +250,10 @@ def config_meta(cfg: ImportanceConfig, calib: torch.Tensor, dims: arch.Dims) -> 
             "dims": dims.to_dict()}
 
 
+WIDTH_AXES = ("heads", "kv_groups", "neurons", "channels")
+
+
 def random_scores(scores: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-    """The random-importance baseline: every score replaced by seeded uniform noise of the same shape."""
+    """The random-importance baseline: width scores replaced by seeded uniform noise of the same shape."""
     gen = torch.Generator().manual_seed(seed)
-    return {k: torch.rand(v.shape, generator=gen) for k, v in scores.items()}
+    return {k: torch.rand(scores[k].shape, generator=gen) for k in WIDTH_AXES}

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from minitron import arch
+from minitron.criteria import magnitude_scores, taylor_scores
 from minitron.data import calibration_sample, load_splits
 from minitron.importance import (
     ImportanceConfig,
@@ -123,6 +124,9 @@ def atomic_dir(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+CRITERIA = ("activation", "magnitude", "taylor", "random")
+
+
 # ---- the `minitron prune` stage: data -> importance -> plan -> trim -> save -------------------------
 
 @dataclass
@@ -139,7 +143,7 @@ class PruneConfig:
     batch_size: int = 8
     seq_agg: str = "mean"
     batch_agg: str = "l2"
-    criterion: str = "activation"      # activation | random
+    criterion: str = "activation"      # width scores: activation | magnitude | taylor | random
     scores: str | None = None          # reuse a scores.safetensors (no calibration)
     seed: int = 0
     device: str = "auto"
@@ -153,8 +157,8 @@ def prune(cfg: PruneConfig) -> Path:
     """Prune cfg.model to cfg.target and save a plain HF model dir (+ plan, scores, plot) at cfg.out."""
     out = Path(cfg.out)
     check_out_dir(out, cfg.overwrite)
-    if cfg.criterion not in ("activation", "random"):
-        raise ValueError(f"criterion {cfg.criterion!r} unknown; choose activation or random")
+    if cfg.criterion not in CRITERIA:
+        raise ValueError(f"criterion {cfg.criterion!r} unknown; choose from {', '.join(CRITERIA)}")
     model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
     src = arch.dims_of(model.config)
     n_drop = src.layers - resolve_dims(model.config, cfg.target).layers  # a bad target fails before the slow part
@@ -167,14 +171,22 @@ def prune(cfg: PruneConfig) -> Path:
         if meta.get("dims") and meta["dims"] != src.to_dict():
             raise ValueError(f"{cfg.scores} was measured on a model of dims {meta['dims']}, not {src.to_dict()}; "
                              "drop --scores to recompute")
+        if cfg.criterion == "taylor" and meta.get("criterion") != "taylor":
+            raise ValueError(f"{cfg.scores} holds no Taylor scores, which need calibration; drop --scores")
     else:
         calib = calibration_sample(splits.train, cfg.calib_samples, cfg.seed)
         icfg = ImportanceConfig(cfg.seq_agg, cfg.batch_agg, cfg.batch_size, lm_loss_layers=need_lm,
                                 lm_loss_block_sizes=[n_drop] if need_lm and cfg.target.contiguous else [])
         scores = compute_importance(model, calib, icfg, heldout=heldout)
         meta = config_meta(icfg, calib, src)
-    used = random_scores(scores, cfg.seed) if cfg.criterion == "random" else scores
-    plan = make_plan(model.config, used, cfg.target)
+        if cfg.criterion == "taylor":
+            scores.update(taylor_scores(model, calib, cfg.batch_size))
+    if cfg.criterion == "magnitude":
+        scores.update(magnitude_scores(model))
+    elif cfg.criterion == "random":
+        scores.update(random_scores(scores, cfg.seed))
+    meta["criterion"] = cfg.criterion  # the width scores saved below are this criterion's
+    plan = make_plan(model.config, scores, cfg.target)
     print(f"[minitron] dims {src.hidden=} {src.ffn=} {src.heads=} {src.kv_heads=} {src.layers=} -> "
           f"hidden={plan.target['hidden']} ffn={plan.target['ffn']} heads={plan.target['heads']} "
           f"kv_heads={plan.target['kv_heads']} layers={plan.target['layers']} dropped={plan.dropped_layers}")

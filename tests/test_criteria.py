@@ -1,0 +1,47 @@
+import torch
+
+from conftest import make_model, make_text
+from minitron import arch
+from minitron.criteria import magnitude_scores, taylor_scores
+from minitron.data import pack
+
+
+def test_magnitude_by_hand(family):
+    model = make_model(family)
+    s = magnitude_scores(model)
+    d = arch.dims_of(model.config)
+    assert s["heads"].shape == (d.layers, d.heads) and s["kv_groups"].shape == (d.layers, d.kv_heads)
+    assert s["neurons"].shape == (d.layers, d.ffn) and s["channels"].shape == (d.hidden,)
+    if family == "llama":
+        layer = arch.decoder_layers(model)[0]
+        mlp = layer.mlp
+        j = 5
+        manual = (mlp.gate_proj.weight[j].square().sum() + mlp.up_proj.weight[j].square().sum()
+                  + mlp.down_proj.weight[:, j].square().sum()).sqrt()
+        assert torch.allclose(s["neurons"][0, j], manual, rtol=1e-5)
+        a = layer.self_attn
+        h = 1
+        manual = (a.q_proj.weight[16:32].square().sum() + a.o_proj.weight[:, 16:32].square().sum()).sqrt()
+        assert torch.allclose(s["heads"][0, h], manual, rtol=1e-5)
+
+
+def test_zeroed_neuron_is_least_important():
+    model = make_model("qwen2")
+    with torch.no_grad():
+        mlp = arch.decoder_layers(model)[1].mlp
+        mlp.gate_proj.weight[9] = 0
+        mlp.up_proj.weight[9] = 0
+        mlp.down_proj.weight[:, 9] = 0
+    assert int(magnitude_scores(model)["neurons"][1].argmin()) == 9
+
+
+def test_taylor(tokenizer):
+    model = make_model("mistral")
+    blocks = pack([make_text(200, seed=2)], tokenizer, 32)[:4]
+    s = taylor_scores(model, blocks, batch_size=2)
+    assert s["neurons"].shape == (4, 128) and (s["neurons"] >= 0).all() and s["heads"].sum() > 0
+    assert all(p.grad is None for p in model.parameters())  # gradients cleaned up
+    with torch.no_grad():  # a neuron whose output weights are zero has zero first-order importance
+        arch.decoder_layers(model)[0].mlp.down_proj.weight[:, 3] = 0
+        arch.decoder_layers(model)[0].mlp.up_proj.weight[3] = 0
+    assert taylor_scores(model, blocks, batch_size=2)["neurons"][0, 3] == 0
