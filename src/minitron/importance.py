@@ -136,10 +136,12 @@ def block_importance(hidden: list[torch.Tensor], mask: torch.Tensor) -> dict[int
     Returns {n: [L-n+1]} sums over tokens (divide by the token count for the mean).
     """
     L = len(hidden) - 1
-    flat = [h.float().flatten(0, 1)[mask.flatten()] for h in hidden]  # L+1 x [N_valid, C]
-    unit = [torch.nn.functional.normalize(h, dim=-1) for h in flat]
-    return {n: torch.stack([(1 - (unit[i] * unit[i + n]).sum(-1)).sum() for i in range(L - n + 1)])
-            for n in range(1, L + 1)}
+    unit = torch.stack([torch.nn.functional.normalize(h.float().flatten(0, 1)[mask.flatten()], dim=-1)
+                        for h in hidden])  # [L+1, N_valid, C]
+    unit = unit.flatten(1)  # [L+1, N_valid*C]
+    gram = unit @ unit.T  # [L+1, L+1]: cosines of every pair of depths, summed over tokens
+    n_tokens = mask.sum().to(gram.dtype)
+    return {n: n_tokens - torch.diagonal(gram, offset=n) for n in range(1, L + 1)}
 
 
 @torch.no_grad()
