@@ -42,3 +42,24 @@ def plot_importance(scores: dict[str, torch.Tensor], path: Path, title: str = ""
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_search(rows: list[dict], path: Path) -> Path:
+    """Candidates: parameters against validation loss after pruning and after short training."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    params = [r["params"]["total"] / 1e6 for r in rows]
+    ax.scatter(params, [r["loss_pruned"] for r in rows], label="after pruning", marker="o")
+    trained = [(p, r["loss_trained"]) for p, r in zip(params, rows, strict=True) if "loss_trained" in r]
+    if trained:
+        ax.scatter(*zip(*trained, strict=True), label="after short distillation", marker="s")
+    for p, r in zip(params, rows, strict=True):
+        d = r["dims"]
+        ax.annotate(f"L{d['layers']} h{d['hidden']} f{d['ffn']} H{d['heads']}", (p, r["loss_pruned"]),
+                    fontsize=7, alpha=0.7)
+    ax.set(xlabel="parameters (M)", ylabel="validation loss", title="architecture search candidates")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,135 @@
+"""Lightweight architecture search (Minitron paper 1, section 4): candidates within a parameter budget,
+each pruned from the cached importance scores (no recalibration), ranked by validation loss.
+
+    candidates(config, SearchConfig(params=70e6))        -> list of Dims within budget +- tolerance
+    search(model, scores, validation, cfg, train=...)    -> table rows, best first
+`train(model) -> model` is the short distillation of each candidate (minitron.distill); without it the
+ranking is by the loss right after pruning, which the paper shows can differ from the ranking after
+retraining.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minitron import arch
+from minitron.importance import layer_lm_loss
+from minitron.models import lm_loss
+from minitron.plan import PlanError, Target, config_with_dims, count_params, make_plan
+from minitron.prune import apply_plan
+
+
+@dataclass
+class SearchConfig:
+    """Search space and budget."""
+
+    params: float = 0.0                 # total parameter budget
+    tolerance: float = 0.05             # keep candidates within budget * (1 +- tolerance)
+    axes: list[str] = field(default_factory=lambda: ["hidden", "ffn", "heads", "layers"])  # free axes
+    width_fractions: list[float] = field(default_factory=lambda: [0.5, 0.5625, 0.625, 0.6875, 0.75, 0.8125,
+                                                                   0.875, 0.9375, 1.0])
+    layer_fractions: list[float] = field(default_factory=lambda: [0.75, 0.875, 1.0])
+    round_to: int = 16
+    max_candidates: int = 6             # distill at most this many (best by loss after pruning)
+    layer_metric: str = "lm-loss"       # how depth candidates choose their dropped block
+
+    def check(self) -> None:
+        unknown = set(self.axes) - {"hidden", "ffn", "heads", "layers"}
+        if unknown:
+            raise ValueError(f"search.axes: unknown axes {sorted(unknown)}; choose from hidden, ffn, heads, layers")
+        if self.params < 0 or not 0 <= self.tolerance < 1:
+            raise ValueError("search.params must be >= 0 and search.tolerance in [0, 1)")
+
+
+def _round(x: float, to: int) -> int:
+    return max(to, int(round(x / to)) * to)
+
+
+def candidates(config, cfg: SearchConfig) -> list[arch.Dims]:
+    """Every combination of the free axes' grid values whose total params lie within the budget band."""
+    src = arch.dims_of(config)
+    group = src.heads // src.kv_heads
+
+    def grid(axis, source, fractions, step):
+        return sorted({min(source, _round(source * f, step)) for f in fractions}) if axis in cfg.axes else [source]
+
+    hidden = grid("hidden", src.hidden, cfg.width_fractions, cfg.round_to)
+    ffn = grid("ffn", src.ffn, cfg.width_fractions, cfg.round_to)
+    heads = ([src.kv_heads * g for g in range(1, group + 1)] if "heads" in cfg.axes else [src.heads])
+    layers = sorted({max(1, round(src.layers * f)) for f in cfg.layer_fractions}) if "layers" in cfg.axes else [src.layers]
+    lo, hi = cfg.params * (1 - cfg.tolerance), cfg.params * (1 + cfg.tolerance)
+    out = []
+    for h, f, nh, nl in itertools.product(hidden, ffn, heads, layers):
+        dims = arch.Dims(hidden=h, ffn=f, heads=nh, kv_heads=src.kv_heads, layers=nl, head_dim=src.head_dim,
+                         vocab=src.vocab, tied=src.tied)
+        if lo <= count_params(config_with_dims(config, dims))["total"] <= hi:
+            out.append(dims)
+    if not out:
+        raise PlanError(f"no candidate within {cfg.params / 1e6:.4g}M +- {cfg.tolerance:.0%}; widen "
+                        "search.tolerance, free more axes or change the grids")
+    return out
+
+
+def _target(d: arch.Dims, cfg: SearchConfig) -> Target:
+    return Target(hidden=d.hidden, ffn=d.ffn, heads=d.heads, kv_heads=d.kv_heads, layers=d.layers,
+                  layer_metric=cfg.layer_metric)
+
+
+def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg: SearchConfig,
+           train: Callable | None = None, batch_size: int = 8, rank_blocks: torch.Tensor | None = None
+           ) -> list[dict]:
+    """Prune every candidate from `scores`, keep the best cfg.max_candidates by loss after pruning,
+    train each with `train` (if given) and rank by validation loss [N, T]. Returns rows, best first."""
+    cfg.check()
+    cands = candidates(model.config, cfg)
+    L = arch.dims_of(model.config).layers
+    missing = sorted({L - d.layers for d in cands if d.layers < L} - {int(k.split(".")[1]) for k in scores
+                                                                       if k.startswith("block_lm_loss.")})
+    if missing and cfg.layer_metric == "lm-loss":  # LM-loss of removing each contiguous block of the needed sizes
+        scores = {**scores, **layer_lm_loss(model, validation if rank_blocks is None else rank_blocks, missing,
+                                             batch_size)}
+    rows = []
+    for dims in tqdm(cands, desc="search: prune candidates", unit="cand"):
+        plan = make_plan(model.config, scores, _target(dims, cfg))
+        student = apply_plan(copy.deepcopy(model), plan)
+        rows.append({"dims": dims.to_dict(), "params": plan.params_after, "dropped_layers": plan.dropped_layers,
+                     "loss_pruned": lm_loss(student, validation, batch_size)})
+        del student
+    rows.sort(key=lambda r: r["loss_pruned"])
+    for row in tqdm(rows[: cfg.max_candidates], desc="search: train candidates", unit="cand"):
+        if train is None:
+            break
+        plan = make_plan(model.config, scores, _target(arch.Dims(**row["dims"]), cfg))
+        student = train(apply_plan(copy.deepcopy(model), plan))
+        row["loss_trained"] = lm_loss(student, validation, batch_size)
+        del student
+    key = "loss_trained" if train is not None else "loss_pruned"
+    rows.sort(key=lambda r: (key not in r, r.get(key, float("inf"))))
+    return rows
+
+
+def save_table(rows: list[dict], out_dir: Path, cfg: SearchConfig) -> Path:
+    """search.json, search.md (the table) and search.png (params vs loss, pruned and trained)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "search.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
+    lines = ["| rank | layers | hidden | ffn | heads | params | loss after pruning | loss after training |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        d = r["dims"]
+        trained = f"{r['loss_trained']:.4f}" if "loss_trained" in r else "—"
+        lines.append(f"| {i + 1} | {d['layers']} | {d['hidden']} | {d['ffn']} | {d['heads']} | "
+                     f"{r['params']['total'] / 1e6:.2f}M | {r['loss_pruned']:.4f} | {trained} |")
+    (out_dir / "search.md").write_text("\n".join(lines) + "\n")
+    from minitron.report import plot_search
+
+    plot_search(rows, out_dir / "search.png")
+    return out_dir
