@@ -6,6 +6,7 @@ from minitron import arch
 from minitron.plan import (
     PlanError,
     Target,
+    config_with_dims,
     count_params,
     make_plan,
     parse_count,
@@ -64,9 +65,24 @@ def test_budget_keeps_heads_and_depth_and_fits():
     assert (t["heads"], t["kv_heads"], t["layers"]) == (4, 2, 4)
     assert t["hidden"] < 64 and t["ffn"] < 128
     assert plan.params_after["total"] <= 120_000
-    bigger = dict(t, hidden=t["hidden"] + 8, ffn=t["ffn"] + 8)  # one rounding step more would not fit
-    from minitron.plan import config_with_dims
+    bigger = dict(t, ffn=t["ffn"] + 8)  # one MLP rounding step more would not fit
     assert count_params(config_with_dims(config, arch.Dims(**bigger)))["total"] > 120_000
+
+
+def test_llama_hidden_stays_a_multiple_of_heads(tmp_path):
+    config = make_config("llama", hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+    plan = make_plan(config, fake_scores(config), Target(params=200_000, round_to=16))
+    assert plan.target["hidden"] % 6 == 0 and plan.target["hidden"] < 96
+    assert plan.params_after["total"] <= 200_000
+    with pytest.raises(PlanError, match="multiple of 6, e.g. 48"):
+        resolve_dims(config, Target(hidden=50))
+    # Mistral does not demand it, and the result reloads
+    from transformers import AutoConfig
+
+    mistral = make_config("mistral", hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+    assert resolve_dims(mistral, Target(hidden=50)).hidden == 50
+    config_with_dims(mistral, resolve_dims(mistral, Target(hidden=50))).save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).hidden_size == 50
 
 
 def test_non_embedding_budget():

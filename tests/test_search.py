@@ -16,7 +16,7 @@ def test_candidates_in_budget():
     assert len(cands) >= 3
     for d in cands:
         assert 108_000 <= count_params(config_with_dims(model.config, d))["total"] <= 132_000
-        assert d.heads % d.kv_heads == 0 and d.head_dim == 16
+        assert d.heads % d.kv_heads == 0 and d.head_dim == 16 and d.hidden % d.heads == 0  # Llama reload rule
     frozen = candidates(model.config, SearchConfig(params=120_000, tolerance=0.1, round_to=8, axes=["hidden"]))
     assert all(d.ffn == 128 and d.layers == 4 and d.heads == 4 for d in frozen)
     with pytest.raises(PlanError, match="no candidate"):

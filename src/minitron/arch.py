@@ -7,6 +7,7 @@ functions here; nothing else probes a model with hasattr.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,9 @@ class Arch:
     has_layer_types: bool = False              # config.layer_types: one entry per layer
     layer_has_idx: bool = False                # the decoder layer itself stores layer_idx
     scaled_embedding: bool = False             # embeddings multiplied by sqrt(hidden_size)
+    # transformers' config validation demands hidden_size % num_attention_heads == 0 (even with an
+    # explicit head_dim): a pruned config that breaks it would not load with from_pretrained
+    hidden_divisible_by_heads: bool = False
     # width attributes that modules cache at construction (names -> Dims, see set_module_widths)
     layer_attrs: tuple[str, ...] = ("hidden_size",)
     attn_attrs: tuple[str, ...] = ("num_key_value_groups",)
@@ -49,14 +53,14 @@ class Arch:
 
 
 FAMILIES: dict[str, Arch] = {
-    "llama": Arch("llama"),
+    "llama": Arch("llama", hidden_divisible_by_heads=True),
     "mistral": Arch("mistral"),
     "qwen2": Arch("qwen2", has_layer_types=True),   # q/k/v biases: sliced with their rows
     "qwen3": Arch("qwen3", head_norms=("q_norm", "k_norm"), has_layer_types=True),
     "gemma3_text": Arch("gemma3_text", pre_mlp_norm="pre_feedforward_layernorm",
                         other_hidden_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                         head_norms=("q_norm", "k_norm"), has_layer_types=True, layer_has_idx=True,
-                        scaled_embedding=True),
+                        scaled_embedding=True, hidden_divisible_by_heads=True),
     "phi3": Arch("phi3", attn_in=(("qkv_proj", ("q", "kv", "kv")),), mlp_in=(("gate_up_proj", ("ffn", "ffn")),),
                  attn_attrs=("num_key_value_groups", "num_key_value_heads"), mlp_attrs=()),
     "nemotron": Arch("nemotron", mlp_in=(("up_proj", ("ffn",)),),  # relu^2 MLP without a gate; LayerNorm1P
@@ -111,6 +115,12 @@ def dims_of(config) -> Dims:
     return Dims(hidden=config.hidden_size, ffn=config.intermediate_size, heads=config.num_attention_heads,
                 kv_heads=kv, layers=config.num_hidden_layers, head_dim=head_dim_of(config),
                 vocab=config.vocab_size, tied=bool(config.tie_word_embeddings))
+
+
+def hidden_step(config, heads: int, round_to: int = 1) -> int:
+    """The granularity hidden_size must keep: lcm(round_to, heads) where the family requires
+    hidden_size % num_attention_heads == 0, else round_to."""
+    return math.lcm(round_to, heads) if get_arch(config).hidden_divisible_by_heads else round_to
 
 
 def write_dims(config, dims: Dims, kept_layers: list[int] | None = None) -> None:

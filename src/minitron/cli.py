@@ -35,7 +35,7 @@ def _prune_parser(sub) -> None:
     g.add_argument("--layer-metric", default="lm-loss", choices=["lm-loss", "bi"],
                    help="rank layers by LM-loss increase on held-out text, or Block Importance")
     g.add_argument("--scattered", action="store_true", help="drop the least important single layers, not one block")
-    g.add_argument("--round-to", type=int, default=16, help="budget search rounds hidden/ffn to multiples of this")
+    g.add_argument("--round-to", type=int, default=8, help="budget search rounds hidden/ffn to multiples of this")
     c = p.add_argument_group("importance")
     c.add_argument("--calib-data", default="default", help="corpus: file, folder, data-dir name, or `default`")
     c.add_argument("--calib-samples", type=int, default=256)

@@ -31,7 +31,7 @@ class Target:
     params_kind: str = "total"       # what the budget counts: total | non_embedding
     layer_metric: str = "lm-loss"    # bi | lm-loss: ranks layers / blocks for depth pruning
     contiguous: bool = True          # drop one contiguous block (paper's best) or scattered layers
-    round_to: int = 16               # budget search rounds hidden and ffn to multiples of this
+    round_to: int = 8                # budget search rounds hidden and ffn to multiples of this
 
 
 @dataclass
@@ -121,43 +121,49 @@ def resolve_dims(config, target: Target) -> arch.Dims:
                      vocab=src.vocab, tied=src.tied)
     if target.params is not None:
         dims = _fit_budget(config, dims, target)
-    _check(src, dims, target)
+    _check(config, src, dims, target)
     return dims
 
 
 def _fit_budget(config, dims: arch.Dims, target: Target) -> arch.Dims:
-    """The paper's recommended shape: keep heads and depth, shrink hidden and MLP by one common ratio."""
+    """The paper's recommended shape: keep heads and depth, shrink hidden and MLP by one common ratio,
+    then give the MLP whatever budget the rounding of hidden left over."""
     budget = target.params
     fixed_hidden, fixed_ffn = target.hidden is not None, target.ffn is not None
     if fixed_hidden and fixed_ffn:
         raise PlanError("--params with both --hidden and --ffn leaves nothing to fit; drop one of them")
-
-    def at(ratio: float) -> arch.Dims:
-        return arch.Dims(**{**dims.to_dict(),
-                            "hidden": dims.hidden if fixed_hidden else min(dims.hidden, _round(dims.hidden * ratio, target.round_to)),
-                            "ffn": dims.ffn if fixed_ffn else min(dims.ffn, _round(dims.ffn * ratio, target.round_to))})
-
     if target.params_kind not in ("total", "non_embedding"):
         raise PlanError(f"params_kind {target.params_kind!r} unknown; choose total or non_embedding")
+    step = arch.hidden_step(config, dims.heads, target.round_to)
 
-    def params(ratio: float) -> int:
-        return count_params(config_with_dims(config, at(ratio)))[target.params_kind]
+    def at(ratio: float, ffn: int | None = None) -> arch.Dims:
+        hidden = dims.hidden if fixed_hidden else min(dims.hidden, _round(dims.hidden * ratio, step))
+        if ffn is None:
+            ffn = dims.ffn if fixed_ffn else min(dims.ffn, _round(dims.ffn * ratio, target.round_to))
+        return arch.Dims(**{**dims.to_dict(), "hidden": hidden, "ffn": ffn})
 
-    full = params(1.0)
+    def params(d: arch.Dims) -> int:
+        return count_params(config_with_dims(config, d))[target.params_kind]
+
+    full = params(at(1.0))
     if budget >= full:
         raise PlanError(f"target {budget / 1e6:.4g}M {target.params_kind} params is not smaller than the model "
                         f"at these dims ({full / 1e6:.4g}M); give a smaller --params")
-    if params(1e-6) > budget:
+    if params(at(1e-6)) > budget:
         raise PlanError(f"target {budget / 1e6:.4g}M {target.params_kind} params is below the smallest model reachable by "
                         "shrinking hidden and MLP; also lower --layers/--heads, or raise --params")
     lo, hi = 1e-6, 1.0
-    for _ in range(30):  # the largest ratio whose rounded dims fit the budget
+    for _ in range(30):  # the largest common ratio whose rounded dims fit the budget
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if params(mid) <= budget else (lo, mid)
-    return at(lo)
+        lo, hi = (mid, hi) if params(at(mid)) <= budget else (lo, mid)
+    best = at(lo)
+    if not fixed_ffn:  # hidden moves in coarse steps: let the MLP take the rest of the budget
+        ffn_options = range(best.ffn, dims.ffn + 1, target.round_to)
+        best = max((at(lo, f) for f in ffn_options if params(at(lo, f)) <= budget), key=lambda d: d.ffn)
+    return best
 
 
-def _check(src: arch.Dims, d: arch.Dims, target: Target) -> None:
+def _check(config, src: arch.Dims, d: arch.Dims, target: Target) -> None:
     for name in ("hidden", "ffn", "heads", "kv_heads", "layers"):
         new, old = getattr(d, name), getattr(src, name)
         if new <= 0:
@@ -167,6 +173,10 @@ def _check(src: arch.Dims, d: arch.Dims, target: Target) -> None:
     if d.heads % d.kv_heads:
         raise PlanError(f"{d.heads} query heads cannot be split evenly over {d.kv_heads} KV groups; "
                         f"choose heads as a multiple of kv_heads")
+    if arch.get_arch(config).hidden_divisible_by_heads and d.hidden % d.heads:
+        raise PlanError(f"hidden={d.hidden} is not a multiple of heads={d.heads}, which transformers requires of "
+                        f"{arch.get_arch(config).family} configs (the model would not reload); choose hidden as a "
+                        f"multiple of {d.heads}, e.g. {d.hidden // d.heads * d.heads}")
     if d.heads // d.kv_heads > src.heads // src.kv_heads:
         raise PlanError(f"{d.heads} heads over {d.kv_heads} KV groups needs {d.heads // d.kv_heads} query "
                         f"heads per group, but the source has {src.heads // src.kv_heads}; "

@@ -37,7 +37,7 @@ class SearchConfig:
     width_fractions: list[float] = field(default_factory=lambda: [0.5, 0.5625, 0.625, 0.6875, 0.75, 0.8125,
                                                                    0.875, 0.9375, 1.0])
     layer_fractions: list[float] = field(default_factory=lambda: [0.75, 0.875, 1.0])
-    round_to: int = 16
+    round_to: int = 8
     max_candidates: int = 6             # distill at most this many (best by loss after pruning)
     layer_metric: str = "lm-loss"       # how depth candidates choose their dropped block
 
@@ -68,6 +68,8 @@ def candidates(config, cfg: SearchConfig) -> list[arch.Dims]:
     lo, hi = cfg.params * (1 - cfg.tolerance), cfg.params * (1 + cfg.tolerance)
     out = []
     for h, f, nh, nl in itertools.product(hidden, ffn, heads, layers):
+        if arch.get_arch(config).hidden_divisible_by_heads and h % nh:
+            continue  # transformers would refuse to load this config
         dims = arch.Dims(hidden=h, ffn=f, heads=nh, kv_heads=src.kv_heads, layers=nl, head_dim=src.head_dim,
                          vocab=src.vocab, tied=src.tied)
         if lo <= count_params(config_with_dims(config, dims))["total"] <= hi:
