@@ -116,3 +116,26 @@ def test_unknown_architecture(tmp_path, corpus_dir, tokenizer):
     tokenizer.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(arch.UnsupportedArchitecture, match="supported families: gemma3_text, llama, mistral, nemotron, phi3, qwen2, qwen3"):
         prune(_cfg(tmp_path / "gpt2", corpus_dir, tmp_path / "o", target=Target(hidden=16)))
+
+
+@pytest.mark.parametrize("target", [Target(heads=4), Target(heads=3, kv_heads=1), Target(ffn=64)],
+                         ids=["heads", "kv-groups", "neurons"])
+def test_trimming_equals_masking(family, tokenizer, target):
+    """Removing heads / KV groups / neurons gives exactly the logits of zeroing their output columns."""
+    model = make_model(family, hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+    d = arch.dims_of(model.config)
+    heads = torch.rand(d.layers, d.heads)
+    scores = {"heads": heads, "kv_groups": heads.view(d.layers, d.kv_heads, -1).norm(dim=-1),
+              "neurons": torch.rand(d.layers, d.ffn), "channels": torch.rand(d.hidden)}
+    plan = make_plan(model.config, scores, target)
+    ids = tokenizer(make_text(3), return_tensors="pt").input_ids
+    with torch.no_grad():
+        masked = make_model(family, hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+        for i, layer in enumerate(arch.decoder_layers(masked)):
+            o, down = arch.attn_output(masked, layer), arch.mlp_output(masked, layer)
+            for h in set(range(d.heads)) - set(plan.heads[i]):
+                o.weight[:, h * d.head_dim:(h + 1) * d.head_dim] = 0
+            for j in set(range(d.ffn)) - set(plan.ffn[i]):
+                down.weight[:, j] = 0
+        pruned = apply_plan(model, plan)
+        assert torch.allclose(pruned(ids).logits, masked(ids).logits, atol=1e-5)
