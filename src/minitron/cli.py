@@ -69,6 +69,50 @@ def _run_prune(args) -> None:
     print(f"[minitron] pruned model written to {prune(cfg)}")
 
 
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="the whole recipe: correction, importance, search, prune, distill, eval, export",
+                       description="Run a recipe (YAML) with dotted overrides, e.g. "
+                                   "`minitron run recipes/default.yaml distill.tokens=50000 out=runs/a`. "
+                                   "Finished stages are skipped on a rerun; an interrupted distillation resumes.")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--from", dest="from_stage", help="redo this stage and every later one")
+    p.set_defaults(func=_run_run)
+
+
+def _split_recipe(args) -> tuple[str | None, list[str]]:
+    """`run a=b` (no recipe, only overrides) is read as overrides."""
+    if args.recipe and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
+        return None, [args.recipe, *args.overrides]
+    return args.recipe, list(args.overrides)
+
+
+def _run_run(args) -> None:
+    from minitron.config import load_config
+    from minitron.pipeline import RunConfig, run
+
+    recipe, overrides = _split_recipe(args)
+    run(load_config(RunConfig, recipe, overrides), from_stage=args.from_stage)
+
+
+def _search_parser(sub) -> None:
+    p = sub.add_parser("search", help="lightweight architecture search within a parameter budget",
+                       description="Candidates within search.params +- search.tolerance, pruned from cached "
+                                   "importance scores, briefly distilled (search.train_tokens), ranked by "
+                                   "validation loss. Takes a recipe and overrides like `minitron run`.")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_run_search)
+
+
+def _run_search(args) -> None:
+    from minitron.config import load_config
+    from minitron.pipeline import RunConfig, run_search
+
+    recipe, overrides = _split_recipe(args)
+    run_search(load_config(RunConfig, recipe, ["search.enabled=true", *overrides]))
+
+
 def _fetch_parser(sub) -> None:
     p = sub.add_parser("fetch-data", help="install the default corpus (Debian python3.11-doc reST) into the cache")
     p.add_argument("--force", action="store_true")
@@ -85,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation for HF causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
+    _run_parser(sub)
+    _search_parser(sub)
     _fetch_parser(sub)
     return parser
 
@@ -92,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse and dispatch; known user errors print one clear line and exit 2."""
     from minitron.arch import UnsupportedArchitecture
+    from minitron.config import ConfigError
     from minitron.data import DataError
     from minitron.models import ModelLoadError
     from minitron.plan import PlanError
@@ -101,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ModelLoadError, DataError, PlanError, UnsupportedArchitecture, OutputExists, FileNotFoundError,
-            ValueError) as e:
+            ConfigError, ValueError) as e:
         print(f"minitron {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

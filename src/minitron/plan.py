@@ -27,11 +27,15 @@ class Target:
     kv_heads: int | None = None      # KV groups per layer (pruning whole groups)
     layers: int | None = None        # keep this many layers
     drop_layers: list[int] | None = None  # or drop exactly these (0-based)
-    params: float | None = None      # parameter budget (e.g. 70e6)
+    params: float | str | None = None  # parameter budget (e.g. 70e6 or "70M")
     params_kind: str = "total"       # what the budget counts: total | non_embedding
     layer_metric: str = "lm-loss"    # bi | lm-loss: ranks layers / blocks for depth pruning
     contiguous: bool = True          # drop one contiguous block (paper's best) or scattered layers
     round_to: int = 8                # budget search rounds hidden and ffn to multiples of this
+
+    def __post_init__(self) -> None:
+        if isinstance(self.params, str):
+            self.params = parse_count(self.params)
 
 
 @dataclass

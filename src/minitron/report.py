@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -63,3 +64,78 @@ def plot_search(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _params_line(p: dict) -> str:
+    return f"{p['total'] / 1e6:.2f}M total, {p['non_embedding'] / 1e6:.2f}M non-embedding"
+
+
+def _eval_table(results: dict) -> str:
+    """Markdown table of an evaluate() result, columns = tasks, rows = models (labelled)."""
+    from minitron.evaluate import markdown_table
+
+    return markdown_table(results)
+
+
+def write_model_card(path: Path, card: dict) -> Path:
+    """README.md of an exported student: front matter, provenance, recipe, data, tokens, scores."""
+    plan = card.get("plan") or {}
+    lines = ["---", "library_name: transformers", f"base_model: {card['teacher']}",
+             "tags: [minitron, pruning, distillation]", "---", "",
+             "# Minitron student", "",
+             f"Made with minitron (Minitron pruning + distillation for Hugging Face models) from `{card['teacher']}` by structured pruning "
+             "(activation importance, Minitron recipe) followed by logit distillation "
+             f"({card['loss']}, no LM loss) on `{card['corpus']}` for {card['distill_tokens']:,} tokens.", ""]
+    if plan:
+        src, tgt = plan["source"], plan["target"]
+        lines += ["## Architecture", "", "| | layers | hidden | MLP | heads | KV heads | parameters |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| teacher | {src['layers']} | {src['hidden']} | {src['ffn']} | {src['heads']} | {src['kv_heads']} | "
+                  f"{_params_line(plan['params_before'])} |",
+                  f"| student | {tgt['layers']} | {tgt['hidden']} | {tgt['ffn']} | {tgt['heads']} | {tgt['kv_heads']} | "
+                  f"{_params_line(plan['params_after'])} |", ""]
+        if plan.get("dropped_layers"):
+            lines += [f"Dropped layers: {plan['dropped_layers']} ({plan['layer_choice'].get('how', '')}).", ""]
+    if card.get("results"):
+        lines += ["## Evaluation (zero-shot, scored as lm-evaluation-harness 0.4 scores them)", "",
+                  _eval_table(card["results"]), ""]
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "model = AutoModelForCausalLM.from_pretrained(PATH)  # no custom code", "```", "",
+              f"Recipe: `{card['recipe']}`.", ""]
+    Path(path).write_text("\n".join(lines))
+    return Path(path)
+
+
+def write_report(out: Path) -> Path:
+    """report.md of a `minitron run` output dir, from the artifacts its stages wrote."""
+    out = Path(out)
+    lines = [f"# minitron run: {out.name}", "", "## Recipe", "", "```yaml", (out / "config.yaml").read_text().rstrip(),
+             "```", ""]
+    for plan_path in sorted(out.glob("**/prune/plan.json")):
+        plan = json.loads(plan_path.read_text())
+        rel = plan_path.parent.relative_to(out)
+        lines += [f"## Pruning ({rel})", "", f"- before: {plan['source']} — {_params_line(plan['params_before'])}",
+                  f"- after: {plan['target']} — {_params_line(plan['params_after'])}",
+                  f"- dropped layers: {plan['dropped_layers'] or 'none'}"]
+        metrics = plan_path.parent / "prune_metrics.json"
+        if metrics.is_file():
+            m = json.loads(metrics.read_text())
+            lines.append(f"- held-out loss right after pruning: {m['heldout_loss_before']:.4f} -> "
+                         f"{m['heldout_loss_after']:.4f}")
+        lines.append("")
+    for img in sorted(out.glob("**/importance/importance.png")):
+        lines += [f"![importance]({img.relative_to(out)})", ""]
+    if (out / "search" / "search.md").is_file():
+        lines += ["## Architecture search", "", (out / "search" / "search.md").read_text(),
+                  "![search](search/search.png)", ""]
+    for curve in sorted(out.glob("**/distill/loss.png")):
+        lines += [f"## Distillation ({curve.parent.relative_to(out)})", "", f"![loss]({curve.relative_to(out)})", ""]
+    results = out / "eval" / "results.json"
+    if results.is_file():
+        lines += ["## Evaluation", "", _eval_table(json.loads(results.read_text())), "", "![eval](eval/results.png)", ""]
+    if (out / "export" / "config.json").is_file():
+        lines += ["## Export", "", "`export/` is a plain Hugging Face model dir with a model card "
+                  "(`AutoModelForCausalLM.from_pretrained('export')`).", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from minitron import arch
 from minitron.importance import layer_lm_loss
 from minitron.models import lm_loss
-from minitron.plan import PlanError, Target, config_with_dims, count_params, make_plan
+from minitron.plan import PlanError, Target, config_with_dims, count_params, make_plan, parse_count
 from minitron.prune import apply_plan
 
 
@@ -31,7 +31,9 @@ from minitron.prune import apply_plan
 class SearchConfig:
     """Search space and budget."""
 
-    params: float = 0.0                 # total parameter budget
+    enabled: bool = False               # as a pipeline stage: pick the target by search
+    params: float | str = 0.0           # total parameter budget (e.g. 70M)
+    train_tokens: int = 0               # short distillation per candidate (0: rank by loss after pruning)
     tolerance: float = 0.05             # keep candidates within budget * (1 +- tolerance)
     axes: list[str] = field(default_factory=lambda: ["hidden", "ffn", "heads", "layers"])  # free axes
     width_fractions: list[float] = field(default_factory=lambda: [0.5, 0.5625, 0.625, 0.6875, 0.75, 0.8125,
@@ -40,6 +42,10 @@ class SearchConfig:
     round_to: int = 8
     max_candidates: int = 6             # distill at most this many (best by loss after pruning)
     layer_metric: str = "lm-loss"       # how depth candidates choose their dropped block
+
+    def __post_init__(self) -> None:
+        if isinstance(self.params, str):
+            self.params = parse_count(self.params)
 
     def check(self) -> None:
         unknown = set(self.axes) - {"hidden", "ffn", "heads", "layers"}
