@@ -166,3 +166,34 @@ def test_cli_errors_are_clear(model_dir, data, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "missing"), "--tasks", "piqa", "--data-dir", str(data),
                  "--out", str(tmp_path / "o")]) == 2
     assert "could not load" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the same numbers as lm-eval (slow)
+@pytest.mark.slow
+def test_same_predictions_and_accuracies_as_lm_eval(tokenizer, tmp_path):
+    """lm-eval's own task YAMLs (dataset_path: json on the same files) vs ours: >= 200 items per task."""
+    import os
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("lm_eval")
+    root = os.environ.get("MINITRON_DATA_DIR")
+    if not root or not Path(root, "piqa").is_dir():
+        pytest.skip("set MINITRON_DATA_DIR to a folder laid out like shared/data (the real task files)")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import lm_eval_parity as P
+
+    limit = int(os.environ.get("MINITRON_PARITY_LIMIT", "200"))
+    tasks = sorted(P.LM_EVAL_YAML)
+    model = make_model("llama", max_position_embeddings=4096)
+    ours = P.run_ours(model, tokenizer, tasks, root, limit, 8)
+    theirs = P.run_lm_eval(model, tokenizer, tasks, root, limit, 8, tmp_path / "lm_eval_tasks")
+    for row in P.compare(ours, theirs):
+        assert row["n"] == row["lm_eval_n"] == min(limit, len(T.load_task(row["task"], root).items)), row
+        assert row["pred_mismatch"] == 0, row
+        assert row["max_ll_diff"] < 1e-3, row
+        assert row["ours_acc"] == pytest.approx(row["lm_eval_acc"], abs=1e-12), row
+        if row["task"] == "lambada":
+            assert row["ours_ppl"] == pytest.approx(row["lm_eval_ppl"], rel=1e-5), row
+        elif row["lm_eval_acc_norm"] is not None:  # lm-eval reports acc_norm only where its YAML lists it
+            assert row["ours_acc_norm"] == pytest.approx(row["lm_eval_acc_norm"], abs=1e-12), row
