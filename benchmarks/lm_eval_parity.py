@@ -170,21 +170,23 @@ def main():
 
     tasks = [T.canonical_name(t) for t in args.tasks.split(",")]
     model, tok = load_model(args.model, "cpu", "float32")
-    ours = run_ours(model, tok, tasks, args.data_dir, args.limit, args.batch_size)
-    theirs = run_lm_eval(model, tok, tasks, args.data_dir, args.limit, args.batch_size, Path(args.work))
-    rows = compare(ours, theirs)
     print("| task | n | acc ours | acc lm-eval | acc_norm ours | acc_norm lm-eval | ppl ours | ppl lm-eval | "
           "pred mismatches | max abs ll diff | ours s | lm-eval s |")
-    print("|---" * 12 + "|")
-    for r in rows:
+    print("|---" * 12 + "|", flush=True)
+    rows = []
+    for task in tasks:  # one task at a time, so that every finished row is printed
+        ours = run_ours(model, tok, [task], args.data_dir, args.limit, args.batch_size)
+        theirs = run_lm_eval(model, tok, [task], args.data_dir, args.limit, args.batch_size, Path(args.work))
+        r = compare(ours, theirs)[0]
+        rows.append(r)
+
         def f(k, r=r):
             return f"{r[k]:.4f}" if r.get(k) is not None else "-"
         print(f"| {r['task']} | {r['n']} | {f('ours_acc')} | {f('lm_eval_acc')} | {f('ours_acc_norm')} | "
               f"{f('lm_eval_acc_norm')} | {f('ours_ppl')} | {f('lm_eval_ppl')} | {r['pred_mismatch']} | "
-              f"{r['max_ll_diff']:.2e} | {r['ours_s']:.1f} | {r['lm_eval_s']:.1f} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
-
+              f"{r['max_ll_diff']:.2e} | {r['ours_s']:.1f} | {r['lm_eval_s']:.1f} |", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2))
 
 if __name__ == "__main__":
     main()

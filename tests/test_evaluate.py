@@ -145,6 +145,7 @@ def test_evaluate_writes_json_markdown_plot_and_cli(model_dir, data, tmp_path, c
     assert e["average"] == pytest.approx(want)
     sp = e["tasks"]["speed"]
     assert set(sp["prefill_tok_s"]) == {1, 2} and all(v > 0 for v in sp["decode_tok_s"].values())
+    assert sp["memory_kind"].startswith("cpu_peak_rss") and sp["peak_memory_mib"] > 0
     saved = json.loads((tmp_path / "out/results.json").read_text())
     assert saved["models"][str(model_dir)]["tasks"]["piqa"]["acc"] == e["tasks"]["piqa"]["acc"]
     md = (tmp_path / "out/results.md").read_text()

@@ -16,6 +16,7 @@ dropped), exp of the mean NLL of the window-1 predicted tokens of every window.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -247,8 +248,10 @@ def measure_speed(model, prompt_len: int = 128, decode_tokens: int = 32, batch_s
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     res: dict = {"prompt_len": prompt_len, "decode_tokens": decode_tokens, "prefill_tok_s": {}, "decode_tok_s": {}}
-    warm = torch.randint(0, vocab, (1, 8), generator=gen).to(device)  # [1, 8]
-    model(input_ids=warm, use_cache=True)
+    warm = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(device)  # [1, P]
+    out = model(input_ids=warm, use_cache=True)
+    for _ in range(2):
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
     for bs in batch_sizes:
         ids = torch.randint(0, vocab, (bs, prompt_len), generator=gen).to(device)  # [B, P]
         _sync(device)
@@ -265,6 +268,20 @@ def measure_speed(model, prompt_len: int = 128, decode_tokens: int = 32, batch_s
         res["prefill_tok_s"][bs] = bs * prompt_len / (t1 - t0)
         res["decode_tok_s"][bs] = bs * decode_tokens / (t2 - t1)
     return res
+
+
+def _speed_with_memory(model, dev: torch.device, rss_before: int, *args) -> dict:
+    """measure_speed plus peak memory during it: CUDA max_memory_allocated (weights included) on GPU;
+    on CPU the peak resident memory of the process minus its resident memory before the model loaded."""
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        r = measure_speed(model, *args)
+        r["peak_memory_mib"], r["memory_kind"] = torch.cuda.max_memory_allocated(dev) / 2**20, "cuda_max_allocated"
+        return r
+    with _PeakRSS() as mem:
+        r = measure_speed(model, *args)
+    r["peak_memory_mib"], r["memory_kind"] = (mem.peak - rss_before) / 2**20, "cpu_peak_rss_minus_before_load"
+    return r
 
 
 # ---------------------------------------------------------------- the driver
@@ -294,38 +311,33 @@ def evaluate(models: list[str], tasks: list[str], limit: int | None = None, batc
                                 "device": str(dev), "dtype": dtype, "window": window, "seq_len": seq_len},
                      "models": {}}
     for name in models:
-        with _PeakRSS() as mem:
-            rss0 = mem.peak
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            model, tok = load_model(name, dev, dtype)
-            entry: dict = {"tasks": {}, "wall_s": {}}
-            for t in tasks:
-                t0 = time.perf_counter()
-                desc = f"{name} {t}" if progress else None
-                if t == "wikitext2":
-                    r = windowed_perplexity(model, wikitext_ids(tok, data_root), window, 1, limit, desc)
-                elif t.startswith("loss:"):
-                    r = heldout_loss(model, tok, t[5:], seq_len, batch_size, limit, data_root, desc)
-                elif t == "speed":
-                    r = measure_speed(model, prompt_len, decode_tokens, (1, speed_batch))
-                else:
-                    r = score_task(model, tok, loaded[t], batch_size, progress)
-                    if not keep_items:
-                        r.pop("items")
-                entry["wall_s"][t] = time.perf_counter() - t0
-                entry["tasks"][t] = r
-        if "speed" in entry["tasks"]:
-            sp = entry["tasks"]["speed"]
-            if dev.type == "cuda":
-                sp["peak_memory_mib"], sp["memory_kind"] = torch.cuda.max_memory_allocated(dev) / 2**20, "cuda_max_allocated"
+        gc.collect()
+        rss_before = _PeakRSS.rss()
+        model, tok = load_model(name, dev, dtype)
+        entry: dict = {"tasks": {}, "wall_s": {}}
+        for t in tasks:
+            t0 = time.perf_counter()
+            desc = f"{name} {t}" if progress else None
+            if t == "wikitext2":
+                r = windowed_perplexity(model, wikitext_ids(tok, data_root), window, max(1, batch_size * 256 // window),
+                                        limit, desc)  # ~2k tokens of logits per forward
+            elif t.startswith("loss:"):
+                r = heldout_loss(model, tok, t[5:], seq_len, batch_size, limit, data_root, desc)
+            elif t == "speed":
+                r = _speed_with_memory(model, dev, rss_before, prompt_len, decode_tokens, (1, speed_batch))
             else:
-                sp["peak_memory_mib"], sp["memory_kind"] = (mem.peak - rss0) / 2**20, "cpu_peak_rss_delta"
+                r = score_task(model, tok, loaded[t], batch_size, progress)
+                if not keep_items:
+                    r.pop("items")
+            entry["wall_s"][t] = time.perf_counter() - t0
+            entry["tasks"][t] = r
         accs = [_headline(t, r) for t, r in entry["tasks"].items() if "acc" in r]
         if accs:
             entry["average"] = sum(accs) / len(accs)
         results["models"][name] = entry
         del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     if out_dir is not None:
         write_outputs(results, out_dir)
     return results
