@@ -47,8 +47,11 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
+    # default special tokens, except for text that already starts with the prefix token's text (as lm-eval)
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    special = prefix is None or not context.startswith(tokenizer.decode(prefix))
+    whole = tokenizer.encode(context + continuation, add_special_tokens=special)
+    ctx = tokenizer.encode(context, add_special_tokens=special)
     return ctx, whole[len(ctx):]
 
 
@@ -62,6 +65,15 @@ def model_max_length(model, default: int = 2048) -> int:
 
 
 # ---------------------------------------------------------------- batched log-likelihood
+def _logits_from(model, ids: torch.Tensor, mask: torch.Tensor, lo: int) -> torch.Tensor:
+    """Logits of positions lo.. of ids [B, T] -> [B, T - lo, V]; the LM head runs on those positions
+    only where the model takes `logits_to_keep` (transformers' causal LMs), else all are sliced."""
+    try:
+        keep = torch.arange(lo, ids.shape[1], device=ids.device)
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
+    except TypeError:  # a model class without logits_to_keep
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, lo:]
+
 @torch.no_grad()
 def score_requests(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8,
                    pad_id: int = 0, desc: str | None = None) -> list[tuple[float, bool]]:
@@ -91,9 +103,7 @@ def score_requests(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
             mask[row, :len(seq)] = 1
         # positions whose logits predict continuation tokens: [len - contlen, len) per row
         lo = min(len(inputs[i][0]) - inputs[i][1] for i in idx)
-        keep = torch.arange(lo, width, device=device)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep,
-                       use_cache=False).logits  # [B, width - lo, V]
+        logits = _logits_from(model, ids.to(device), mask.to(device), lo)  # [B, width - lo, V]
         for row, i in enumerate(idx):
             seq, contlen, cont = inputs[i]
             sel = logits[row, len(seq) - contlen - lo:len(seq) - lo].float().log_softmax(-1)  # [C, V]
