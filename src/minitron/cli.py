@@ -126,9 +126,12 @@ def _run_fetch(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from minitron.evaluate import add_eval_parser
+
     parser = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation for HF causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
+    add_eval_parser(sub)
     _run_parser(sub)
     _search_parser(sub)
     _fetch_parser(sub)
