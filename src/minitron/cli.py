@@ -126,11 +126,13 @@ def _run_fetch(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from minitron.distill import add_distill_parsers
     from minitron.evaluate import add_eval_parser
 
     parser = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation for HF causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
+    add_distill_parsers(sub)
     add_eval_parser(sub)
     _run_parser(sub)
     _search_parser(sub)
@@ -143,17 +145,20 @@ def main(argv: list[str] | None = None) -> int:
     from minitron.arch import UnsupportedArchitecture
     from minitron.config import ConfigError
     from minitron.data import DataError
+    from minitron.distill import CheckpointError, DistillError
     from minitron.models import ModelLoadError
     from minitron.plan import PlanError
     from minitron.prune import OutputExists
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        result = args.func(args)
     except (ModelLoadError, DataError, PlanError, UnsupportedArchitecture, OutputExists, FileNotFoundError,
-            ConfigError, ValueError) as e:
+            ConfigError, DistillError, CheckpointError, ValueError) as e:
         print(f"minitron {args.command}: error: {e}", file=sys.stderr)
         return 2
+    if args.command in ("distill", "correct") and result is not None:
+        print(f"[minitron] {args.command}: output in {result}")
     return 0
 
 

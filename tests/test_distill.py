@@ -1,0 +1,214 @@
+"""Distillation loop on tiny models: learning, resume after SIGKILL, finished dirs, top-k cache,
+gradient accumulation, 2-process gloo (DDP and FSDP2) against 1 process, and clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_model, make_text, make_tokenizer
+from minitron.data import DataError
+from minitron.distill import CheckpointError, DistillConfig, DistillError, correct, distill, read_metrics
+from minitron.topk_cache import CacheError
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """teacher (tiny llama, 4 layers, hidden 64), student (2 layers, hidden 32), corpus, same tokenizer."""
+    root = tmp_path_factory.mktemp("pair")
+    tok = make_tokenizer()
+    teacher = make_model("llama")
+    with torch.no_grad():  # peaked, context-dependent teacher distributions (a random one is near uniform)
+        teacher.lm_head.weight.mul_(8.0)
+    for name, model in (("teacher", teacher), ("student", make_model("llama", seed=1, **SMALL))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    (root / "corpus").mkdir()
+    for i in range(3):
+        (root / "corpus" / f"doc{i}.txt").write_text(make_text(300, seed=10 + i))
+    return root
+
+
+def cfg_for(pair, out, **over) -> DistillConfig:
+    kw = dict(teacher=str(pair / "teacher"), student=str(pair / "student"), data=str(pair / "corpus"),
+              out=str(out), steps=8, seq_len=32, batch_size=4, eval_every=4, eval_batches=2, save_every=2,
+              lr=3e-3, min_lr=3e-4, warmup_steps=1, progress=False)
+    kw.update(over)
+    return DistillConfig(**kw)
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
+
+
+def weights(out) -> dict:
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4)
+
+
+def test_distill_lowers_kl_and_writes_hf_dir(pair, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = distill(cfg_for(pair, tmp_path / "run", steps=16, lr=1e-2))
+    info = json.loads((out / "minitron_distill.json").read_text())
+    assert info["finished"] and info["steps"] == 16 and info["tokens"] == 16 * 4 * 32
+    assert info["final_eval"]["val_kl"] < 0.93 * info["first_eval"]["val_kl"]
+    assert sum(losses(out)[-4:]) < 0.93 * sum(losses(out)[:4])
+    m = read_metrics(out / "metrics.jsonl")
+    assert len([r for r in m if "loss" in r]) == 16 and [r["step"] for r in m if "val_kl" in r] == [0, 4, 8, 12, 16]
+    assert (out / "loss.png").stat().st_size > 1000 and not (out / "checkpoints").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2 and AutoTokenizer.from_pretrained(out).vocab_size == 384
+    # a second start says so and does not retrain
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert distill(cfg_for(pair, tmp_path / "run", steps=16, lr=1e-2)) == out
+    assert "already holds a finished run" in capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import minitron.distill as D
+kill_at = int(sys.argv[2])
+orig = D._commit_checkpoint
+def commit(tmp, final):
+    if final.name == f"step-{kill_at:07d}":
+        os.kill(os.getpid(), signal.SIGKILL)  # the temp dir is written, not yet renamed
+    orig(tmp, final)
+D._commit_checkpoint = commit
+D.distill(D.DistillConfig(**__import__("json").loads(sys.argv[1])))
+"""
+
+
+def test_sigkill_then_resume_matches_uninterrupted(pair, tmp_path):
+    ref = distill(cfg_for(pair, tmp_path / "ref", steps=10))
+    cfg = cfg_for(pair, tmp_path / "killed", steps=10)
+    args = json.dumps({k: v for k, v in cfg.__dict__.items()})
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, args, "6"], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    out = Path(cfg.out)
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000004"
+    assert len(losses(out)) == 6 and not (out / "minitron_distill.json").exists()
+    with pytest.raises(DistillError, match="--resume"):
+        distill(cfg)
+    cfg.resume = True
+    distill(cfg)
+    assert len(losses(out)) == 10
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(ref)), rtol=1e-5, atol=1e-6)
+    assert_same_weights(out, ref)
+
+
+def test_grad_accum_matches_bigger_batch(pair, tmp_path):
+    a = distill(cfg_for(pair, tmp_path / "a", steps=4, batch_size=4, grad_accum=1))
+    b = distill(cfg_for(pair, tmp_path / "b", steps=4, batch_size=2, grad_accum=2))
+    torch.testing.assert_close(torch.tensor(losses(a)), torch.tensor(losses(b)), rtol=1e-5, atol=1e-6)
+    assert_same_weights(a, b)
+
+
+def test_topk_cache_full_k_matches_logits_and_is_reused(pair, tmp_path):
+    full = distill(cfg_for(pair, tmp_path / "full", steps=4, temperature=2.0))
+    cache = tmp_path / "cache"
+    topk = distill(cfg_for(pair, tmp_path / "topk", steps=4, temperature=2.0, topk_cache=str(cache), topk=384))
+    torch.testing.assert_close(torch.tensor(losses(topk)), torch.tensor(losses(full)), rtol=1e-4, atol=1e-6)
+    assert_same_weights(topk, full, atol=1e-4)
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["k"] == 384 and meta["temperature"] == 2.0
+    stamp = (cache / "meta.json").stat().st_mtime_ns
+    small = distill(cfg_for(pair, tmp_path / "topk-again", steps=4, temperature=2.0, topk_cache=str(cache),
+                            topk=384))
+    assert (cache / "meta.json").stat().st_mtime_ns == stamp and losses(small) == losses(topk)
+    with pytest.raises(CacheError, match="other settings"):
+        distill(cfg_for(pair, tmp_path / "topk-bad", steps=4, temperature=2.0, topk_cache=str(cache), topk=8))
+
+
+def test_topk_cache_small_k_learns(pair, tmp_path):
+    out = distill(cfg_for(pair, tmp_path / "k64", steps=12, lr=1e-2, topk_cache=str(tmp_path / "c64"), topk=64))
+    info = json.loads((out / "minitron_distill.json").read_text())
+    assert info["final_eval"]["val_kl"] < 0.95 * info["first_eval"]["val_kl"]
+
+
+def test_hidden_loss_with_projection_and_bf16_checkpointing(pair, tmp_path):
+    out = distill(cfg_for(pair, tmp_path / "hid", steps=6, hidden_loss="cosine", hidden_weight=0.5,
+                          autocast="bf16", grad_checkpointing=True))
+    m = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert all(r["hidden_loss"] > 0 for r in m) and m[-1]["hidden_loss"] < m[0]["hidden_loss"]
+    for r in m:
+        assert abs(r["loss"] - (r["logit_loss"] + 0.5 * r["hidden_loss"])) < 1e-4
+    with pytest.raises(DistillError, match="layer_map"):
+        distill(cfg_for(pair, tmp_path / "hid-bad", hidden_loss="mse", layer_map=[0, 9]))
+
+
+def test_correct_lowers_lm_loss(pair, tmp_path):
+    out = correct(str(pair / "student"), str(pair / "corpus"), str(tmp_path / "corr"), steps=10, seq_len=32,
+                  batch_size=4, eval_every=0, lr=1e-2, progress=False)
+    info = json.loads((out / "minitron_distill.json").read_text())
+    assert info["final_eval"]["val_kl"] is None
+    assert info["final_eval"]["val_lm_loss"] < info["first_eval"]["val_lm_loss"] - 0.05
+
+
+def test_bad_inputs_raise_clear_errors(pair, tmp_path):
+    other = tmp_path / "other-vocab"
+    model = make_model("llama", vocab=400, **SMALL)
+    model.save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    with pytest.raises(DistillError, match="vocabulary mismatch"):
+        distill(cfg_for(pair, tmp_path / "v", student=str(other)))
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to fill one batch of blocks. " * 3)  # 90 tokens: 2 blocks
+    with pytest.raises(DataError, match="corpus too short for one batch"):
+        distill(cfg_for(pair, tmp_path / "s", data=str(short)))
+    with pytest.raises(DistillError, match="budget"):
+        DistillConfig(student="x", out="y")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        distill(cfg_for(pair, tmp_path / "nothing", resume=True))
+    # a corrupt checkpoint
+    cfg = cfg_for(pair, tmp_path / "corrupt", steps=6)
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg.__dict__), "4"], env=ENV, check=False,
+                   capture_output=True)
+    ckpt = tmp_path / "corrupt" / "checkpoints" / "step-0000002"
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    cfg.resume = True
+    with pytest.raises(CheckpointError, match="corrupt"):
+        distill(cfg)
+
+
+DIST_SCRIPT = """
+import json, sys
+from minitron.distill import DistillConfig, distill
+distill(DistillConfig(**json.loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_gloo_matches_one_process(pair, tmp_path, mode):
+    one = distill(cfg_for(pair, tmp_path / "one", steps=6, batch_size=4, eval_every=3))
+    cfg = cfg_for(pair, tmp_path / mode, steps=6, batch_size=2, eval_every=3, distributed=mode)
+    script = tmp_path / "run.py"
+    script.write_text(DIST_SCRIPT)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
+                           json.dumps(cfg.__dict__)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    two = Path(cfg.out)
+    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=1e-4, atol=1e-6)
+    ev1 = [r["val_kl"] for r in read_metrics(one / "metrics.jsonl") if "val_kl" in r]
+    ev2 = [r["val_kl"] for r in read_metrics(two / "metrics.jsonl") if "val_kl" in r]
+    torch.testing.assert_close(torch.tensor(ev2), torch.tensor(ev1), rtol=1e-4, atol=1e-6)
+    assert_same_weights(two, one, atol=1e-5)
