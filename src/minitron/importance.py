@@ -190,7 +190,7 @@ def compute_importance(model, calib: torch.Tensor, cfg: ImportanceConfig | None 
         if heldout is None:
             raise ValueError("the LM-loss layer metric needs held-out blocks")
         scores.update(layer_lm_loss(model, heldout, sorted({1, *cfg.lm_loss_block_sizes}), cfg.batch_size))
-    return {k: v.float().clone().contiguous() for k, v in scores.items()}  # aliases become copies
+    return {k: v.float() for k, v in scores.items()}
 
 
 @torch.no_grad()
@@ -198,6 +198,7 @@ def layer_lm_loss(model, heldout: torch.Tensor, block_sizes: list[int], batch_si
                   ) -> dict[str, torch.Tensor]:
     """Held-out LM-loss increase when each contiguous block of n layers is removed -> {block_lm_loss.n: [L-n+1]}."""
     L = arch.dims_of(model.config).layers
+    block_sizes = sorted(set(block_sizes))
     base = lm_loss(model, heldout, batch_size)
     out = {"lm_loss_base": torch.tensor([base])}
     todo = [(n, i) for n in block_sizes if 0 < n < L for i in range(L - n + 1)]
@@ -217,7 +218,8 @@ def save_scores(scores: dict[str, torch.Tensor], out_dir: Path, meta: dict) -> P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "scores.safetensors"
-    save_file(scores, str(path), metadata={"minitron": json.dumps(meta)})
+    tensors = {k: v.detach().float().contiguous().clone() for k, v in scores.items()}  # no shared storage
+    save_file(tensors, str(path), metadata={"minitron": json.dumps(meta)})
     summary = {"meta": meta, "shapes": {k: list(v.shape) for k, v in scores.items()}}
     for key in ("layer_bi", "layer_lm_loss", "lm_loss_base"):
         if key in scores:

@@ -1,0 +1,116 @@
+"""The whole recipe, shrunk to a tiny random model: end to end, resume, --from, overrides, bad recipes."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import make_model
+from eval_fixtures import write_task_data
+from minitron.cli import main
+from minitron.config import ConfigError, load_config
+from minitron.pipeline import RunConfig, run
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer, corpus_dir):
+    root = tmp_path_factory.mktemp("pipe")
+    teacher = root / "teacher"
+    make_model("llama").save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    write_task_data(root / "data")
+    return root, teacher, corpus_dir
+
+
+def tiny_overrides(root, teacher, corpus, out, **extra):
+    base = {"out": str(out), "model.teacher": str(teacher), "model.device": "cpu", "data.corpus": str(corpus),
+            "data.seq_len": 32, "data.data_dir": str(root / "data"), "importance.calib_samples": 8,
+            "importance.heldout_samples": 4, "importance.batch_size": 4, "target.params": 120000,
+            "distill.tokens": 1024, "distill.batch_size": 4, "distill.eval_every": 4, "distill.save_every": 2,
+            "eval.tasks": f"piqa,loss:{corpus}", "eval.limit": 4, "eval.batch_size": 4}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_recipe_end_to_end(setup, tmp_path):
+    root, teacher, corpus = setup
+    out = tmp_path / "run"
+    cfg = load_config(RunConfig, None, tiny_overrides(root, teacher, corpus, out))
+    run(cfg)
+    for stage in ("importance/scores.safetensors", "prune/plan.json", "distill/metrics.jsonl", "eval/results.json",
+                  "export/config.json", "export/README.md", "config.yaml", "report.md"):
+        assert (out / stage).is_file(), stage
+    student = AutoModelForCausalLM.from_pretrained(out / "export")
+    plan = json.loads((out / "prune" / "plan.json").read_text())
+    assert sum(p.numel() for p in student.parameters()) == plan["params_after"]["total"] <= 120000
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert len(results["models"]) == 2
+    report = (out / "report.md").read_text()
+    assert "## Evaluation" in report and "## Pruning" in report and "loss.png" in report
+    assert "Minitron student" in (out / "export" / "README.md").read_text()
+    # a rerun skips every finished stage
+    stamp = (out / "prune" / "plan.json").stat().st_mtime_ns
+    run(cfg)
+    assert (out / "prune" / "plan.json").stat().st_mtime_ns == stamp
+    # --from distill redoes distill and later stages, keeps prune
+    before = (out / "eval" / "results.json").stat().st_mtime_ns
+    run(cfg, from_stage="distill")
+    assert (out / "prune" / "plan.json").stat().st_mtime_ns == stamp
+    assert (out / "eval" / "results.json").stat().st_mtime_ns != before
+
+
+def test_iterative_and_search(setup, tmp_path):
+    root, teacher, corpus = setup
+    out = tmp_path / "iter"
+    run(load_config(RunConfig, None, tiny_overrides(root, teacher, corpus, out, **{
+        "iterative.budgets": "150000,110000", "eval.tasks": "speed"})))
+    p1 = json.loads((out / "step1/prune/plan.json").read_text())
+    p2 = json.loads((out / "step2/prune/plan.json").read_text())
+    assert p1["params_after"]["total"] <= 150000 and p2["params_after"]["total"] <= 110000
+    assert p2["params_before"] == p1["params_after"]  # step 2 starts from step 1's distilled student
+    out = tmp_path / "search"
+    run(load_config(RunConfig, None, tiny_overrides(root, teacher, corpus, out, **{
+        "search.enabled": "true", "search.params": 110000, "search.tolerance": 0.2, "search.max_candidates": 2,
+        "search.train_tokens": 256, "eval.tasks": "speed"})))
+    table = json.loads((out / "search/search.json").read_text())["rows"]
+    plan = json.loads((out / "prune/plan.json").read_text())
+    assert {k: plan["target"][k] for k in ("hidden", "ffn", "heads", "layers")} == \
+        {k: table[0]["dims"][k] for k in ("hidden", "ffn", "heads", "layers")}
+    assert "loss_trained" in table[0] and "## Architecture search" in (out / "report.md").read_text()
+
+
+def test_kill_during_distill_then_resume(setup, tmp_path):
+    root, teacher, corpus = setup
+    out = tmp_path / "killed"
+    args = ["run", *tiny_overrides(root, teacher, corpus, out, **{"distill.tokens": 8192, "eval.tasks": "speed"})]
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from minitron.cli import main; sys.exit(main(sys.argv[1:]))",
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "distill").glob("checkpoints/step*")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((out / "distill").glob("checkpoints/step*")), "no checkpoint was written before the kill"
+    assert not (out / "export").exists()
+    assert main(args) == 0  # resumes distill from its checkpoint, then finishes
+    steps = [json.loads(line)["step"] for line in (out / "distill/metrics.jsonl").read_text().splitlines()
+             if "train_loss" in line]
+    assert steps == sorted(set(steps)) and (out / "export/config.json").is_file()
+
+
+def test_bad_recipes(tmp_path):
+    (tmp_path / "r.yaml").write_text("distill:\n  tokenz: 5\n")
+    with pytest.raises(ConfigError, match="unknown key.*distill.tokenz"):
+        load_config(RunConfig, tmp_path / "r.yaml")
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(RunConfig, None, ["distill.tokens=lots"])
+    with pytest.raises(Exception, match="prunes nothing"):
+        load_config(RunConfig, None, [])
+    assert main(["run", "out=" + str(tmp_path / "x"), "target.hiden=3"]) == 2
+    for recipe in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):
+        load_config(RunConfig, recipe)  # every shipped recipe parses and passes its checks
