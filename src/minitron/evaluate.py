@@ -408,7 +408,8 @@ def bar_plot(results: dict, path: str | os.PathLike) -> None:
             vals = [_headline(t, e["tasks"][t]) for t in tasks] + [e.get("average", 0.0)]
             ax.bar([i + k * width for i in range(len(tasks) + 1)], vals, width, label=name)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks) + 1)], tasks + ["average"], rotation=30)
-        ax.set_ylabel("accuracy (acc_norm for hellaswag/arc_challenge/openbookqa)")
+        ax.set_ylabel("accuracy")
+        ax.set_title("acc_norm for " + ", ".join(NORM_TASKS) + "; acc for the others", fontsize=9)
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no accuracy tasks", ha="center")
