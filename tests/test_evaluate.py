@@ -65,6 +65,20 @@ def test_batched_equals_unbatched_and_hand_computation(model, tokenizer):
     assert len({round(a, 3) for a, _ in one}) == len(one)  # the scores really differ per request
 
 
+def test_models_without_logits_to_keep_score_the_same(model, tokenizer):
+    class NoKeep(torch.nn.Module):  # a model class whose forward has no logits_to_keep argument
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    pairs = [E.encode_pair(tokenizer, "The teacher distills", " knowledge"), E.encode_pair(tokenizer, "Code", " runs fast")]
+    for (a, ga), (b, gb) in zip(E.score_requests(model, pairs, 2), E.score_requests(NoKeep(model), pairs, 2), strict=True):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+
+
 def test_greedy_flag_is_true_for_the_argmax_continuation(model, tokenizer):
     ctx = tokenizer.encode("The model prunes heads and")
     with torch.no_grad():
