@@ -65,6 +65,21 @@ def test_batched_equals_unbatched_and_hand_computation(model, tokenizer):
     assert len({round(a, 3) for a, _ in one}) == len(one)  # the scores really differ per request
 
 
+def test_pairs_with_the_same_input_share_one_forward(model, tokenizer):
+    ctx, other = tokenizer.encode("The model prunes heads"), tokenizer.encode("A student")
+    # model inputs: ctx, other + [9], ctx, ctx (the last pair scores 2 tokens from the same row)
+    pairs = [(ctx, [5]), (other, [9, 10]), (ctx, [6]), (ctx[:-1], ctx[-1:] + [7])]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        scores = E.score_requests(model, pairs, batch_size=1)
+    finally:
+        hook.remove()
+    assert len(calls) == 2
+    for (ll, _), (c, x) in zip(scores, pairs, strict=True):
+        assert ll == pytest.approx(_hand_ll(model, c, x), abs=1e-4)
+
+
 def test_models_without_logits_to_keep_score_the_same(model, tokenizer):
     class NoKeep(torch.nn.Module):  # a model class whose forward has no logits_to_keep argument
         def __init__(self, inner):

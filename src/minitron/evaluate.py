@@ -79,37 +79,39 @@ def score_requests(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
                    pad_id: int = 0, desc: str | None = None) -> list[tuple[float, bool]]:
     """Sum of continuation log-probs and whether every continuation token is the greedy argmax.
 
-    pairs: (context ids, continuation ids). Sequences are sorted longest first, right-padded with an
-    attention mask, and only the continuation positions go through the LM head; each row's score is
-    independent of its batch (batched == unbatched up to float rounding). Returns one tuple per pair.
+    pairs: (context ids, continuation ids). The model input of a pair is (context + continuation)[:-1]
+    (its last max_length + 1 tokens first); pairs with the same input (e.g. " yes"/" no" or MMLU's
+    letters after one context) share one row. Rows are sorted longest first, right-padded with an
+    attention mask, and only continuation positions go through the LM head; a row's scores do not
+    depend on its batch (batched == unbatched up to float rounding). Returns one tuple per pair.
     """
     device = next(model.parameters()).device
     max_len = model_max_length(model)
-    inputs = []
-    for ctx, cont in pairs:
+    rows: dict[tuple[int, ...], list[int]] = {}  # model input -> indices of the pairs it scores
+    for i, (ctx, cont) in enumerate(pairs):
         if not cont:
             raise ValueError("a continuation tokenized to zero tokens; check the task's continuation strings")
-        inputs.append(((ctx + cont)[-(max_len + 1):][:-1], len(cont), cont))
-    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
-    out: list[tuple[float, bool] | None] = [None] * len(inputs)
+        rows.setdefault(tuple((ctx + cont)[-(max_len + 1):][:-1]), []).append(i)
+    order = sorted(rows, key=len, reverse=True)
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
-        idx = order[start:start + batch_size]
-        width = len(inputs[idx[0]][0])
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)  # [B, T]
-        mask = torch.zeros((len(idx), width), dtype=torch.long)  # [B, T]
-        for row, i in enumerate(idx):
-            seq = inputs[i][0]
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        # positions whose logits predict continuation tokens: [len - contlen, len) per row
-        lo = min(len(inputs[i][0]) - inputs[i][1] for i in idx)
+        batch = order[start:start + batch_size]
+        width = len(batch[0])
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
+        for r, seq in enumerate(batch):
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+        # positions whose logits predict continuation tokens: [len - contlen, len) per pair
+        lo = min(len(seq) - len(pairs[i][1]) for seq in batch for i in rows[seq])
         logits = _logits_from(model, ids.to(device), mask.to(device), lo)  # [B, width - lo, V]
-        for row, i in enumerate(idx):
-            seq, contlen, cont = inputs[i]
-            sel = logits[row, len(seq) - contlen - lo:len(seq) - lo].float().log_softmax(-1)  # [C, V]
-            target = torch.tensor(cont, device=device)  # [C]
-            ll = sel.gather(-1, target[:, None]).sum().item()
-            out[i] = (ll, bool((sel.argmax(-1) == target).all()))
+        for r, seq in enumerate(batch):
+            for i in rows[seq]:
+                cont = pairs[i][1]
+                sel = logits[r, len(seq) - len(cont) - lo:len(seq) - lo].float().log_softmax(-1)  # [C, V]
+                target = torch.tensor(cont, device=device)  # [C]
+                ll = sel.gather(-1, target[:, None]).sum().item()
+                out[i] = (ll, bool((sel.argmax(-1) == target).all()))
     return out  # type: ignore[return-value]
 
 
