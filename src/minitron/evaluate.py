@@ -350,6 +350,13 @@ def evaluate(models: list[str], tasks: list[str], limit: int | None = None, batc
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    if "speed" in tasks:  # ratios to the first model, as in the markdown table
+        first = results["models"][models[0]]["tasks"]["speed"]
+        for e in results["models"].values():
+            sp = e["tasks"]["speed"]
+            sp["ratio_to_first"] = {k: {b: v / first[k][b] for b, v in sp[k].items()}
+                                    for k in ("prefill_tok_s", "decode_tok_s")}
+            sp["ratio_to_first"]["peak_memory"] = sp["peak_memory_mib"] / max(first["peak_memory_mib"], 1e-9)
     if out_dir is not None:
         write_outputs(results, out_dir)
     return results
