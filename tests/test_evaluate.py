@@ -65,6 +65,44 @@ def test_batched_equals_unbatched_and_hand_computation(model, tokenizer):
     assert len({round(a, 3) for a, _ in one}) == len(one)  # the scores really differ per request
 
 
+def test_pairs_with_the_same_input_share_one_forward(model, tokenizer):
+    ctx, other = tokenizer.encode("The model prunes heads"), tokenizer.encode("A student")
+    # model inputs: ctx, other + [9], ctx, ctx (the last pair scores 2 tokens from the same row)
+    pairs = [(ctx, [5]), (other, [9, 10]), (ctx, [6]), (ctx[:-1], ctx[-1:] + [7])]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        scores = E.score_requests(model, pairs, batch_size=1)
+    finally:
+        hook.remove()
+    assert len(calls) == 2
+    for (ll, _), (c, x) in zip(scores, pairs, strict=True):
+        assert ll == pytest.approx(_hand_ll(model, c, x), abs=1e-4)
+
+
+def test_models_without_logits_to_keep_score_the_same(model, tokenizer):
+    class NoKeep(torch.nn.Module):  # a model class whose forward has no logits_to_keep argument
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    pairs = [E.encode_pair(tokenizer, "The teacher distills", " knowledge"), E.encode_pair(tokenizer, "Code", " runs fast")]
+    for (a, ga), (b, gb) in zip(E.score_requests(model, pairs, 2), E.score_requests(NoKeep(model), pairs, 2), strict=True):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+
+
+def test_bfloat16_scores_close_to_float32(tokenizer):
+    m32 = make_model("llama")
+    m16 = make_model("llama").to(torch.bfloat16)
+    pairs = [E.encode_pair(tokenizer, "The teacher distills", " knowledge into a student"),
+             E.encode_pair(tokenizer, "Python code", " runs")]
+    for (a, _), (b, _) in zip(E.score_requests(m32, pairs, 2), E.score_requests(m16, pairs, 2), strict=True):
+        assert math.isfinite(b) and abs(a - b) < 0.05 * abs(a) + 0.1
+
+
 def test_greedy_flag_is_true_for_the_argmax_continuation(model, tokenizer):
     ctx = tokenizer.encode("The model prunes heads and")
     with torch.no_grad():
@@ -132,8 +170,11 @@ def test_wikitext_rows_are_joined_like_hf(tokenizer, tmp_path):
     assert tokenizer.decode(ids.tolist()) == "\n\n = Title = \n\n\n\n\n Body text . \n"
 
 
-def test_evaluate_writes_json_markdown_plot_and_cli(model_dir, data, tmp_path, corpus_dir):
-    res = E.evaluate([str(model_dir), str(model_dir)], ["piqa", "hellaswag", "lambada", "wikitext2",
+def test_evaluate_writes_json_markdown_plot_and_cli(model_dir, data, tmp_path, corpus_dir, tokenizer):
+    shallow = tmp_path / "shallow"
+    make_model("llama", layers=1, max_position_embeddings=1024).save_pretrained(shallow)
+    tokenizer.save_pretrained(shallow)
+    res = E.evaluate([str(model_dir), str(shallow)], ["piqa", "hellaswag", "lambada", "wikitext2",
                                                         f"loss:{corpus_dir}", "speed"],
                      batch_size=4, device="cpu", out_dir=tmp_path / "out", data_root=data, window=32,
                      seq_len=32, prompt_len=8, decode_tokens=4, speed_batch=2, progress=False)
@@ -146,10 +187,13 @@ def test_evaluate_writes_json_markdown_plot_and_cli(model_dir, data, tmp_path, c
     sp = e["tasks"]["speed"]
     assert set(sp["prefill_tok_s"]) == {1, 2} and all(v > 0 for v in sp["decode_tok_s"].values())
     assert sp["memory_kind"].startswith("cpu_peak_rss") and sp["peak_memory_mib"] > 0
+    assert sp["ratio_to_first"]["decode_tok_s"][2] == pytest.approx(1.0)  # the first model vs itself
+    sp2 = res["models"][str(shallow)]["tasks"]["speed"]
+    assert sp2["ratio_to_first"]["prefill_tok_s"][1] == pytest.approx(sp2["prefill_tok_s"][1] / sp["prefill_tok_s"][1])
     saved = json.loads((tmp_path / "out/results.json").read_text())
     assert saved["models"][str(model_dir)]["tasks"]["piqa"]["acc"] == e["tasks"]["piqa"]["acc"]
     md = (tmp_path / "out/results.md").read_text()
-    assert "hellaswag (acc_norm)" in md and "(1.00x)" in md and "(w32)" in md
+    assert "hellaswag (acc_norm)" in md and "(1.00x)" in md and "(w32)" in md and str(shallow) in md
     assert (tmp_path / "out/results.png").stat().st_size > 1000
 
     from minitron.cli import main

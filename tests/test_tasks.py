@@ -144,3 +144,23 @@ def test_real_files_parse(name):
 def test_real_hellaswag_first_item():
     item = T.load_task("hellaswag", limit=1).items[0]
     assert item.requests[3] == ("Roof shingle removal: A man is sitting on a roof. he", " starts pulling up roofing on a roof.")
+
+
+def test_hellaswag_copa_winogrande_match_lm_eval_doc_functions(data):
+    """Our requests equal those built by lm-eval's own helper functions (skipped without lm-eval)."""
+    pytest.importorskip("lm_eval")
+    import datasets
+    from lm_eval.tasks.hellaswag import utils as hs
+    from lm_eval.tasks.super_glue.copa import utils as cp
+    from lm_eval.tasks.winogrande import preprocess_winogrande as wg
+
+    from eval_fixtures import HELLASWAG_ORIG
+
+    docs = hs.process_docs(datasets.Dataset.from_list([dict(d, label=str(d["label"])) for d in HELLASWAG_ORIG]))
+    for doc, item in zip(docs, T.load_task("hellaswag", data).items, strict=True):
+        assert item.requests == [(doc["query"], " " + c) for c in doc["choices"]]
+    for doc, item in zip(T._jsonl(data / "copa/val.jsonl"), T.load_task("copa", data).items, strict=True):
+        assert item.requests == [(cp.doc_to_text(doc), " " + c) for c in cp.doc_to_choice(doc)]
+    for doc, item in zip(T._jsonl(data / "winogrande/dev.jsonl"), T.load_task("winogrande", data).items, strict=True):
+        assert item.requests == [(c, " " + wg.doc_to_target(doc)) for c in wg.doc_to_choice(doc)]
+        assert item.gold == wg.doc_to_text(doc)

@@ -79,37 +79,39 @@ def score_requests(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
                    pad_id: int = 0, desc: str | None = None) -> list[tuple[float, bool]]:
     """Sum of continuation log-probs and whether every continuation token is the greedy argmax.
 
-    pairs: (context ids, continuation ids). Sequences are sorted longest first, right-padded with an
-    attention mask, and only the continuation positions go through the LM head; each row's score is
-    independent of its batch (batched == unbatched up to float rounding). Returns one tuple per pair.
+    pairs: (context ids, continuation ids). The model input of a pair is (context + continuation)[:-1]
+    (its last max_length + 1 tokens first); pairs with the same input (e.g. " yes"/" no" or MMLU's
+    letters after one context) share one row. Rows are sorted longest first, right-padded with an
+    attention mask, and only continuation positions go through the LM head; a row's scores do not
+    depend on its batch (batched == unbatched up to float rounding). Returns one tuple per pair.
     """
     device = next(model.parameters()).device
     max_len = model_max_length(model)
-    inputs = []
-    for ctx, cont in pairs:
+    rows: dict[tuple[int, ...], list[int]] = {}  # model input -> indices of the pairs it scores
+    for i, (ctx, cont) in enumerate(pairs):
         if not cont:
             raise ValueError("a continuation tokenized to zero tokens; check the task's continuation strings")
-        inputs.append(((ctx + cont)[-(max_len + 1):][:-1], len(cont), cont))
-    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
-    out: list[tuple[float, bool] | None] = [None] * len(inputs)
+        rows.setdefault(tuple((ctx + cont)[-(max_len + 1):][:-1]), []).append(i)
+    order = sorted(rows, key=len, reverse=True)
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
-        idx = order[start:start + batch_size]
-        width = len(inputs[idx[0]][0])
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)  # [B, T]
-        mask = torch.zeros((len(idx), width), dtype=torch.long)  # [B, T]
-        for row, i in enumerate(idx):
-            seq = inputs[i][0]
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        # positions whose logits predict continuation tokens: [len - contlen, len) per row
-        lo = min(len(inputs[i][0]) - inputs[i][1] for i in idx)
+        batch = order[start:start + batch_size]
+        width = len(batch[0])
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
+        for r, seq in enumerate(batch):
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+        # positions whose logits predict continuation tokens: [len - contlen, len) per pair
+        lo = min(len(seq) - len(pairs[i][1]) for seq in batch for i in rows[seq])
         logits = _logits_from(model, ids.to(device), mask.to(device), lo)  # [B, width - lo, V]
-        for row, i in enumerate(idx):
-            seq, contlen, cont = inputs[i]
-            sel = logits[row, len(seq) - contlen - lo:len(seq) - lo].float().log_softmax(-1)  # [C, V]
-            target = torch.tensor(cont, device=device)  # [C]
-            ll = sel.gather(-1, target[:, None]).sum().item()
-            out[i] = (ll, bool((sel.argmax(-1) == target).all()))
+        for r, seq in enumerate(batch):
+            for i in rows[seq]:
+                cont = pairs[i][1]
+                sel = logits[r, len(seq) - len(cont) - lo:len(seq) - lo].float().log_softmax(-1)  # [C, V]
+                target = torch.tensor(cont, device=device)  # [C]
+                ll = sel.gather(-1, target[:, None]).sum().item()
+                out[i] = (ll, bool((sel.argmax(-1) == target).all()))
     return out  # type: ignore[return-value]
 
 
@@ -348,6 +350,13 @@ def evaluate(models: list[str], tasks: list[str], limit: int | None = None, batc
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    if "speed" in tasks:  # ratios to the first model, as in the markdown table
+        first = results["models"][models[0]]["tasks"]["speed"]
+        for e in results["models"].values():
+            sp = e["tasks"]["speed"]
+            sp["ratio_to_first"] = {k: {b: v / first[k][b] for b, v in sp[k].items()}
+                                    for k in ("prefill_tok_s", "decode_tok_s")}
+            sp["ratio_to_first"]["peak_memory"] = sp["peak_memory_mib"] / max(first["peak_memory_mib"], 1e-9)
     if out_dir is not None:
         write_outputs(results, out_dir)
     return results
@@ -408,7 +417,8 @@ def bar_plot(results: dict, path: str | os.PathLike) -> None:
             vals = [_headline(t, e["tasks"][t]) for t in tasks] + [e.get("average", 0.0)]
             ax.bar([i + k * width for i in range(len(tasks) + 1)], vals, width, label=name)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks) + 1)], tasks + ["average"], rotation=30)
-        ax.set_ylabel("accuracy (acc_norm for hellaswag/arc_challenge/openbookqa)")
+        ax.set_ylabel("accuracy")
+        ax.set_title("acc_norm for " + ", ".join(NORM_TASKS) + "; acc for the others", fontsize=9)
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no accuracy tasks", ha="center")
