@@ -112,5 +112,10 @@ def test_bad_recipes(tmp_path):
     with pytest.raises(Exception, match="prunes nothing"):
         load_config(RunConfig, None, [])
     assert main(["run", "out=" + str(tmp_path / "x"), "target.hiden=3"]) == 2
+    from minitron.tasks import TaskError
+    with pytest.raises(TaskError, match="wikitext2 needs"):  # before any work, not after distillation
+        run(load_config(RunConfig, None, ["target.params=70M", f"data.data_dir={tmp_path}", "eval.tasks=wikitext2",
+                                          f"out={tmp_path / 'y'}"]))
+    assert not (tmp_path / "y").exists()
     for recipe in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):
         load_config(RunConfig, recipe)  # every shipped recipe parses and passes its checks

@@ -377,6 +377,7 @@ def _cell(task: str, r: dict) -> str:
 def markdown_table(results: dict) -> str:
     """Models x tasks (headline metric, see NORM_TASKS), plus the speed table with ratios to the first model."""
     tasks = [t for t in results["config"]["tasks"] if t != "speed"]
+    labels = results.get("labels", {})  # model path -> a short name (set by the pipeline)
     lines = []
     if tasks:
         head = [f"{t} ({'acc_norm' if t in NORM_TASKS else 'ppl' if t == 'wikitext2' else 'loss / ppl' if t.startswith('loss:') else 'acc'})"
@@ -384,7 +385,7 @@ def markdown_table(results: dict) -> str:
         lines += ["| model | " + " | ".join(head) + " | average |", "|---" * (len(tasks) + 2) + "|"]
         for name, e in results["models"].items():
             avg = f"{e['average']:.4f}" if "average" in e else "-"
-            lines.append(f"| {name} | " + " | ".join(_cell(t, e["tasks"][t]) for t in tasks) + f" | {avg} |")
+            lines.append(f"| {labels.get(name, name)} | " + " | ".join(_cell(t, e["tasks"][t]) for t in tasks) + f" | {avg} |")
     if "speed" in results["config"]["tasks"]:
         first = next(iter(results["models"].values()))["tasks"]["speed"]
         bss = list(first["prefill_tok_s"])
@@ -396,7 +397,7 @@ def markdown_table(results: dict) -> str:
             vals += [(s["decode_tok_s"][b], first["decode_tok_s"][b]) for b in bss]
             cells = [f"{v:.0f} ({v / f:.2f}x)" for v, f in vals]
             cells.append(f"{s['peak_memory_mib']:.0f} ({s['peak_memory_mib'] / max(first['peak_memory_mib'], 1e-9):.2f}x)")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -79,8 +79,9 @@ class DistillSection:
 
 @dataclass
 class EvalSection:
-    tasks: list[str] = field(default_factory=lambda: ["wikitext2", "piqa", "arc_easy", "speed"])
-    limit: int | None = 200
+    tasks: list[str] = field(default_factory=lambda: ["wikitext2", "loss:default", "piqa", "arc_easy", "speed"])
+    limit: int | None = 200               # items per zero-shot task
+    ppl_limit: int | None = 20            # windows (wikitext2) / blocks (loss:...) per perplexity task
     batch_size: int = 8
     window: int = 2048
 
@@ -243,9 +244,23 @@ def stage_eval(cfg: RunConfig, folder: Path, models: dict[str, str]) -> dict:
     from minitron.evaluate import evaluate, write_outputs
 
     e = cfg.eval
-    results = evaluate(list(models.values()), e.tasks, limit=e.limit, batch_size=e.batch_size,
-                       device=cfg.model.device, dtype=cfg.model.dtype, data_root=cfg.data.data_dir,
-                       window=e.window, seq_len=cfg.data.seq_len)
+    ppl = [t for t in e.tasks if t == "wikitext2" or t.startswith("loss:")]
+    results: dict = {}
+    for tasks, limit in ((ppl, e.ppl_limit), ([t for t in e.tasks if t not in ppl], e.limit)):
+        if not tasks:
+            continue
+        part = evaluate(list(models.values()), tasks, limit=limit, batch_size=e.batch_size, device=cfg.model.device,
+                        dtype=cfg.model.dtype, data_root=cfg.data.data_dir, window=e.window, seq_len=cfg.data.seq_len)
+        if not results:
+            results = part
+            continue
+        for name, entry in part["models"].items():  # merge the two passes model by model
+            mine = results["models"][name]
+            mine["tasks"].update(entry["tasks"])
+            mine["wall_s"].update(entry["wall_s"])
+            if "average" in entry:
+                mine["average"] = entry["average"]
+    results["config"].update(tasks=e.tasks, limit=e.limit, ppl_limit=e.ppl_limit)
     results["labels"] = {path: label for label, path in models.items()}
     with atomic_dir(folder) as tmp:
         write_outputs(results, tmp)
@@ -282,9 +297,27 @@ def clear_from(out: Path, stage: str) -> None:
     (out / "report.md").unlink(missing_ok=True)
 
 
+def check_eval_inputs(cfg: RunConfig) -> None:
+    """Fail at the start, not after distillation, when an evaluation file is missing."""
+    from minitron import tasks as T
+    from minitron.data import data_dir
+    from minitron.evaluate import WIKITEXT_FILE
+
+    for task in cfg.eval.tasks:
+        if task == "wikitext2":
+            base = data_dir(cfg.data.data_dir)
+            if base is None or not (base / WIKITEXT_FILE).is_file():
+                raise T.TaskError(f"eval task wikitext2 needs {WIKITEXT_FILE} under the data dir ({base}); set "
+                                  "data.data_dir or MINITRON_DATA_DIR to a folder laid out like shared/data, "
+                                  "or drop it from eval.tasks")
+        elif task != "speed" and not task.startswith("loss:"):
+            T.task_file(task, cfg.data.data_dir)
+
+
 def run(cfg: RunConfig, from_stage: str | None = None) -> Path:
     """Teacher -> distilled, evaluated, exported student, in `cfg.out`."""
     cfg.check()
+    check_eval_inputs(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if from_stage:
