@@ -139,3 +139,18 @@ def test_trimming_equals_masking(family, tokenizer, target):
                 down.weight[:, j] = 0
         pruned = apply_plan(model, plan)
         assert torch.allclose(pruned(ids).logits, masked(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_depth_by_task_accuracy(tiny_model_dir, corpus_dir, tmp_path):
+    from eval_fixtures import write_task_data
+
+    write_task_data(tmp_path / "data")
+    out = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "o", target=Target(layers=2, layer_metric="task:piqa"),
+                     data_dir=str(tmp_path / "data")))
+    plan = PrunePlan.load(out / "plan.json")
+    scores = json.loads((out / "scores.json").read_text())
+    assert plan.layer_choice["how"] == "contiguous block by task:piqa" and len(plan.dropped_layers) == 2
+    assert scores["shapes"]["block_task.2"] == [3] and (out / "blocks.png").is_file()
+    drops = plan.layer_choice["block_scores"]
+    assert plan.dropped_layers[0] == min(range(3), key=lambda i: drops[i])

@@ -32,8 +32,9 @@ def _prune_parser(sub) -> None:
     g.add_argument("--kv-heads", type=int, help="KV groups per layer (prunes whole groups)")
     g.add_argument("--layers", type=int, help="keep this many layers")
     g.add_argument("--drop-layers", help="drop exactly these layers, e.g. 16-29 or 3,5,7")
-    g.add_argument("--layer-metric", default="lm-loss", choices=["lm-loss", "bi"],
-                   help="rank layers by LM-loss increase on held-out text, or Block Importance")
+    g.add_argument("--layer-metric", default="lm-loss",
+                   help="rank layers by lm-loss (increase on held-out text), bi (Block Importance), or "
+                        "task:NAME (accuracy drop on a zero-shot task, e.g. task:piqa)")
     g.add_argument("--scattered", action="store_true", help="drop the least important single layers, not one block")
     g.add_argument("--round-to", type=int, default=8, help="budget search rounds hidden/ffn to multiples of this")
     c = p.add_argument_group("importance")

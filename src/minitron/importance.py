@@ -213,6 +213,31 @@ def layer_lm_loss(model, heldout: torch.Tensor, block_sizes: list[int], batch_si
     return out
 
 
+def layer_task_accuracy(model, tokenizer, task_name: str, block_sizes: list[int], limit: int = 200,
+                        batch_size: int = 8, data_root=None) -> dict[str, torch.Tensor]:
+    """Downstream-accuracy drop when each contiguous block of n layers is removed (second paper, Figs. 8-9)
+    -> {block_task.n: [L-n+1]} (base accuracy minus accuracy without the block; lower = less needed)."""
+    from minitron.evaluate import NORM_TASKS, score_task
+    from minitron.tasks import canonical_name, load_task
+
+    task = load_task(task_name, data_root, limit)
+    metric = "acc_norm" if canonical_name(task_name) in NORM_TASKS else "acc"
+    L = arch.dims_of(model.config).layers
+    base = score_task(model, tokenizer, task, batch_size, progress=False)[metric]
+    out = {"task_base": torch.tensor([base])}
+    for n in sorted(set(block_sizes)):
+        if not 0 < n < L:
+            continue
+        drops = []
+        for i in tqdm(range(L - n + 1), desc=f"{task_name} without {n} layer(s)", unit="block"):
+            with arch.without_layers(model, list(range(i, i + n))):
+                drops.append(base - score_task(model, tokenizer, task, batch_size, progress=False)[metric])
+        out[f"block_task.{n}"] = torch.tensor(drops)
+    if "block_task.1" in out:
+        out["layer_task"] = out["block_task.1"].clone()
+    return out
+
+
 def save_scores(scores: dict[str, torch.Tensor], out_dir: Path, meta: dict) -> Path:
     """Write scores.safetensors (tensors + meta) and scores.json (a readable summary)."""
     out_dir = Path(out_dir)

@@ -18,7 +18,14 @@ from pathlib import Path
 from minitron import arch
 from minitron.config import save_config
 from minitron.data import calibration_sample, load_splits
-from minitron.importance import ImportanceConfig, compute_importance, config_meta, load_scores, save_scores
+from minitron.importance import (
+    ImportanceConfig,
+    compute_importance,
+    config_meta,
+    layer_task_accuracy,
+    load_scores,
+    save_scores,
+)
 from minitron.models import load_model
 from minitron.plan import PlanError, Target, parse_count, resolve_dims
 from minitron.prune import PruneConfig, atomic_dir, prune
@@ -146,11 +153,16 @@ def stage_importance(cfg: RunConfig, folder: Path, model_name: str, target: Targ
                             lm_loss_layers=n_drop > 0 and target.layer_metric == "lm-loss",
                             lm_loss_block_sizes=lm_sizes)
     scores = compute_importance(model, calib, icfg, heldout=splits.validation[: cfg.importance.heldout_samples])
-    from minitron.report import plot_importance
+    if n_drop and target.layer_metric.startswith("task:"):
+        scores.update(layer_task_accuracy(model, tok, target.layer_metric[len("task:"):],
+                                          [1, n_drop] if target.contiguous else [1],
+                                          batch_size=cfg.importance.batch_size, data_root=cfg.data.data_dir))
+    from minitron.report import plot_blocks, plot_importance
 
     with atomic_dir(folder) as tmp:
         save_scores(scores, tmp, {**config_meta(icfg, calib, arch.dims_of(model.config)), "model": model_name})
         plot_importance(scores, tmp / "importance.png", title=f"importance of {model_name}")
+        plot_blocks(scores, tmp / "blocks.png")
     return folder / "scores.safetensors"
 
 

@@ -29,7 +29,7 @@ class Target:
     drop_layers: list[int] | None = None  # or drop exactly these (0-based)
     params: float | str | None = None  # parameter budget (e.g. 70e6 or "70M")
     params_kind: str = "total"       # what the budget counts: total | non_embedding
-    layer_metric: str = "lm-loss"    # bi | lm-loss: ranks layers / blocks for depth pruning
+    layer_metric: str = "lm-loss"    # bi | lm-loss | task:NAME: ranks layers / blocks for depth pruning
     contiguous: bool = True          # drop one contiguous block (paper's best) or scattered layers
     round_to: int = 8                # budget search rounds hidden and ffn to multiples of this
 
@@ -189,8 +189,8 @@ def _check(config, src: arch.Dims, d: arch.Dims, target: Target) -> None:
         raise PlanError("--layers and --drop-layers disagree; give one of them")
     if target.drop_layers and max(target.drop_layers) >= src.layers:
         raise PlanError(f"--drop-layers names layer {max(target.drop_layers)}, but the model has {src.layers} (0-based)")
-    if target.layer_metric not in ("bi", "lm-loss"):
-        raise PlanError(f"layer metric {target.layer_metric!r} unknown; choose bi or lm-loss")
+    if target.layer_metric not in ("bi", "lm-loss") and not target.layer_metric.startswith("task:"):
+        raise PlanError(f"layer metric {target.layer_metric!r} unknown; choose bi, lm-loss or task:NAME (e.g. task:piqa)")
 
 
 def choose_layers(scores: dict, n_layers: int, n_drop: int, target: Target) -> tuple[list[int], dict]:
@@ -199,12 +199,13 @@ def choose_layers(scores: dict, n_layers: int, n_drop: int, target: Target) -> t
         return [], {}
     if target.drop_layers:
         return sorted(target.drop_layers), {"how": "explicit"}
-    key = "bi" if target.layer_metric == "bi" else "lm_loss"
+    key = {"bi": "bi", "lm-loss": "lm_loss"}.get(target.layer_metric, "task")
     if target.contiguous:
         name = f"block_{key}.{n_drop}"
         if name not in scores:
-            raise PlanError(f"scores hold no {name}: rerun importance with the LM-loss metric for blocks of "
-                            f"{n_drop} layers (prune computes it when --layers is given), or use --layer-metric bi")
+            raise PlanError(f"scores hold no {name}: rerun importance with the {target.layer_metric} metric for "
+                            f"blocks of {n_drop} layers (prune computes it when --layers is given), or use "
+                            "--layer-metric bi")
         start = int(torch.argmin(scores[name]))
         return list(range(start, start + n_drop)), {"how": f"contiguous block by {target.layer_metric}",
                                                      "block_scores": scores[name].tolist()}

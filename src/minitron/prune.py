@@ -20,13 +20,14 @@ from minitron.importance import (
     ImportanceConfig,
     compute_importance,
     config_meta,
+    layer_task_accuracy,
     load_scores,
     random_scores,
     save_scores,
 )
 from minitron.models import lm_loss, load_model
 from minitron.plan import PrunePlan, Target, make_plan, resolve_dims
-from minitron.report import plot_importance
+from minitron.report import plot_blocks, plot_importance
 
 
 def _rows(units: list[int], size: int) -> torch.Tensor:
@@ -162,7 +163,9 @@ def prune(cfg: PruneConfig) -> Path:
     model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
     src = arch.dims_of(model.config)
     n_drop = src.layers - resolve_dims(model.config, cfg.target).layers  # a bad target fails before the slow part
-    need_lm = n_drop > 0 and not cfg.target.drop_layers and cfg.target.layer_metric == "lm-loss"
+    metric = cfg.target.layer_metric
+    need_lm = n_drop > 0 and not cfg.target.drop_layers and metric == "lm-loss"
+    need_task = n_drop > 0 and not cfg.target.drop_layers and metric.startswith("task:")
 
     splits = load_splits(cfg.calib_data, tokenizer, cfg.seq_len, seed=cfg.seed, data_root=cfg.data_dir)
     heldout = splits.validation[: cfg.heldout_samples]
@@ -181,6 +184,10 @@ def prune(cfg: PruneConfig) -> Path:
         meta = config_meta(icfg, calib, src)
         if cfg.criterion == "taylor":
             scores.update(taylor_scores(model, calib, cfg.batch_size))
+        if need_task:
+            scores.update(layer_task_accuracy(model, tokenizer, metric[len("task:"):],
+                                              [1, n_drop] if cfg.target.contiguous else [1],
+                                              batch_size=cfg.batch_size, data_root=cfg.data_dir))
     if cfg.criterion == "magnitude":
         scores.update(magnitude_scores(model))
     elif cfg.criterion == "random":
@@ -206,6 +213,7 @@ def prune(cfg: PruneConfig) -> Path:
         plan.save(tmp / "plan.json")
         save_scores(scores, tmp, {**meta, "model": cfg.model})
         plot_importance(scores, tmp / "importance.png", title=f"importance of {cfg.model}")
+        plot_blocks(scores, tmp / "blocks.png")
         (tmp / "prune_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         (tmp / "prune_metrics.json").write_text(json.dumps(metrics, indent=1))
     return out

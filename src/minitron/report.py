@@ -45,6 +45,31 @@ def plot_importance(scores: dict[str, torch.Tensor], path: Path, title: str = ""
     return Path(path)
 
 
+def plot_blocks(scores: dict[str, torch.Tensor], path: Path) -> Path | None:
+    """The second paper's Figs. 8-9: each metric per removed contiguous block, against its first layer."""
+    sizes = sorted({int(k.split(".")[1]) for k in scores if k.startswith(("block_lm_loss.", "block_task."))})
+    if not sizes:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], sizes, strict=True):
+        start = range(scores[f"block_bi.{n}"].numel())
+        ax.plot(start, scores[f"block_bi.{n}"].numpy(), "o-", label="Block Importance (1 - cos)")
+        ax.set(title=f"removing {n} contiguous layer(s)", xlabel="first removed layer", ylabel="BI")
+        twin = ax.twinx()
+        if f"block_lm_loss.{n}" in scores:
+            twin.plot(start, scores[f"block_lm_loss.{n}"].numpy(), "s-", color="tab:red", label="LM-loss increase")
+        if f"block_task.{n}" in scores:
+            twin.plot(start, scores[f"block_task.{n}"].numpy(), "^-", color="tab:green", label="task accuracy drop")
+        twin.set_ylabel("LM-loss increase / accuracy drop")
+        ax.legend(loc="upper left")
+        twin.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_search(rows: list[dict], path: Path) -> Path:
     """Candidates: parameters against validation loss after pruning and after short training."""
     plt = _plt()
@@ -123,8 +148,8 @@ def write_report(out: Path) -> Path:
             lines.append(f"- held-out loss right after pruning: {m['heldout_loss_before']:.4f} -> "
                          f"{m['heldout_loss_after']:.4f}")
         lines.append("")
-    for img in sorted(out.glob("**/importance/importance.png")):
-        lines += [f"![importance]({img.relative_to(out)})", ""]
+    for img in sorted(out.glob("**/importance/*.png")):
+        lines += [f"![{img.stem}]({img.relative_to(out)})", ""]
     if (out / "search" / "search.md").is_file():
         lines += ["## Architecture search", "", (out / "search" / "search.md").read_text(),
                   "![search](search/search.png)", ""]
