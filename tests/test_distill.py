@@ -108,6 +108,8 @@ def test_sigkill_then_resume_matches_uninterrupted(pair, tmp_path):
     assert len(losses(out)) == 6 and not (out / "minitron_distill.json").exists()
     with pytest.raises(DistillError, match="--resume"):
         distill(cfg)
+    with pytest.raises(DistillError, match="differ"):
+        distill(cfg_for(pair, out, steps=10, lr=1e-3, resume=True))
     cfg.resume = True
     distill(cfg)
     assert len(losses(out)) == 10
@@ -198,13 +200,19 @@ distill(DistillConfig(**json.loads(sys.argv[1])))
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_gloo_matches_one_process(pair, tmp_path, mode):
+    """2 gloo ranks with batch 2 == 1 process with batch 4. FSDP2 is also SIGKILLed at step 4 and resumed."""
     one = distill(cfg_for(pair, tmp_path / "one", steps=6, batch_size=4, eval_every=3))
     cfg = cfg_for(pair, tmp_path / mode, steps=6, batch_size=2, eval_every=3, distributed=mode)
-    script = tmp_path / "run.py"
-    script.write_text(DIST_SCRIPT)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
-                           json.dumps(cfg.__dict__)], env=ENV, capture_output=True, text=True, timeout=300)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
+    if mode == "fsdp":
+        (tmp_path / "kill.py").write_text(KILL_SCRIPT)
+        proc = subprocess.run([*torchrun, str(tmp_path / "kill.py"), json.dumps(cfg.__dict__), "4"], env=ENV,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and (Path(cfg.out) / "checkpoints" / "latest").read_text() == "step-0000002"
+        cfg.resume = True
+    (tmp_path / "run.py").write_text(DIST_SCRIPT)
+    proc = subprocess.run([*torchrun, str(tmp_path / "run.py"), json.dumps(cfg.__dict__)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     two = Path(cfg.out)
     torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=1e-4, atol=1e-6)
@@ -212,3 +220,23 @@ def test_two_process_gloo_matches_one_process(pair, tmp_path, mode):
     ev2 = [r["val_kl"] for r in read_metrics(two / "metrics.jsonl") if "val_kl" in r]
     torch.testing.assert_close(torch.tensor(ev2), torch.tensor(ev1), rtol=1e-4, atol=1e-6)
     assert_same_weights(two, one, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_teacher_sliced_student_kl_drops(tmp_path):
+    """Default teacher (SmolLM2-135M) -> its first 8 layers as the student, a few steps on the default corpus."""
+    from torch import nn
+
+    from minitron.arch import decoder_layers, set_decoder_layers
+    from minitron.models import load_model
+
+    teacher, tok = load_model("default")
+    set_decoder_layers(teacher, nn.ModuleList(list(decoder_layers(teacher))[:8]))
+    teacher.config.num_hidden_layers = 8
+    teacher.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    out = distill(DistillConfig(teacher="default", student=str(tmp_path / "student"), data="default",
+                                out=str(tmp_path / "run"), steps=6, seq_len=128, batch_size=4, max_blocks=96,
+                                eval_every=0, eval_batches=1, lr=3e-4, progress=False))
+    info = json.loads((out / "minitron_distill.json").read_text())
+    assert info["final_eval"]["val_kl"] < 0.9 * info["first_eval"]["val_kl"]

@@ -100,15 +100,20 @@ def test_topk_rest_bucket_and_smaller_k():
     assert zero.item() < 1e-5
 
 
-def test_topk_gradients_match_naive():
-    h, w, ht, wt, mask, _ = _inputs(5)
-    cfg = LossConfig(chunk_size=7)
-    idx, lp = topk_logprobs(ht @ wt.T, 6)
-    chunked_distill_loss(h, w, mask, cfg, mask.sum(), teacher_topk=(idx, lp)).backward()
-    gh = h.grad.clone()
+@pytest.mark.parametrize("loss,temperature,ce", [("fkl", 1.0, 0.0), ("fkl", 2.0, 0.5), ("rkl", 1.0, 0.0)])
+def test_topk_gradients_match_naive(loss, temperature, ce):
+    h, w, ht, wt, mask, labels = _inputs(5)
+    cfg = LossConfig(loss=loss, temperature=temperature, ce_weight=ce, chunk_size=7)
+    idx, lp = topk_logprobs(ht @ wt.T, 6, temperature)
+    ours = chunked_distill_loss(h, w, mask, cfg, mask.sum(), labels=labels, teacher_topk=(idx, lp))
+    ours.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    naive_distill_loss(h @ w.T, mask, cfg, mask.sum(), t_topk=(idx, lp)).backward()
+    ref = naive_distill_loss(h @ w.T, mask, cfg, mask.sum(), labels=labels, t_topk=(idx, lp))
+    ref.backward()
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_ce_only_is_cross_entropy():

@@ -474,6 +474,25 @@ def evaluate(model, teacher, val: torch.Tensor, cfg: DistillConfig, d: Dist, dev
 
 # ---- the loop ---------------------------------------------------------------------------------------
 
+# fields that may change between a run and its resumption (they do not change what is trained)
+RESUMABLE_CHANGES = ("resume", "progress", "keep_checkpoints", "eval_every", "eval_batches", "save_every",
+                     "device", "distributed")
+
+
+def check_same_run(out: Path, cfg: DistillConfig) -> None:
+    """--resume must continue the same run: same models, data, budget, batch and optimizer settings."""
+    saved_file = out / "distill_config.json"
+    if not saved_file.is_file():
+        raise CheckpointError(f"{saved_file} is missing: cannot check that --resume continues the same run; "
+                              "start a new run in another --out")
+    saved = json.loads(saved_file.read_text())
+    now = asdict(cfg)
+    diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]}
+    if diff:
+        raise DistillError(f"--resume with settings that differ from the run in {out} (saved vs now: {diff}); "
+                           "resume with the same settings, or start a new run in another --out")
+
+
 def _autocast(cfg: DistillConfig, device: torch.device):
     if cfg.autocast == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -496,6 +515,8 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.resume and ckpt is None:
         raise CheckpointError(f"--resume given but {out} has no checkpoint (checkpoints/latest is missing); "
                               "start without --resume")
+    if cfg.resume:
+        check_same_run(out, cfg)
     d, device = init_distributed(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

@@ -29,6 +29,7 @@ ignores the mass that is missing and needs no renormalization of the teacher.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,9 +108,10 @@ def token_loss(s_logits: torch.Tensor, cfg: LossConfig, labels: torch.Tensor | N
     T = cfg.temperature
     out = torch.zeros(s_logits.shape[0], dtype=torch.float32, device=s_logits.device)
     if cfg.kd_weight:
-        s_logp = torch.log_softmax(s_logits / T, dim=-1)                             # [n, V]
+        s_logp = torch.log_softmax(s_logits / T if T != 1 else s_logits, dim=-1)     # [n, V]
         if t_logits is not None:
-            t_logp = torch.log_softmax(t_logits.float() / T, dim=-1)                 # [n, V]
+            t_logits = t_logits.float()
+            t_logp = torch.log_softmax(t_logits / T if T != 1 else t_logits, dim=-1)  # [n, V]
             div = divergence(s_logp, t_logp, cfg.loss, cfg.jsd_beta)
         elif t_topk is not None:
             idx, t_lp = t_topk
@@ -125,6 +127,60 @@ def token_loss(s_logits: torch.Tensor, cfg: LossConfig, labels: torch.Tensor | N
     return out
 
 
+def fkl_ce_and_grad(s_logits: torch.Tensor, t_logits: torch.Tensor | None, cfg: LossConfig,
+                    labels: torch.Tensor | None, t_topk: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL (T^2-scaled) + CE per token and its gradient w.r.t. the student logits, in closed form.
+
+    s_logits, t_logits: [n, V] fp32 (consumed: overwritten in place); or t_topk = (idx, logp) [n, k].
+    Returns (loss [n], grad [n, V]). With q = softmax(z / T):
+      full teacher:  d/dz T^2 KL(p || q) = T (q - p)
+      top-k + rest:  d/dz = T (q_j - p_j) for j in the top-k, T q_j (1 - p_rest / q_rest) elsewhere
+      CE:            d/dz = softmax(z) - onehot(label)
+    Equals token_loss + autograd (tested); uses about 3 [n, V] buffers instead of ~10.
+    """
+    T = cfg.temperature
+    n = s_logits.shape[0]
+    loss = torch.zeros(n, dtype=torch.float32, device=s_logits.device)
+    grad = None
+    if cfg.ce_weight:
+        ls = torch.log_softmax(s_logits, dim=-1)                                     # [n, V]
+        loss += cfg.ce_weight * -ls.gather(-1, labels[:, None]).squeeze(-1)
+        grad = ls.exp_()                                                             # softmax(z)
+        grad.scatter_add_(-1, labels[:, None], torch.full((n, 1), -1.0, device=grad.device))
+        grad.mul_(cfg.ce_weight)
+    if cfg.kd_weight and t_topk is not None:
+        idx, t_lp = t_topk[0].long(), t_topk[1]
+        t_b = with_rest_bucket(t_lp)                                                 # [n, k + 1]
+        p_b = t_b.exp()
+        s_logp = torch.log_softmax(s_logits.div_(T) if T != 1 else s_logits, dim=-1)  # [n, V]
+        del s_logits
+        s_top = s_logp.gather(-1, idx)                                               # [n, k]
+        s_logp.scatter_(-1, idx, float("-inf"))                                      # the tail only
+        tiny = torch.finfo(torch.float32).tiny
+        s_rest = torch.logsumexp(s_logp, dim=-1, keepdim=True).clamp(min=math.log(tiny))  # [n, 1]
+        s_b = torch.cat([s_top, s_rest], dim=-1)                                     # [n, k + 1]
+        loss += (cfg.kd_weight * T * T) * (p_b * (t_b - s_b)).sum(-1)
+        ratio = (t_b[:, -1:] - s_rest).exp()                                         # p_rest / q_rest
+        kd_grad = s_logp.exp_().mul_(1.0 - ratio)                                    # tail; 0 on the top-k
+        kd_grad.scatter_(-1, idx, s_top.exp() - p_b[:, :-1])
+        kd_grad.mul_(cfg.kd_weight * T)
+        grad = kd_grad if grad is None else grad.add_(kd_grad)
+    elif cfg.kd_weight:
+        if t_logits is None:
+            raise ValueError("kd_weight > 0 needs a teacher (logits or a top-k cache)")
+        t_logp = torch.log_softmax(t_logits.div_(T) if T != 1 else t_logits, dim=-1)  # [n, V]
+        del t_logits
+        s_logp = torch.log_softmax(s_logits.div_(T) if T != 1 else s_logits, dim=-1)  # [n, V]
+        del s_logits
+        t_logp.clamp_(min=-1e4)                  # exp(-1e4) = 0: empty teacher buckets add 0, not NaN
+        p = t_logp.exp()                                                             # [n, V]
+        loss += (cfg.kd_weight * T * T) * t_logp.sub_(s_logp).mul_(p).sum(-1)        # sum p (log p - log q)
+        kd_grad = s_logp.exp_().sub_(p).mul_(cfg.kd_weight * T)                      # T (q - p)
+        grad = kd_grad if grad is None else grad.add_(kd_grad)
+    return loss, grad
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """sum over tokens of token_loss(h @ W.T) * mask / normalizer, gradients computed chunk by chunk."""
 
@@ -134,7 +190,7 @@ class _ChunkedLoss(torch.autograd.Function):
         # teacher: ("hidden", h_t [N, Ct], w_t [V, Ct]) | ("topk", idx [N, k], logp [N, k]) | None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None
+        grad_w = None  # fp32 [V, C], the first chunk's gradient, then accumulated in place
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], cfg.chunk_size):
             sl = slice(start, start + cfg.chunk_size)
@@ -149,27 +205,44 @@ class _ChunkedLoss(torch.autograd.Function):
                     t_logits = (teacher[1][sl] @ teacher[2].T).float()               # [n, V]
             elif teacher is not None:
                 t_topk = (teacher[1][sl], teacher[2][sl])
-            with torch.enable_grad():
-                s_logits = (hc @ wc.T).float()                                      # [n, V]
-                lab = labels[sl] if labels is not None else None
-                chunk = (token_loss(s_logits, cfg, lab, t_logits, t_topk) * m).sum() / normalizer
-                inputs = [t for t, need in ((hc, need_h), (wc, need_w)) if need]
-                grads = torch.autograd.grad(chunk, inputs) if inputs else ()
-            grads = list(grads)
+            lab = labels[sl] if labels is not None else None
+            if cfg.loss == "fkl" or not cfg.kd_weight:
+                # fast path (the default): closed-form logit gradient, a few [n, V] buffers reused in place
+                with torch.no_grad():
+                    s_logits = (hc @ wc.T).float()                                  # [n, V]
+                    per_token, g_logits = fkl_ce_and_grad(s_logits, t_logits, cfg, lab, t_topk)
+                    del s_logits, t_logits
+                    chunk = (per_token * m).sum() / normalizer
+                    g_logits.mul_((m / normalizer)[:, None])                        # d chunk / d logits
+                    grads = []
+                    if need_h:
+                        grads.append((g_logits @ wc.to(g_logits.dtype)).to(h.dtype))  # [n, C]
+                    if need_w:
+                        grads.append(g_logits.T @ hc.to(g_logits.dtype))            # [V, C]
+            else:
+                with torch.enable_grad():
+                    s_logits = (hc @ wc.T).float()                                  # [n, V]
+                    chunk = (token_loss(s_logits, cfg, lab, t_logits, t_topk) * m).sum() / normalizer
+                    inputs = [t for t, need in ((hc, need_h), (wc, need_w)) if need]
+                    grads = list(torch.autograd.grad(chunk, inputs)) if inputs else []
             if need_h:
                 grad_h[sl] = grads.pop(0)
             if need_w:
-                grad_w += grads.pop(0).float()
+                g = grads.pop(0).float()
+                grad_w = g if grad_w is None else grad_w.add_(g)
             total += chunk.detach()
-        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        if need_w and grad_w is None:  # every token masked
+            grad_w = torch.zeros_like(w, dtype=torch.float32)
+        ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None
+        # the saved gradients are used once (no retain_graph): scale them in place
+        gh = grad_h.mul_(grad_out) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out).to(ctx.w_dtype) if grad_w is not None else None
         return gh, gw, None, None, None, None, None
 
 
