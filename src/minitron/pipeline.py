@@ -18,6 +18,7 @@ from pathlib import Path
 from minitron import arch
 from minitron.config import save_config
 from minitron.data import calibration_sample, load_splits
+from minitron.files import atomic_dir
 from minitron.importance import (
     ImportanceConfig,
     compute_importance,
@@ -28,7 +29,7 @@ from minitron.importance import (
 )
 from minitron.models import load_model
 from minitron.plan import PlanError, Target, parse_count, resolve_dims
-from minitron.prune import PruneConfig, atomic_dir, prune
+from minitron.prune import PruneConfig, prune
 from minitron.search import SearchConfig, save_table, search
 
 STAGES = ("correction", "importance", "search", "prune", "distill", "eval", "export", "report")

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +12,7 @@ from torch import nn
 from minitron import arch
 from minitron.criteria import magnitude_scores, taylor_scores
 from minitron.data import calibration_sample, load_splits
+from minitron.files import atomic_dir
 from minitron.importance import (
     ImportanceConfig,
     compute_importance,
@@ -105,24 +102,6 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExists(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path):
-    """Yield a temp dir beside `out`; on success it is renamed into place, on error removed.
-
-    So a crash never leaves half a model at `out`.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 CRITERIA = ("activation", "magnitude", "taylor", "random")
