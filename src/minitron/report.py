@@ -24,8 +24,11 @@ def plot_importance(scores: dict[str, torch.Tensor], path: Path, title: str = ""
     im = ax[0, 0].imshow(scores["heads"].T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     ax[0, 0].set(title="attention head importance", xlabel="layer", ylabel="head")
     fig.colorbar(im, ax=ax[0, 0])
-    im = ax[0, 1].imshow(scores["neurons"].T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax[0, 1].set(title="MLP neuron importance", xlabel="layer", ylabel="neuron")
+    from matplotlib.colors import LogNorm
+
+    neurons = scores["neurons"].T.clamp_min(1e-6 * float(scores["neurons"].max().clamp_min(1e-12)))
+    im = ax[0, 1].imshow(neurons.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", norm=LogNorm())
+    ax[0, 1].set(title="MLP neuron importance (log scale)", xlabel="layer", ylabel="neuron")
     fig.colorbar(im, ax=ax[0, 1])
     ax[1, 0].plot(scores["channels"].sort(descending=True).values.numpy())
     ax[1, 0].set(title="embedding channel importance (sorted)", xlabel="rank", ylabel="score", yscale="log")
