@@ -16,7 +16,7 @@ tensor is its own mapping, returned to the OS when freed: the resident set then 
 instead of the allocator's cache.
 
   PYTHONPATH=src python benchmarks/distill_bench.py --teacher default --student slice:15 \
-      --batch-size 16 --seq-len 256
+      --batch-size 16 --seq-len 256 --rounds 2
 """
 
 from __future__ import annotations
@@ -158,12 +158,13 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--k", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--rounds", type=int, default=1, help="repeat the modes, interleaved; keep the best speed")
     p.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode in this process
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
@@ -172,18 +173,24 @@ def main(argv=None):
         return
     results = {}
     base_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
-    for mode in args.modes.split(","):
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-        proc = subprocess.run([sys.executable, __file__, *base_argv, "--mode", mode], capture_output=True,
-                              text=True, env=env)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(f"{mode}: failed\n{proc.stderr[-3000:]}")
-            continue
-        results[mode] = json.loads(line[0][7:])
-        r = results[mode]
-        print(f"{mode:10s} {r['tok_per_s']:9.1f} tok/s   peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB"
-              f"   (baseline {r['baseline_bytes'] / 2**20:.0f} MiB, loss {r['loss']:.4f})", flush=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    for rnd in range(args.rounds):  # modes interleaved; the best speed of each is kept (shared machines)
+        for mode in args.modes.split(","):
+            proc = subprocess.run([sys.executable, __file__, *base_argv, "--mode", mode], capture_output=True,
+                                  text=True, env=env)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(f"{mode}: failed\n{proc.stderr[-3000:]}")
+                continue
+            r = json.loads(line[0][7:])
+            print(f"round {rnd} {mode:10s} {r['tok_per_s']:9.1f} tok/s   peak extra "
+                  f"{r['peak_extra_bytes'] / 2**20:9.1f} MiB   (baseline {r['baseline_bytes'] / 2**20:.0f} MiB, "
+                  f"loss {r['loss']:.4f})", flush=True)
+            if mode not in results or r["tok_per_s"] > results[mode]["tok_per_s"]:
+                results[mode] = {**r, "peak_extra_bytes": max(r["peak_extra_bytes"],
+                                                              results.get(mode, r)["peak_extra_bytes"])}
+            else:
+                results[mode]["peak_extra_bytes"] = max(r["peak_extra_bytes"], results[mode]["peak_extra_bytes"])
     if "naive" in results:
         nv = results["naive"]
         print(f"\n{args.batch_size} x {args.seq_len} = {args.batch_size * args.seq_len} tokens, teacher "

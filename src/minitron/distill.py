@@ -87,7 +87,7 @@ class DistillConfig:
     batch_size: int = 8                   # blocks per micro-batch per rank
     grad_accum: int = 1                   # micro-batches per optimizer step
     seq_len: int = 256                    # tokens per block
-    chunk_size: int = 1024                # tokens per loss chunk
+    chunk_size: int = 512                 # tokens per loss chunk
     val_fraction: float = 0.05
     eval_every: int = 50                  # steps between evaluations (0: only at start and end)
     eval_batches: int = 4                 # validation micro-batches per evaluation
@@ -695,7 +695,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="blocks per micro-batch per rank")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per loss chunk")
+    p.add_argument("--chunk-size", type=int, default=512, help="tokens per loss chunk")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--save-every", type=int, default=50)

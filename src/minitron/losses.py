@@ -48,7 +48,7 @@ class LossConfig:
     jsd_beta: float = 0.5       # mixture weight of the teacher in jsd
     kd_weight: float = 1.0      # weight of the divergence (0 = plain LM loss, e.g. teacher correction)
     ce_weight: float = 0.0      # weight of the next-token cross-entropy (paper: 0)
-    chunk_size: int = 1024      # tokens per chunk: peak extra memory ~ 6 * chunk_size * V * 4 bytes
+    chunk_size: int = 512       # tokens per chunk: extra memory ~ 4 * chunk_size * V * 4 bytes (fkl fast path)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
