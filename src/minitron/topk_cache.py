@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minitron.arch import lm_head
+from minitron.files import atomic_dir
 from minitron.losses import topk_logprobs
 
 
@@ -73,11 +72,9 @@ def build_cache(teacher, blocks: torch.Tensor, out_dir: str | os.PathLike, k: in
     if not 1 <= k <= vocab:
         raise CacheError(f"top-k cache k={k} must be between 1 and the vocabulary size {vocab}")
     meta = cache_meta(blocks, k, temperature, teacher_name, shard_blocks)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
+    with atomic_dir(out) as tmp:
         starts = range(0, blocks.shape[0], shard_blocks)
         for shard, s0 in enumerate(tqdm(starts, desc="teacher top-k cache", disable=not progress)):
             part = blocks[s0:s0 + shard_blocks]
@@ -89,11 +86,6 @@ def build_cache(teacher, blocks: torch.Tensor, out_dir: str | os.PathLike, k: in
             save_file({"indices": torch.cat(idx).contiguous(), "logp": torch.cat(lp).contiguous()},
                       str(tmp / f"shard-{shard:05d}.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
