@@ -114,3 +114,19 @@ def test_scores_roundtrip(tmp_path, blocks):
         load_scores(tmp_path / "bad.safetensors")
     rnd = random_scores(scores, seed=1)
     assert rnd["heads"].shape == scores["heads"].shape and not torch.equal(rnd["heads"], scores["heads"])
+
+
+def test_identity_layer_scores(blocks):
+    """A layer whose attention and MLP outputs are zero is the identity: lowest BI (0), and removing it
+    does not change the LM loss."""
+    model = make_model("llama")
+    with torch.no_grad():
+        layer = arch.decoder_layers(model)[2]
+        arch.attn_output(model, layer).weight.zero_()
+        arch.mlp_output(model, layer).weight.zero_()
+    scores = compute_importance(model, blocks, ImportanceConfig(batch_size=6, lm_loss_layers=True),
+                                heldout=blocks[:4])
+    assert int(scores["layer_bi"].argmin()) == 2 and scores["layer_bi"][2] < 1e-6
+    # removing it leaves the loss unchanged; removing any other layer of this random model changes it
+    assert abs(float(scores["layer_lm_loss"][2])) < 1e-6
+    assert all(abs(float(scores["layer_lm_loss"][i])) > 1e-4 for i in (0, 1, 3))
