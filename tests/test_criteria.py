@@ -45,3 +45,34 @@ def test_taylor(tokenizer):
         arch.decoder_layers(model)[0].mlp.down_proj.weight[:, 3] = 0
         arch.decoder_layers(model)[0].mlp.up_proj.weight[3] = 0
     assert taylor_scores(model, blocks, batch_size=2)["neurons"][0, 3] == 0
+
+
+def test_taylor_equals_hand_computation(tokenizer):
+    """|w * dL/dw| of the mean LM loss, summed by hand over each unit's weights (Llama: no biases, untied)."""
+    model = make_model("llama")
+    blocks = pack([make_text(200, seed=3)], tokenizer, 32)[:4]
+    s = taylor_scores(model, blocks, batch_size=4)
+    model.zero_grad()
+    model(input_ids=blocks, labels=blocks, use_cache=False).loss.backward()
+    e = {name: (p * p.grad).abs().detach() for name, p in model.named_parameters()}  # element-wise score
+    hd, group = 16, 2
+    for i in range(4):
+        pre = f"model.layers.{i}."
+        neurons = (e[pre + "mlp.gate_proj.weight"].sum(1) + e[pre + "mlp.up_proj.weight"].sum(1)
+                   + e[pre + "mlp.down_proj.weight"].sum(0))  # [F]
+        q_rows = e[pre + "self_attn.q_proj.weight"].sum(1) + e[pre + "self_attn.o_proj.weight"].sum(0)  # [H*D]
+        heads = q_rows.view(4, hd).sum(1)  # [H*D] -> [H, D] -> [H]
+        kv_rows = e[pre + "self_attn.k_proj.weight"].sum(1) + e[pre + "self_attn.v_proj.weight"].sum(1)  # [K*D]
+        kv = kv_rows.view(2, hd).sum(1) + heads.view(2, group).sum(1)  # own k/v rows + its query heads
+        torch.testing.assert_close(s["neurons"][i], neurons, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(s["heads"][i], heads, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(s["kv_groups"][i], kv, rtol=1e-4, atol=1e-7)
+    channels = torch.zeros(64)
+    for name, x in e.items():  # the hidden axis: columns of inputs/embeddings, rows of outputs, norm weights
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            channels += x.sum(1)
+        elif x.ndim == 2:
+            channels += x.sum(0)
+        else:
+            channels += x
+    torch.testing.assert_close(s["channels"], channels, rtol=1e-4, atol=1e-6)

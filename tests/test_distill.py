@@ -240,3 +240,27 @@ def test_real_teacher_sliced_student_kl_drops(tmp_path):
                                 eval_every=0, eval_batches=1, lr=3e-4, progress=False))
     info = json.loads((out / "minitron_distill.json").read_text())
     assert info["final_eval"]["val_kl"] < 0.9 * info["first_eval"]["val_kl"]
+
+
+def test_heldout_corpora_and_split_seed(pair, tmp_path):
+    """Extra held-out corpora are logged at every evaluation; another training seed keeps the validation split."""
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(200, seed=99))
+    a = distill(cfg_for(pair, tmp_path / "a", steps=4, heldout=[str(other)], seed=0))
+    b = distill(cfg_for(pair, tmp_path / "b", steps=4, heldout=[str(other)], seed=1))
+    evals_a = [r for r in read_metrics(a / "metrics.jsonl") if "val_lm_loss" in r]
+    evals_b = [r for r in read_metrics(b / "metrics.jsonl") if "val_lm_loss" in r]
+    key = f"val_lm_loss:{other}"
+    assert [r["step"] for r in evals_a] == [0, 4] and all(r[key] > 0 for r in evals_a)
+    # step 0: same student, same validation blocks (split_seed), so the same losses under both seeds
+    assert evals_a[0]["val_lm_loss"] == pytest.approx(evals_b[0]["val_lm_loss"], rel=1e-6)
+    assert evals_a[0][key] == pytest.approx(evals_b[0][key], rel=1e-6)
+    # different data order: the trained students differ
+    assert evals_a[1]["val_lm_loss"] != pytest.approx(evals_b[1]["val_lm_loss"], rel=1e-6)
+    # the logged value is the student's LM loss on the first eval_batches x batch_size blocks of that corpus
+    from minitron.data import pack, read_texts
+    from minitron.models import lm_loss, load_model
+
+    student, tok = load_model(str(pair / "student"))
+    blocks = pack(read_texts(str(other)), tok, 32, max_blocks=8)
+    assert evals_a[0][key] == pytest.approx(lm_loss(student, blocks), rel=1e-4)

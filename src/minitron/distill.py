@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from minitron.arch import decoder_layers, dims_of, get_arch, layer_output, lm_head
-from minitron.data import DataError, load_splits
+from minitron.data import DataError, load_splits, pack, read_texts
 from minitron.losses import (
     HIDDEN_LOSSES,
     LOSSES,
@@ -92,7 +92,9 @@ class DistillConfig:
     eval_every: int = 50                  # steps between evaluations (0: only at start and end)
     eval_batches: int = 4                 # validation micro-batches per evaluation
     save_every: int = 50                  # steps between checkpoints (0: none)
-    seed: int = 0
+    seed: int = 0                         # data order and initialization
+    split_seed: int = 0                   # train/validation split: fixed across seeds, so runs share held-out blocks
+    heldout: list[str] | None = None      # extra held-out corpora whose LM loss is logged at every evaluation
     device: str = "auto"
     dtype: str = "float32"                # parameter dtype of student and teacher
     autocast: str = "none"                # none | bf16
@@ -359,6 +361,11 @@ def latest_checkpoint(out: Path) -> Path | None:
     return out / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
 
 
+def can_resume(out: Path) -> bool:
+    """True when `out` holds an unfinished run with a checkpoint (pass resume=True to continue it)."""
+    return not (Path(out) / FINISHED).is_file() and latest_checkpoint(Path(out)) is not None
+
+
 def load_checkpoint(path: Path, model, optim, d: Dist) -> dict:
     """Restore model, optimizer and RNG states; returns state.json. safetensors / weights_only only."""
     from safetensors.torch import load_file
@@ -472,6 +479,16 @@ def evaluate(model, teacher, val: torch.Tensor, cfg: DistillConfig, d: Dist, dev
             "val_kl": sums[1].item() / sums[2].item() if teacher is not None else None}
 
 
+def evaluate_all(model, teacher, val: torch.Tensor, extra: dict[str, torch.Tensor], cfg: DistillConfig, d: Dist,
+                 device, autocast) -> dict:
+    """evaluate() on the validation split, plus the LM loss on each extra held-out corpus
+    (logged as `val_lm_loss:<source>`)."""
+    ev = evaluate(model, teacher, val, cfg, d, device, autocast)
+    for source, blocks in extra.items():
+        ev[f"val_lm_loss:{source}"] = evaluate(model, None, blocks, cfg, d, device, autocast)["val_lm_loss"]
+    return ev
+
+
 # ---- the loop ---------------------------------------------------------------------------------------
 
 # fields that may change between a run and its resumption (they do not change what is trained)
@@ -529,8 +546,10 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.teacher is not None:
         teacher = load_model(cfg.teacher, device, cfg.dtype, with_tokenizer=False)[0]
         teacher.requires_grad_(False).eval()
-    splits = load_splits(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.seed, cfg.max_blocks,
+    splits = load_splits(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.split_seed, cfg.max_blocks,
                          cfg.data_root)
+    n_val = cfg.eval_batches * cfg.batch_size * d.world
+    extra_val = {src: pack(read_texts(src, cfg.data_root), tokenizer, cfg.seq_len, n_val) for src in cfg.heldout or []}
     per_step = cfg.batch_size * cfg.grad_accum * d.world
     if splits.train.shape[0] < per_step:
         raise DataError(f"corpus too short for one batch: {splits.train.shape[0]} training blocks of {cfg.seq_len} "
@@ -579,7 +598,7 @@ def distill(cfg: DistillConfig) -> Path:
     autocast = _autocast(cfg, device)
     tokens_per_step = per_step * cfg.seq_len
     if start == 0:
-        ev = evaluate(model, teacher, splits.validation, cfg, d, device, autocast)
+        ev = evaluate_all(model, teacher, splits.validation, extra_val, cfg, d, device, autocast)
         if d.main:
             append_metrics(metrics_path, {"step": 0, "tokens": 0, **ev})
 
@@ -631,7 +650,7 @@ def distill(cfg: DistillConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{logged[0].item():.4f}", tok_s=f"{rate:.0f}")
         if done_steps == total or (cfg.eval_every and done_steps % cfg.eval_every == 0):
-            ev = evaluate(model, teacher, splits.validation, cfg, d, device, autocast)
+            ev = evaluate_all(model, teacher, splits.validation, extra_val, cfg, d, device, autocast)
             if d.main:
                 append_metrics(metrics_path, {"step": done_steps, "tokens": done_steps * tokens_per_step, **ev})
         if cfg.save_every and done_steps % cfg.save_every == 0 and done_steps < total:
@@ -701,7 +720,9 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--max-blocks", type=int)
     p.add_argument("--data-dir", dest="data_root")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data order and initialization")
+    p.add_argument("--split-seed", type=int, default=0, help="train/validation split (keep it across seeds)")
+    p.add_argument("--heldout", nargs="*", help="extra held-out corpora whose LM loss is logged at each evaluation")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", help="parameter dtype: float32 | bfloat16")
     p.add_argument("--autocast", default="none", choices=["none", "bf16"])
@@ -738,7 +759,7 @@ def add_distill_parsers(subparsers) -> None:
 
 _SHARED = ("data", "out", "tokens", "steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
            "batch_size", "grad_accum", "seq_len", "chunk_size", "eval_every", "eval_batches", "save_every",
-           "max_blocks", "data_root", "seed", "device", "dtype", "autocast", "grad_checkpointing",
+           "max_blocks", "data_root", "seed", "split_seed", "heldout", "device", "dtype", "autocast", "grad_checkpointing",
            "distributed", "resume", "keep_checkpoints", "progress")
 
 

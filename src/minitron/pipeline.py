@@ -128,14 +128,15 @@ def stage_correction(cfg: RunConfig, out: Path) -> str:
     """Teacher correction (optional): returns the teacher to use from here on."""
     if not cfg.correction.enabled:
         return cfg.model.teacher
-    from minitron.distill import DistillConfig, distill
+    from minitron.distill import DistillConfig, can_resume, distill
 
     folder = out / "correction"
     distill(DistillConfig(student=cfg.model.teacher, teacher=None, out=str(folder), data=cfg.data.corpus,
                           tokens=cfg.correction.tokens, lr=cfg.correction.lr, min_lr=cfg.correction.lr / 10,
                           kd_weight=0.0, ce_weight=1.0, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
+                          split_seed=cfg.data.seed,
                           device=cfg.model.device, dtype=cfg.model.dtype, data_root=cfg.data.data_dir,
-                          resume=_has_checkpoint(folder)))
+                          resume=can_resume(folder)))
     return str(folder)
 
 
@@ -224,7 +225,7 @@ def stage_prune(cfg: RunConfig, folder: Path, model_name: str, scores_path: Path
 
 
 def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, tokens: int, **over):
-    from minitron.distill import DistillConfig
+    from minitron.distill import DistillConfig, can_resume
 
     d = cfg.distill
     kw = dict(student=student, teacher=teacher, out=str(folder), data=cfg.data.corpus, tokens=tokens,
@@ -232,15 +233,10 @@ def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, to
               batch_size=d.batch_size, grad_accum=d.grad_accum, seq_len=cfg.data.seq_len,
               val_fraction=cfg.data.val_fraction, eval_every=d.eval_every, save_every=d.save_every,
               topk_cache=str(Path(cfg.out) / "teacher_topk") if d.topk > 0 else None, topk=max(d.topk, 1),
-              seed=cfg.data.seed, device=cfg.model.device, dtype=cfg.model.dtype, autocast=d.autocast,
-              data_root=cfg.data.data_dir, resume=_has_checkpoint(folder), progress=True)
+              seed=cfg.data.seed, split_seed=cfg.data.seed, device=cfg.model.device, dtype=cfg.model.dtype,
+              autocast=d.autocast,
+              data_root=cfg.data.data_dir, resume=can_resume(folder), progress=True)
     return DistillConfig(**{**kw, **over})
-
-
-def _has_checkpoint(folder: Path) -> bool:
-    from minitron.distill import FINISHED, latest_checkpoint
-
-    return not (folder / FINISHED).is_file() and latest_checkpoint(folder) is not None
 
 
 def stage_distill(cfg: RunConfig, folder: Path, teacher: str, student: Path, tokens: int) -> Path:
