@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from minitron.tiny import make_config, make_model, make_text, make_tokenizer  # noqa: F401 (tests import them from here)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never reaches for the hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "nemotron"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,10 +100,25 @@ def test_limit(data):
     assert len(T.load_task("piqa", data, limit=1).items) == 1
 
 
+class FakeDatasets:
+    """Stands in for the `datasets` package: serves rows, or fails as it does offline."""
+
+    def __init__(self, rows=None):
+        self.rows, self.calls = rows, []
+
+    def load_dataset(self, repo, config=None, split=None):
+        self.calls.append((repo, config, split))
+        if self.rows is None:
+            raise ConnectionError(f"Couldn't reach '{repo}' on the Hub")
+        return self.rows
+
+
 def test_errors_name_the_problem_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINITRON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets())  # offline
     with pytest.raises(T.TaskError, match="unknown task 'hellaswagg'"):
         T.load_task("hellaswagg", tmp_path)
-    with pytest.raises(T.TaskError, match=r"put one of .*piqa/valid.jsonl"):
+    with pytest.raises(T.TaskError, match=r"put one of .*piqa/valid.jsonl.*baber/piqa.*Couldn't reach"):
         T.load_task("piqa", tmp_path)
     monkeypatch.delenv("MINITRON_DATA_DIR", raising=False)
     with pytest.raises(T.TaskError, match="--data-dir"):
@@ -115,6 +131,24 @@ def test_errors_name_the_problem_and_the_fix(tmp_path, monkeypatch):
     (tmp_path / "copa/val.jsonl").write_text('{"text": "not copa"}\n')
     with pytest.raises(T.TaskError, match="does not look like the copa format"):
         T.load_task("copa", tmp_path)
+
+
+def test_missing_file_fetched_with_datasets_once(tmp_path, monkeypatch):
+    """No file in the data dir: the split lm-eval reads comes from the hub (online) and is kept as jsonl."""
+    monkeypatch.setenv("MINITRON_CACHE", str(tmp_path / "cache"))
+    rows = [{"question": "Which is a mammal?", "choices": {"text": ["cat", "trout"], "label": ["A", "B"]},
+             "answerKey": "A", "id": "x1"},
+            {"question": "Which is a fish?", "choices": {"text": ["dog", "trout"], "label": ["A", "B"]},
+             "answerKey": "B", "id": "x2"}]
+    fake = FakeDatasets(rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    task = T.load_task("arc_easy", tmp_path / "empty")
+    assert fake.calls == [("allenai/ai2_arc", "ARC-Easy", "test")]
+    assert task.source == str(tmp_path / "cache/tasks/arc/ARC-Easy-Test.jsonl")
+    assert [i.gold for i in task.items] == [0, 1]
+    assert task.items[0].requests[0] == ("Question: Which is a mammal?\nAnswer:", " cat")
+    T.load_task("arc_easy", tmp_path / "empty")  # the second time from the cache, no download
+    assert len(fake.calls) == 1
 
 
 # ---------------------------------------------------------------- the real files (shared/data)

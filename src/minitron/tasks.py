@@ -27,6 +27,9 @@ Files are found under the data dir (`--data-dir` or `$MINITRON_DATA_DIR`), laid 
 - mmlu        `mmlu/test/*_test.csv` (Hendrycks csv, no header: question, A, B, C, D, answer letter)
               or `mmlu/test.jsonl` / `mmlu/mmlu_test.jsonl` (HF cais/mmlu: question, subject,
               choices, answer index). Not shipped in shared/data.
+
+A task with no file in the data dir is fetched once with `datasets` when online (`HUB_SOURCES`: the
+split lm-eval 0.4 reads) and kept as jsonl in the HF row layout under the download cache.
 """
 
 from __future__ import annotations
@@ -85,6 +88,21 @@ TASK_FILES: dict[str, list[str]] = {
     "sciq": ["sciq/sciq_test.jsonl", "sciq/sciq_validation.jsonl"],
     "copa": ["copa/val.jsonl"],
     "mmlu": ["mmlu/test", "mmlu/test.jsonl", "mmlu/mmlu_test.jsonl"],
+}
+# task -> (Hugging Face dataset, config, split) that lm-eval 0.4 reads, and the file (HF row layout) it is saved
+# as under the download cache, when a task has no file in the data dir and `datasets` can fetch it (online)
+HUB_SOURCES: dict[str, tuple[str, str | None, str, str]] = {
+    "hellaswag": ("Rowan/hellaswag", None, "validation", "hellaswag/hellaswag_val.jsonl"),
+    "piqa": ("baber/piqa", None, "validation", "piqa/valid.jsonl"),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation", "winogrande/dev.jsonl"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", "arc/ARC-Easy-Test.jsonl"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test", "arc/ARC-Challenge-Test.jsonl"),
+    "boolq": ("aps/super_glue", "boolq", "validation", "boolq/val.jsonl"),
+    "openbookqa": ("allenai/openbookqa", "main", "test", "openbookqa/test.jsonl"),
+    "lambada": ("EleutherAI/lambada_openai", "default", "test", "lambada/lambada_test.jsonl"),
+    "sciq": ("allenai/sciq", None, "test", "sciq/sciq_test.jsonl"),
+    "copa": ("aps/super_glue", "copa", "validation", "copa/val.jsonl"),
+    "mmlu": ("cais/mmlu", "all", "test", "mmlu/test.jsonl"),
 }
 TASK_ALIASES = {"lambada_openai": "lambada", "arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa"}
 MC_TASKS = sorted(TASK_FILES)
@@ -273,18 +291,50 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def hub_cache() -> Path:
+    """Where tasks fetched with `datasets` are kept, laid out like the data dir."""
+    from minitron.models import cache_dir
+
+    return cache_dir() / "tasks"
+
+
+def fetch_from_hub(name: str) -> Path:
+    """Download a task's split with `datasets` (online) into hub_cache() as jsonl; returns the file."""
+    repo, config, split, rel = HUB_SOURCES[name]
+    out = hub_cache() / rel
+    if out.is_file():
+        return out
+    import datasets  # optional; only reached when a task file is missing
+
+    rows = datasets.load_dataset(repo, config, split=split)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(dict(row)) + "\n")
+    tmp.replace(out)  # atomic: a half download never looks finished
+    return out
+
+
 def task_file(name: str, root: str | os.PathLike | None = None) -> Path:
-    """The first existing candidate file of a task under the data dir, or a TaskError saying where to put it."""
+    """The task's file: the first candidate under the data dir, else one fetched earlier with `datasets`,
+    else a fresh `datasets` download (online); failing all, a TaskError saying where to put the file."""
     name = canonical_name(name)
     base = data_dir(root)
-    if base is None:
-        raise TaskError(f"task {name!r} needs a data dir: pass --data-dir DIR or set MINITRON_DATA_DIR to a "
-                        f"folder laid out like shared/data (expects {TASK_FILES[name][0]})")
-    for rel in TASK_FILES[name]:
+    for rel in TASK_FILES[name] if base is not None else []:
         if (base / rel).exists():
             return base / rel
-    raise TaskError(f"task {name!r}: no data file in {base}; put one of "
-                    f"{', '.join(str(base / r) for r in TASK_FILES[name])} there (formats: minitron/tasks.py)")
+    if (hub_cache() / HUB_SOURCES[name][3]).is_file():
+        return hub_cache() / HUB_SOURCES[name][3]
+    where = (f"no data file in {base}; put one of {', '.join(str(base / r) for r in TASK_FILES[name])} there"
+             if base is not None else
+             f"no data dir: pass --data-dir DIR or set MINITRON_DATA_DIR to a folder laid out like shared/data "
+             f"(expects {TASK_FILES[name][0]})")
+    try:
+        return fetch_from_hub(name)
+    except Exception as e:  # no `datasets`, offline, or the hub refused: the local file is the way
+        raise TaskError(f"task {name!r}: {where} (formats: minitron/tasks.py); fetching "
+                        f"{HUB_SOURCES[name][0]} with `datasets` failed too ({type(e).__name__}: {e})") from e
 
 
 def load_task(name: str, root: str | os.PathLike | None = None, limit: int | None = None) -> Task:
