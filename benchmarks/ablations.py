@@ -43,7 +43,7 @@ from minitron.distill import DistillConfig, can_resume, distill, read_metrics
 from minitron.evaluate import evaluate
 from minitron.files import atomic_dir
 from minitron.importance import layer_task_accuracy
-from minitron.models import load_model
+from minitron.models import load_model, resolve_model_path
 from minitron.plan import Target, config_with_dims, count_params
 from minitron.prune import PruneConfig, prune
 
@@ -122,11 +122,18 @@ def make_smoke_inputs(p: Preset, out: Path) -> Preset:
         with atomic_dir(corpus) as tmp:
             for i in range(4):
                 (tmp / f"doc{i}.txt").write_text(make_text(400, seed=10 + i))
-    total = count_params(load_model(str(teacher), "cpu", with_tokenizer=False)[0].config)["total"]
+    total = count_params(model_config(str(teacher)))["total"]
     return replace(p, teacher=str(teacher), corpus=str(corpus), params=str(int(total * 0.5)))
 
 
 # ---- the steps every arm shares --------------------------------------------------------------------------
+
+def model_config(name: str):
+    """A model's config without loading its weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_path(name))
+
 
 def depth_layers(config, params: float) -> int:
     """The most layers whose model (all widths kept) fits `params` total parameters."""
@@ -206,7 +213,7 @@ def random_init(pruned: Path, out: Path, seed: int) -> Path:
 # ---- the arms --------------------------------------------------------------------------------------------
 
 def depth_target(p: Preset, metric: str, contiguous: bool) -> Target:
-    config = load_model(p.teacher, "cpu", with_tokenizer=False)[0].config
+    config = model_config(p.teacher)
     return Target(layers=depth_layers(config, float(Target(params=p.params).params)), layer_metric=metric,
                   contiguous=contiguous)
 
@@ -232,7 +239,7 @@ def midway_target(p: Preset, out: Path) -> Target:
                       shared_scores(p, out))
     plan = json.loads((final / "plan.json").read_text())
     src, dst = plan["source"], plan["target"]
-    config = load_model(p.teacher, "cpu", with_tokenizer=False)[0].config
+    config = model_config(p.teacher)
     step = arch.hidden_step(config, src["heads"], 8)
     return Target(hidden=(src["hidden"] + dst["hidden"]) // 2 // step * step,
                   ffn=(src["ffn"] + dst["ffn"]) // 2 // 8 * 8)
@@ -301,8 +308,7 @@ def run_depth_curves(p: Preset, out: Path) -> dict:
     from minitron.importance import load_scores
 
     scores = load_scores(shared_scores(p, out))[0]
-    n = arch.dims_of(load_model(p.teacher, "cpu", with_tokenizer=False)[0].config).layers - \
-        depth_target(p, "lm-loss", True).layers
+    n = arch.dims_of(model_config(p.teacher)).layers - depth_target(p, "lm-loss", True).layers
     res = {"arm": "depth_curves", "seed": 0, "block": n,
            "lm_loss": {k: scores[f"block_lm_loss.{k}"].tolist() for k in (1, n)},
            "bi": {k: scores[f"block_bi.{k}"].tolist() for k in (1, n)}}
@@ -315,8 +321,7 @@ def run_depth_curves(p: Preset, out: Path) -> dict:
 
 
 def teacher_row(p: Preset, out: Path) -> dict:
-    return {"arm": "teacher", "seed": 0, "params": count_params(load_model(p.teacher, "cpu", with_tokenizer=False)[0]
-                                                               .config)["total"],
+    return {"arm": "teacher", "seed": 0, "params": count_params(model_config(p.teacher))["total"],
             "final": val_loss(p, p.teacher), "eval": final_eval(p, p.teacher)}
 
 
@@ -328,7 +333,7 @@ def cached(out: Path, arm: str, seed: int, fn) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     t0 = time.perf_counter()
-    res = {**fn(), "wall_s": None}
+    res = fn()
     res["wall_s"] = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

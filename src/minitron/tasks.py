@@ -317,15 +317,13 @@ def fetch_from_hub(name: str) -> Path:
 
 
 def task_file(name: str, root: str | os.PathLike | None = None) -> Path:
-    """The task's file: the first candidate under the data dir, else one fetched earlier with `datasets`,
-    else a fresh `datasets` download (online); failing all, a TaskError saying where to put the file."""
+    """The task's file: the first candidate under the data dir, else the `datasets` copy (fetched once,
+    online, then read from the cache); failing both, a TaskError saying where to put the file."""
     name = canonical_name(name)
     base = data_dir(root)
     for rel in TASK_FILES[name] if base is not None else []:
         if (base / rel).exists():
             return base / rel
-    if (hub_cache() / HUB_SOURCES[name][3]).is_file():
-        return hub_cache() / HUB_SOURCES[name][3]
     where = (f"no data file in {base}; put one of {', '.join(str(base / r) for r in TASK_FILES[name])} there"
              if base is not None else
              f"no data dir: pass --data-dir DIR or set MINITRON_DATA_DIR to a folder laid out like shared/data "
