@@ -8,7 +8,9 @@ Every arm goes through the product's code: `minitron.prune.prune` (same plan JSO
 `minitron.distill.distill` (same data blocks, tokens, learning rate, seed, and one teacher top-k cache
 built once), `minitron.evaluate.evaluate`. Arms (names for --arms):
 
-  minitron            activation importance, width (the budget's shape: keep heads and depth), forward KL
+  minitron            activation importance, width (the budget's default: heads and depth kept, the hidden/MLP
+                      split with the lowest held-out loss after pruning), forward KL; the other width arms
+                      (random, magnitude, taylor, corrected, aggregation) prune to these same dims
   random_init         minitron's architecture from random init, same distillation
   random              seeded random scores, same trimming and distillation
   magnitude, taylor   the peers' width criteria (weight L2 norm; first-order |w * dL/dw|)
@@ -61,7 +63,7 @@ class Preset:
     corpus: str = "default"
     data_dir: str | None = None           # folder laid out like shared/data (else $MINITRON_DATA_DIR)
     seq_len: int = 256
-    max_blocks: int = 600                 # corpus blocks read for distillation (train + validation)
+    max_blocks: int = 1200                # corpus blocks read for distillation (train + validation)
     val_fraction: float = 0.1             # validation blocks: the held-out slice every arm is judged on
     calib_samples: int = 128
     heldout_samples: int = 16             # blocks for the LM-loss layer metric
@@ -232,12 +234,22 @@ def corrected_teacher(p: Preset, out: Path) -> Path:
                        min_lr=p.correction_lr / 10)
 
 
+def minitron_pruned(p: Preset, out: Path) -> Path:
+    """Arm 1's pruned student: activation scores, the parameter target, the product's default split."""
+    return prune_arm(p, p.teacher, out / "pruned" / "activation", Target(params=p.params), "activation",
+                     shared_scores(p, out))
+
+
+def width_target(p: Preset, out: Path) -> Target:
+    """Arm 1's hidden and MLP widths, so that every width arm compares criteria on one architecture."""
+    dims = json.loads((minitron_pruned(p, out) / "plan.json").read_text())["target"]
+    return Target(hidden=dims["hidden"], ffn=dims["ffn"])
+
+
 def midway_target(p: Preset, out: Path) -> Target:
     """The iterative arm's first step: hidden and MLP halfway between the teacher's and minitron's, so that
     its second step ends at exactly minitron's dims."""
-    final = prune_arm(p, p.teacher, out / "pruned" / "activation", Target(params=p.params), "activation",
-                      shared_scores(p, out))
-    plan = json.loads((final / "plan.json").read_text())
+    plan = json.loads((minitron_pruned(p, out) / "plan.json").read_text())
     src, dst = plan["source"], plan["target"]
     config = model_config(p.teacher)
     step = arch.hidden_step(config, src["heads"], 8)
@@ -247,13 +259,14 @@ def midway_target(p: Preset, out: Path) -> Target:
 
 def run_arm(p: Preset, out: Path, arm: str, seed: int) -> dict:
     """Prune -> distill one arm; returns its points (held-out loss vs tokens) and the final student."""
-    width, cache, work = Target(params=p.params), out / "teacher_topk", out / "arms" / arm / f"s{seed}"
+    cache, work = out / "teacher_topk", out / "arms" / arm / f"s{seed}"
     teacher = p.teacher
     if arm in ("minitron", "random_init", "lm_only", "random", "magnitude", "taylor"):
         criterion = arm if arm in ("random", "magnitude", "taylor") else "activation"
         name = f"random_s{seed}" if arm == "random" else criterion
-        pruned = prune_arm(p, teacher, out / "pruned" / name, width, criterion,
-                           None if arm == "taylor" else shared_scores(p, out), seed)
+        pruned = minitron_pruned(p, out) if name == "activation" else prune_arm(
+            p, teacher, out / "pruned" / name, width_target(p, out), criterion,
+            None if arm == "taylor" else shared_scores(p, out), seed)
         if arm == "random_init":
             pruned = random_init(pruned, work / "init", seed)
         if arm == "lm_only":
@@ -269,7 +282,7 @@ def run_arm(p: Preset, out: Path, arm: str, seed: int) -> dict:
         points = curve(student)
     elif arm == "corrected":
         teacher = str(corrected_teacher(p, out))
-        pruned = prune_arm(p, teacher, out / "pruned" / "corrected", width)
+        pruned = prune_arm(p, teacher, out / "pruned" / "corrected", width_target(p, out))
         student = distill_arm(p, pruned, work / "distill", teacher, seed, cache=out / "corrected_topk")
         points = curve(student)
     elif arm == "iterative":
@@ -293,11 +306,11 @@ def run_arm(p: Preset, out: Path, arm: str, seed: int) -> dict:
 
 
 def run_aggregation(p: Preset, out: Path) -> dict:
-    """No training: validation loss right after pruning to the width target, per seq x batch aggregation."""
+    """No training: validation loss right after pruning to arm 1's widths, per seq x batch aggregation."""
     grid = {}
     for seq in p.aggregations:
         for batch in p.aggregations:
-            pruned = prune_arm(p, p.teacher, out / "pruned" / f"agg_{seq}_{batch}", Target(params=p.params),
+            pruned = prune_arm(p, p.teacher, out / "pruned" / f"agg_{seq}_{batch}", width_target(p, out),
                                seq_agg=seq, batch_agg=batch)
             grid[f"{seq}/{batch}"] = val_loss(p, pruned)
     return {"arm": "aggregation", "seed": 0, "grid": grid}

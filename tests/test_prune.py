@@ -67,6 +67,21 @@ def test_reused_scores_give_the_same_plan(tiny_model_dir, corpus_dir, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama"])
+def test_budget_split_by_heldout_loss(tiny_model_dir, corpus_dir, tmp_path):
+    out = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "loss", target=Target(params=110_000)))
+    table = json.loads((out / "prune_metrics.json").read_text())["budget_splits"]
+    assert len(table) > 1 and table == sorted(table, key=lambda r: r["loss_pruned"])
+    plan = PrunePlan.load(out / "plan.json")
+    assert (plan.target["hidden"], plan.target["ffn"]) == (table[0]["hidden"], table[0]["ffn"])
+    assert json.loads((out / "prune_metrics.json").read_text())["heldout_loss_after"] == \
+        pytest.approx(table[0]["loss_pruned"], rel=1e-5)
+    ratio = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "ratio", target=Target(params=110_000, split="ratio"),
+                       scores=str(out / "scores.safetensors")))
+    assert json.loads((ratio / "prune_metrics.json").read_text())["budget_splits"] == []
+    assert PrunePlan.load(ratio / "plan.json").target["hidden"] == min(r["hidden"] for r in table)
+
+
+@pytest.mark.parametrize("family", ["llama"])
 def test_criteria_give_different_plans(tiny_model_dir, corpus_dir, tmp_path):
     plans = {}
     for criterion in ("activation", "magnitude", "taylor", "random"):

@@ -37,6 +37,9 @@ def _prune_parser(sub) -> None:
                         "task:NAME (accuracy drop on a zero-shot task, e.g. task:piqa)")
     g.add_argument("--scattered", action="store_true", help="drop the least important single layers, not one block")
     g.add_argument("--round-to", type=int, default=8, help="budget search rounds hidden/ffn to multiples of this")
+    g.add_argument("--split", default="loss", choices=["loss", "ratio"],
+                   help="how --params divides hidden vs MLP: the split with the lowest held-out loss after pruning "
+                        "(default) or one common ratio")
     c = p.add_argument_group("importance")
     c.add_argument("--calib-data", default="default", help="corpus: file, folder, data-dir name, or `default`")
     c.add_argument("--calib-samples", type=int, default=256)
@@ -60,7 +63,7 @@ def _run_prune(args) -> None:
                     drop_layers=parse_layer_list(args.drop_layers) if args.drop_layers else None,
                     params=parse_count(args.params) if args.params else None,
                     params_kind="non_embedding" if args.non_embedding else "total", layer_metric=args.layer_metric,
-                    contiguous=not args.scattered, round_to=args.round_to)
+                    contiguous=not args.scattered, round_to=args.round_to, split=args.split)
     cfg = PruneConfig(model=args.model, out=args.out, target=target, calib_data=args.calib_data,
                       calib_samples=args.calib_samples, heldout_samples=args.heldout_samples, seq_len=args.seq_len,
                       batch_size=args.batch_size, seq_agg=args.seq_agg, batch_agg=args.batch_agg,

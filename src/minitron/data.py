@@ -172,19 +172,35 @@ class Splits:
 
 
 def split_blocks(blocks: torch.Tensor, val_fraction: float = 0.05, seed: int = 0, min_val: int = 1) -> Splits:
-    """Shuffle block order with a seeded generator and hold out a validation fraction."""
+    """Hold out the last blocks as validation [N_val, T]; the rest are train [N_train, T]; both in a seeded
+    order (so any prefix of validation spans all its documents).
+
+    The tail, not a random subset: blocks packed from documents in shuffled order (load_splits) then
+    hold out whole documents, so validation is text that training never saw rather than the neighbours
+    of training blocks in the same document (at most one document straddles the boundary)."""
     n = blocks.shape[0]
     n_val = max(min_val, int(round(n * val_fraction)))
     if n_val >= n:
         raise DataError(f"corpus too short: {n} blocks cannot give {n_val} validation blocks and a train split")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return Splits(train=blocks[order[n_val:]], validation=blocks[order[:n_val]])
+    train_order, val_order = order[order < n - n_val], order[order >= n - n_val]
+    return Splits(train=blocks[train_order], validation=blocks[val_order])
+
+
+def shuffle_docs(docs: list[str], seed: int) -> list[str]:
+    """Documents in a seeded order, so that a max_blocks prefix samples the whole corpus."""
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [docs[i] for i in order]
 
 
 def load_splits(source: str, tokenizer, seq_len: int, val_fraction: float = 0.05, seed: int = 0,
                 max_blocks: int | None = None, data_root: str | os.PathLike | None = None) -> Splits:
-    """read_texts -> pack -> split_blocks."""
-    return split_blocks(pack(read_texts(source, data_root), tokenizer, seq_len, max_blocks), val_fraction, seed)
+    """read_texts -> documents shuffled with `seed` -> pack (up to max_blocks) -> split_blocks.
+
+    So max_blocks takes documents from across the corpus (not its first files), and validation holds
+    out whole documents."""
+    docs = shuffle_docs(read_texts(source, data_root), seed)
+    return split_blocks(pack(docs, tokenizer, seq_len, max_blocks), val_fraction, seed)
 
 
 def calibration_sample(blocks: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,9 @@ class Target:
     layer_metric: str = "lm-loss"    # bi | lm-loss | task:NAME: ranks layers / blocks for depth pruning
     contiguous: bool = True          # drop one contiguous block (paper's best) or scattered layers
     round_to: int = 8                # budget search rounds hidden and ffn to multiples of this
+    split: str = "loss"              # how a budget divides hidden vs MLP: loss (the split with the lowest
+                                     # held-out loss after pruning, measured by the prune stage) | ratio
+                                     # (one common ratio for both)
 
     def __post_init__(self) -> None:
         if isinstance(self.params, str):
@@ -136,6 +139,8 @@ def _fit_budget(config, dims: arch.Dims, target: Target) -> arch.Dims:
     fixed_hidden, fixed_ffn = target.hidden is not None, target.ffn is not None
     if fixed_hidden and fixed_ffn:
         raise PlanError("--params with both --hidden and --ffn leaves nothing to fit; drop one of them")
+    if target.split not in ("loss", "ratio"):
+        raise PlanError(f"split {target.split!r} unknown; choose loss or ratio")
     if target.params_kind not in ("total", "non_embedding"):
         raise PlanError(f"params_kind {target.params_kind!r} unknown; choose total or non_embedding")
     step = arch.hidden_step(config, dims.heads, target.round_to)
@@ -165,6 +170,26 @@ def _fit_budget(config, dims: arch.Dims, target: Target) -> arch.Dims:
         ffn_options = range(best.ffn, dims.ffn + 1, target.round_to)
         best = max((at(lo, f) for f in ffn_options if params(at(lo, f)) <= budget), key=lambda d: d.ffn)
     return best
+
+
+def budget_splits(config, target: Target, max_splits: int = 8) -> list[Target]:
+    """The ways a parameter budget can divide between hidden and MLP: hidden from the source's width down to
+    the common-ratio fit's (at most max_splits steps, evenly spaced, widest first), the MLP fitted to the
+    rest of the budget; every other axis as `target` has it. The prune stage picks one by held-out loss."""
+    src = arch.dims_of(config)
+    ratio = resolve_dims(config, replace(target, split="ratio"))
+    step = arch.hidden_step(config, target.heads or src.heads, target.round_to)
+    hidden = list(range(ratio.hidden, src.hidden + 1, step))
+    if len(hidden) > max_splits:
+        hidden = sorted({hidden[round(i * (len(hidden) - 1) / (max_splits - 1))] for i in range(max_splits)})
+    splits = []
+    for h in reversed(hidden):
+        try:
+            resolve_dims(config, replace(target, hidden=h))
+        except PlanError:  # the MLP cannot shrink enough to leave this hidden width its budget
+            continue
+        splits.append(replace(target, hidden=h))
+    return splits
 
 
 def _check(config, src: arch.Dims, d: arch.Dims, target: Target) -> None:

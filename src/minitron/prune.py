@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from minitron import arch
 from minitron.criteria import magnitude_scores, taylor_scores
@@ -23,7 +25,7 @@ from minitron.importance import (
     save_scores,
 )
 from minitron.models import lm_loss, load_model
-from minitron.plan import PrunePlan, Target, make_plan, resolve_dims
+from minitron.plan import PrunePlan, Target, budget_splits, make_plan, resolve_dims
 from minitron.report import plot_blocks, plot_importance
 
 
@@ -91,6 +93,22 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     else:
         slice_linear(head, in_idx=hidden)
     return model
+
+
+def choose_split(model, scores: dict[str, torch.Tensor], heldout: torch.Tensor, target: Target,
+                 batch_size: int = 8) -> tuple[Target, list[dict]]:
+    """Prune every hidden/MLP split of `target`'s budget (plan.budget_splits) from `scores` and keep the one
+    with the lowest LM loss on the held-out blocks [N, T] right after pruning. Returns that Target (hidden
+    fixed) and the table, best first."""
+    rows = []
+    for t in tqdm(budget_splits(model.config, target), desc="prune: hidden/MLP split", unit="split"):
+        plan = make_plan(model.config, scores, t)
+        student = apply_plan(copy.deepcopy(model), plan)
+        rows.append({"hidden": plan.target["hidden"], "ffn": plan.target["ffn"],
+                     "params": plan.params_after["total"], "loss_pruned": lm_loss(student, heldout, batch_size)})
+        del student
+    rows.sort(key=lambda r: r["loss_pruned"])
+    return replace(target, hidden=rows[0]["hidden"]), rows
 
 
 class OutputExists(FileExistsError):
@@ -172,7 +190,12 @@ def prune(cfg: PruneConfig) -> Path:
     elif cfg.criterion == "random":
         scores.update(random_scores(scores, cfg.seed))
     meta["criterion"] = cfg.criterion  # the width scores saved below are this criterion's
-    plan = make_plan(model.config, scores, cfg.target)
+    target, splits_table = cfg.target, []
+    if target.params is not None and target.split == "loss" and target.hidden is None and target.ffn is None:
+        target, splits_table = choose_split(model, scores, heldout, target, cfg.batch_size)
+        print("[minitron] hidden/MLP split by held-out loss after pruning: " + ", ".join(
+            f"{r['hidden']}/{r['ffn']} {r['loss_pruned']:.3f}" for r in splits_table))
+    plan = make_plan(model.config, scores, target)
     print(f"[minitron] dims {src.hidden=} {src.ffn=} {src.heads=} {src.kv_heads=} {src.layers=} -> "
           f"hidden={plan.target['hidden']} ffn={plan.target['ffn']} heads={plan.target['heads']} "
           f"kv_heads={plan.target['kv_heads']} layers={plan.target['layers']} dropped={plan.dropped_layers}")
@@ -181,7 +204,7 @@ def prune(cfg: PruneConfig) -> Path:
     loss_after = lm_loss(model, heldout, cfg.batch_size)
     metrics = {"params_before": plan.params_before, "params_after": plan.params_after,
                "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
-               "heldout_tokens": int(heldout.numel()), "criterion": cfg.criterion}
+               "heldout_tokens": int(heldout.numel()), "criterion": cfg.criterion, "budget_splits": splits_table}
     print(f"[minitron] params {plan.params_before['total'] / 1e6:.2f}M -> {plan.params_after['total'] / 1e6:.2f}M "
           f"(non-embedding {plan.params_before['non_embedding'] / 1e6:.2f}M -> "
           f"{plan.params_after['non_embedding'] / 1e6:.2f}M); held-out loss {loss_before:.4f} -> {loss_after:.4f}")
