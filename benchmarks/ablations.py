@@ -371,16 +371,22 @@ def markdown(rows: list[dict], p: Preset) -> str:
     """The arms table (trained arms and the teacher), then the aggregation grid."""
     trained = [r for r in rows if r["arm"] in TRAINED_ARMS + ("teacher",)]
     head = ["arm", "seed", "params", "dims (h/ffn/heads/kv/layers)", "val loss after prune", "val loss final",
-            "WikiText-2 ppl"] + p.tasks + ["tokens", "wall min"]
+            "WikiText-2 val loss final", "WikiText-2 ppl"] + p.tasks + ["tokens", "wall min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(trained, key=lambda r: r.get("final", math.inf)):
         d = r.get("dims", {})
         dims = "/".join(str(d.get(k, "")) for k in ("hidden", "ffn", "heads", "kv_heads", "layers")) if d else ""
         wt = r.get("eval", {}).get("wikitext2", {}).get("perplexity")
+        wv = r["curve"][-1].get("wikitext_val_loss") if r.get("curve") else None
         cells = [r["arm"], str(r["seed"]), f"{r['params'] / 1e6:.2f}M", dims, _fmt(r.get("after_prune")),
-                 _fmt(r.get("final")), _fmt(wt, 2)] + [_task_cell(r, t) for t in p.tasks] + \
+                 _fmt(r.get("final")), _fmt(wv), _fmt(wt, 2)] + [_task_cell(r, t) for t in p.tasks] + \
                 [str(r.get("tokens", "")), _fmt((r.get("wall_s") or 0) / 60, 1)]
         lines.append("| " + " | ".join(cells) + " |")
+    seeds = {a: [r["final"] for r in trained if r["arm"] == a] for a in TRAINED_ARMS}
+    spread = [f"- {a}: {sum(v) / len(v):.3f} (min {min(v):.3f}, max {max(v):.3f}, {len(v)} seeds)"
+              for a, v in seeds.items() if len(v) > 1]
+    if spread:
+        lines += ["", "Final validation loss over seeds:", ""] + spread
     for r in rows:
         if r["arm"] == "aggregation":
             lines += ["", "Validation loss right after pruning, by aggregation (rows: over sequence; "
@@ -449,7 +455,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of the arms")
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help="comma-separated subset of the arms; `none` only rebuilds the tables and plots from the "
+                         "arms finished so far")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds for the trained arms")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override preset fields, e.g. tokens=65536 tasks=piqa,arc_easy data_dir=../shared/data")
@@ -460,7 +468,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.preset == "smoke":
         p = make_smoke_inputs(p, out)
     p = override(p, args.set)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip() and a.strip() != "none"]  # none: tables only
     for a in arms:
         if a not in ARMS:
             raise SystemExit(f"unknown arm {a!r}; arms: {', '.join(ARMS)}")

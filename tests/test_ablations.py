@@ -56,6 +56,11 @@ def test_smoke_preset(ablations, tmp_path):
                                                                + argv[4:])}
     assert (out / "arms/minitron/s0/result.json").stat().st_mtime_ns == stamp
     assert rows2["random", 1]["dims"] == width and rows2["random", 1]["final"] != rows["random", 0]["final"]
+    assert "- random: " in (out / "results.md").read_text() and "2 seeds" in (out / "results.md").read_text()
+    # `--arms none` rebuilds the tables from what finished, running nothing
+    (out / "results.md").unlink()
+    rows3 = ablations.main(argv[:4] + ["--arms", "none"] + argv[4:])
+    assert len(rows3) == len(rows2) and (out / "results.md").is_file()
 
 
 def teacher_layers(out: Path) -> int:
