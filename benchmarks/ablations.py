@@ -77,7 +77,7 @@ class Preset:
     topk: int = 64                        # teacher top-k cache
     autocast: str = "bf16"
     correction_tokens: int = 65_536
-    correction_lr: float = 1e-5
+    correction_lr: float = 1e-4            # 32 steps at 1e-5 would hardly move the teacher (not tuned)
     tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy", "lambada"])  # signal at 135M
     task_limit: int | None = 300
     wikitext: bool = True                 # WikiText-2 validation loss at checkpoints, test ppl at the end
