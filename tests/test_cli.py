@@ -16,6 +16,11 @@ def test_cli_prune_and_errors(tiny_model_dir, corpus_dir, tmp_path, capsys):
     assert "held-out loss" in printed and "dropped=[1, 2]" in printed
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
     assert json.loads((out / "prune_config.json").read_text())["target"]["drop_layers"] == [1, 2]
+    assert len(json.loads((out / "prune_metrics.json").read_text())["budget_splits"]) > 1  # split by loss
+    ratio = tmp_path / "ratio"
+    assert main(["prune", *common, "--out", str(ratio), "--params", "80k", "--split", "ratio"]) == 0
+    assert json.loads((ratio / "prune_config.json").read_text())["target"]["split"] == "ratio"
+    assert json.loads((ratio / "prune_metrics.json").read_text())["budget_splits"] == []
     # a second run into the same dir refuses, with the fix in the message
     assert main(["prune", *common, "--out", str(out), "--hidden", "32"]) == 2
     assert "--overwrite" in capsys.readouterr().err

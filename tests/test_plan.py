@@ -6,9 +6,9 @@ from minitron import arch
 from minitron.plan import (
     PlanError,
     Target,
+    budget_splits,
     config_with_dims,
     count_params,
-    budget_splits,
     make_plan,
     parse_count,
     parse_layer_list,

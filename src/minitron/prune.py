@@ -95,6 +95,14 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     return model
 
 
+def loss_after_pruning(model: nn.Module, plan: PrunePlan, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """LM loss on blocks [N, T] of a pruned copy of `model` (the model itself is left as it is)."""
+    student = apply_plan(copy.deepcopy(model), plan)
+    loss = lm_loss(student, blocks, batch_size)
+    del student
+    return loss
+
+
 def choose_split(model, scores: dict[str, torch.Tensor], heldout: torch.Tensor, target: Target,
                  batch_size: int = 8) -> tuple[Target, list[dict]]:
     """Prune every hidden/MLP split of `target`'s budget (plan.budget_splits) from `scores` and keep the one
@@ -103,10 +111,8 @@ def choose_split(model, scores: dict[str, torch.Tensor], heldout: torch.Tensor, 
     rows = []
     for t in tqdm(budget_splits(model.config, target), desc="prune: hidden/MLP split", unit="split"):
         plan = make_plan(model.config, scores, t)
-        student = apply_plan(copy.deepcopy(model), plan)
-        rows.append({"hidden": plan.target["hidden"], "ffn": plan.target["ffn"],
-                     "params": plan.params_after["total"], "loss_pruned": lm_loss(student, heldout, batch_size)})
-        del student
+        rows.append({"hidden": plan.target["hidden"], "ffn": plan.target["ffn"], "params": plan.params_after["total"],
+                     "loss_pruned": loss_after_pruning(model, plan, heldout, batch_size)})
     rows.sort(key=lambda r: r["loss_pruned"])
     return replace(target, hidden=rows[0]["hidden"]), rows
 

@@ -24,7 +24,7 @@ from minitron import arch
 from minitron.importance import layer_lm_loss
 from minitron.models import lm_loss
 from minitron.plan import PlanError, Target, config_with_dims, count_params, make_plan, parse_count
-from minitron.prune import apply_plan
+from minitron.prune import apply_plan, loss_after_pruning
 
 
 @dataclass
@@ -107,10 +107,8 @@ def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg
     rows = []
     for dims in tqdm(cands, desc="search: prune candidates", unit="cand"):
         plan = make_plan(model.config, scores, _target(dims, cfg))
-        student = apply_plan(copy.deepcopy(model), plan)
         rows.append({"dims": dims.to_dict(), "params": plan.params_after, "dropped_layers": plan.dropped_layers,
-                     "loss_pruned": lm_loss(student, validation, batch_size)})
-        del student
+                     "loss_pruned": loss_after_pruning(model, plan, validation, batch_size)})
     rows.sort(key=lambda r: r["loss_pruned"])
     for row in tqdm(rows[: cfg.max_candidates], desc="search: train candidates", unit="cand"):
         if train is None:
