@@ -20,7 +20,7 @@ built once), `minitron.evaluate.evaluate`. Arms (names for --arms):
   corrected           minitron after teacher correction (teacher first fine-tuned on the corpus)
   iterative           minitron in two prune -> distill steps (halfway dims, then minitron's), same total tokens
   aggregation         no training: held-out loss right after pruning for each seq x batch aggregation
-  depth_curves        no training: LM loss, BI and task accuracy for every removed contiguous block
+  depth_curves        no training: LM loss and BI for every removed contiguous block, task accuracy per block
 
 Each (arm, seed) caches its result in OUT/arms/<arm>/s<seed>/result.json and is skipped on a rerun, so
 a long preset runs in parts; an interrupted distillation resumes from its checkpoint. Outputs in OUT:
@@ -75,7 +75,7 @@ class Preset:
     eval_every: int = 16                  # steps between held-out evaluations (the curves' points)
     eval_batches: int = 4                 # validation micro-batches per evaluation (32 blocks, 8k tokens)
     topk: int = 64                        # teacher top-k cache
-    autocast: str = "bf16"
+    autocast: str = "none"                # fp32: bf16 autocast is 3x slower on a CPU without native bf16 (docs/distill.md)
     correction_tokens: int = 65_536
     correction_lr: float = 1e-4            # 32 steps at 1e-5 would hardly move the teacher (not tuned)
     tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy", "lambada"])  # signal at 135M
@@ -317,7 +317,9 @@ def run_aggregation(p: Preset, out: Path) -> dict:
 
 
 def run_depth_curves(p: Preset, out: Path) -> dict:
-    """Per removed contiguous block (1 layer and the depth arm's size): LM-loss increase, BI, task drop."""
+    """Per removed contiguous block (1 layer and the depth arm's size): LM-loss increase and BI; the task drop
+    for blocks of the depth arm's size only (the second paper's Fig. 9; single layers would cost L more task
+    evaluations of the teacher, ~25 minutes on the cpu preset)."""
     from minitron.importance import load_scores
 
     scores = load_scores(shared_scores(p, out))[0]
@@ -327,9 +329,9 @@ def run_depth_curves(p: Preset, out: Path) -> dict:
            "bi": {k: scores[f"block_bi.{k}"].tolist() for k in (1, n)}}
     if p.depth_task:
         model, tok = load_model(p.teacher, p.device)
-        acc = layer_task_accuracy(model, tok, p.depth_task, [1, n], p.depth_task_limit, p.batch_size, p.data_dir)
+        acc = layer_task_accuracy(model, tok, p.depth_task, [n], p.depth_task_limit, p.batch_size, p.data_dir)
         res.update(task=p.depth_task, task_base=float(acc["task_base"]),
-                   task_drop={k: acc[f"block_task.{k}"].tolist() for k in (1, n)})
+                   task_drop={n: acc[f"block_task.{n}"].tolist()})
     return res
 
 

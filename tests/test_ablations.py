@@ -26,7 +26,7 @@ def ablations():
 def test_smoke_preset(ablations, tmp_path):
     data = write_task_data(tmp_path / "data")
     out = tmp_path / "abl"
-    argv = ["--preset", "smoke", "--out", str(out), "--set", "tasks=piqa", f"data_dir={data}"]
+    argv = ["--preset", "smoke", "--out", str(out), "--set", "tasks=piqa", "depth_task=piqa", f"data_dir={data}"]
     rows = {(r["arm"], r["seed"]): r for r in ablations.main(argv)}
     assert {a for a, _ in rows} == set(ARMS) | {"teacher", "aggregation", "depth_curves"}
     teacher = rows["teacher", 0]
@@ -47,6 +47,7 @@ def test_smoke_preset(ablations, tmp_path):
     curves = rows["depth_curves", 0]
     n = curves["block"]
     assert len(curves["lm_loss"][str(n)]) == 4 - n + 1 and len(curves["bi"]["1"]) == 4
+    assert list(curves["task_drop"]) == [str(n)] and len(curves["task_drop"][str(n)]) == 4 - n + 1
     for name in ("results.jsonl", "results.md", "loss_vs_tokens.png", "depth_curves.png", "aggregation.png"):
         assert (out / name).is_file(), name
     assert "| minitron | 0 |" in (out / "results.md").read_text()
