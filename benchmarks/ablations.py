@@ -19,6 +19,8 @@ built once), `minitron.evaluate.evaluate`. Arms (names for --arms):
   depth_bi_scattered  the same parameters by dropping scattered layers chosen by Block Importance (ShortGPT)
   corrected           minitron after teacher correction (teacher first fine-tuned on the corpus)
   iterative           minitron in two prune -> distill steps (halfway dims, then minitron's), same total tokens
+  full_logits         minitron distilled from the teacher's full logits, computed online (no top-k cache)
+  kd_plus_lm          minitron distilled with forward KL plus the LM loss (ce_weight 1; the papers use KL alone)
   aggregation         no training: held-out loss right after pruning for each seq x batch aggregation
   depth_curves        no training: LM loss and BI for every removed contiguous block, task accuracy per block
 
@@ -50,7 +52,7 @@ from minitron.plan import Target, config_with_dims, count_params
 from minitron.prune import PruneConfig, prune
 
 TRAINED_ARMS = ("minitron", "random_init", "random", "magnitude", "taylor", "lm_only", "depth_lm_block",
-                "depth_bi_scattered", "corrected", "iterative")
+                "depth_bi_scattered", "corrected", "iterative", "full_logits", "kd_plus_lm")
 ARMS = TRAINED_ARMS + ("aggregation", "depth_curves")
 WIKITEXT_VALID = "wikitext-2-raw/wiki.valid.raw"
 
@@ -102,7 +104,7 @@ PRESETS = {
                                            "lambada", "mmlu"], depth_task="winogrande", depth_task_limit=None),
     "smoke": Preset(teacher="", corpus="", seq_len=32, max_blocks=200, calib_samples=16, heldout_samples=4,
                     params="", tokens=2048, batch_size=4, lr=3e-3, min_lr=3e-4, eval_every=4,
-                    eval_batches=2, topk=16, autocast="none", correction_tokens=1024, correction_lr=1e-3,
+                    eval_batches=2, topk=16, correction_tokens=1024, correction_lr=1e-3,
                     tasks=[], task_limit=8, wikitext=False, ppl_windows=2, window=64, depth_task="",
                     depth_task_limit=8),
 }
@@ -261,7 +263,7 @@ def run_arm(p: Preset, out: Path, arm: str, seed: int) -> dict:
     """Prune -> distill one arm; returns its points (held-out loss vs tokens) and the final student."""
     cache, work = out / "teacher_topk", out / "arms" / arm / f"s{seed}"
     teacher = p.teacher
-    if arm in ("minitron", "random_init", "lm_only", "random", "magnitude", "taylor"):
+    if arm in ("minitron", "random_init", "lm_only", "random", "magnitude", "taylor", "full_logits", "kd_plus_lm"):
         criterion = arm if arm in ("random", "magnitude", "taylor") else "activation"
         name = f"random_s{seed}" if arm == "random" else criterion
         pruned = minitron_pruned(p, out) if name == "activation" else prune_arm(
@@ -271,6 +273,10 @@ def run_arm(p: Preset, out: Path, arm: str, seed: int) -> dict:
             pruned = random_init(pruned, work / "init", seed)
         if arm == "lm_only":
             student = distill_arm(p, pruned, work / "distill", None, seed, kd_weight=0.0, ce_weight=1.0)
+        elif arm == "full_logits":  # the teacher runs beside the student: exact KL over the whole vocabulary
+            student = distill_arm(p, pruned, work / "distill", teacher, seed)
+        elif arm == "kd_plus_lm":
+            student = distill_arm(p, pruned, work / "distill", teacher, seed, cache=cache, ce_weight=1.0)
         else:
             student = distill_arm(p, pruned, work / "distill", teacher, seed, cache=cache)
         points = curve(student)

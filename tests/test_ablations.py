@@ -10,7 +10,7 @@ import pytest
 from eval_fixtures import write_task_data
 
 ARMS = ("minitron", "random_init", "random", "magnitude", "taylor", "lm_only", "depth_lm_block",
-        "depth_bi_scattered", "corrected", "iterative")
+        "depth_bi_scattered", "corrected", "iterative", "full_logits", "kd_plus_lm")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,12 @@ def test_smoke_preset(ablations, tmp_path):
         assert r["eval"]["piqa"]["n"] == 2, arm  # the fixture's items, scored for every arm
         if not arm.startswith("depth"):  # every width arm ends at minitron's dims (iterative too)
             assert r["dims"] == width, arm
+    # the KD variants differ from arm 1 only in the teacher signal and the loss
+    kd = {a: json.loads((Path(rows[a, 0]["student"]) / "distill_config.json").read_text())
+          for a in ("minitron", "full_logits", "kd_plus_lm", "lm_only")}
+    assert [(kd[a]["topk_cache"] is None, kd[a]["kd_weight"], kd[a]["ce_weight"]) for a in kd] == \
+        [(False, 1.0, 0.0), (True, 1.0, 0.0), (False, 1.0, 1.0), (True, 0.0, 1.0)]
+    assert rows["full_logits", 0]["final"] != rows["minitron", 0]["final"]
     assert rows["depth_lm_block", 0]["dims"]["layers"] < teacher_layers(out)
     assert rows["depth_lm_block", 0]["dims"]["hidden"] == 64
     # the aggregation grid: 3 x 3 pruned models; mean/l2 is the Minitron default, as in the minitron arm
@@ -66,6 +72,11 @@ def test_smoke_preset(ablations, tmp_path):
 
 def teacher_layers(out: Path) -> int:
     return json.loads((out / "smoke_teacher" / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_cpu_preset_trains_in_fp32(ablations):
+    # bf16 autocast is 3x slower than fp32 on a CPU without native bf16 (measured; docs/distill.md)
+    assert ablations.PRESETS["cpu"].autocast == "none" and ablations.PRESETS["gpu"].autocast == "bf16"
 
 
 def test_override_parses_types(ablations):
