@@ -414,14 +414,14 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for r in rows:
-        if r["arm"] not in TRAINED_ARMS:
-            continue
+    trained = [r for r in rows if r["arm"] in TRAINED_ARMS]
+    for i, r in enumerate(trained):  # tab20 and two line styles: the default 10-colour cycle repeats
         pts = r["curve"]
-        label = f"{r['arm']} (s{r['seed']})"
-        axes[0].plot([q["tokens"] for q in pts], [q["val_loss"] for q in pts], marker=".", label=label)
+        style = dict(marker=".", label=f"{r['arm']} (s{r['seed']})", color=plt.cm.tab20(i % 20),
+                     linestyle="-" if i % 2 == 0 else "--")
+        axes[0].plot([q["tokens"] for q in pts], [q["val_loss"] for q in pts], **style)
         if pts[0].get("wikitext_val_loss") is not None:
-            axes[1].plot([q["tokens"] for q in pts], [q["wikitext_val_loss"] for q in pts], marker=".", label=label)
+            axes[1].plot([q["tokens"] for q in pts], [q["wikitext_val_loss"] for q in pts], **style)
     for ax, title in zip(axes, ("held-out slice of the corpus", "WikiText-2 validation"), strict=True):
         ax.set(xlabel="distillation tokens", ylabel="LM loss", title=title, yscale="log")
         ax.grid(alpha=0.3)
