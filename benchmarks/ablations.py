@@ -192,12 +192,14 @@ def curve(metrics_dir: Path, offset: int = 0) -> list[dict]:
 
 
 def val_loss(p: Preset, model_dir: Path | str) -> float:
-    """LM loss on the validation blocks that every distillation evaluates on (same split, same count)."""
+    """LM loss on the validation blocks that every distillation evaluates on (the report half of the same
+    split, same count: minitron.data.report_blocks)."""
+    from minitron.data import report_blocks
     from minitron.models import lm_loss
 
     model, tok = load_model(str(model_dir), p.device)
     val = load_splits(p.corpus, tok, p.seq_len, p.val_fraction, 0, p.max_blocks, p.data_dir).validation
-    return lm_loss(model, val[: p.eval_batches * p.batch_size], p.batch_size)
+    return lm_loss(model, report_blocks(val, p.eval_batches * p.batch_size), p.batch_size)
 
 
 def random_init(pruned: Path, out: Path, seed: int) -> Path:

@@ -56,3 +56,35 @@ def test_bad_recipe_files(tmp_path):
         load_config(Outer, tmp_path / "b.yaml")
     with pytest.raises(ConfigError, match="not found"):
         load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_one_source_of_every_default():
+    """CLI options, the stage configs and the recipe sections agree on every default they share."""
+    import dataclasses
+
+    from minitron.cli import build_parser
+    from minitron.config import default_of
+    from minitron.distill import DistillConfig
+    from minitron.pipeline import DataSection, DistillSection, ImportanceSection, ModelSection
+    from minitron.plan import Target
+    from minitron.prune import PruneConfig
+
+    def names(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    checked = 0
+    for cmd, classes in (("prune", (PruneConfig, Target)), ("distill", (DistillConfig,)), ("correct", (DistillConfig,))):
+        for action in subcommands[cmd]._actions:
+            owner = next((c for c in classes if action.dest in names(c)), None)
+            if owner is None or action.required or action.dest in ("student", "out", "model") and cmd != "prune":
+                continue
+            assert action.default == default_of(owner, action.dest), (cmd, action.dest)
+            checked += 1
+    assert checked > 45
+    for section, shared in ((ImportanceSection, PruneConfig), (DataSection, PruneConfig), (DataSection, DistillConfig),
+                            (ModelSection, PruneConfig), (DistillSection, DistillConfig)):
+        common = (names(section) & names(shared)) - {"tokens", "topk"}  # the recipe's own budget / cache switch
+        assert common, (section, shared)
+        for name in common:
+            assert default_of(section, name) == default_of(shared, name), (section.__name__, name)

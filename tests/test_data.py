@@ -88,3 +88,52 @@ def test_max_blocks_samples_documents_and_validation_holds_out_documents(tmp_pat
     assert torch.equal(s.validation, again.validation) and torch.equal(s.train, again.train)
     other = load_splits(str(tmp_path), tokenizer, 16, val_fraction=0.25, seed=1, max_blocks=40)
     assert not torch.equal(s.validation, other.validation)
+
+
+def _bos_tokenizer():
+    """The tiny tokenizer with a post-processor that puts <bos> before every encoded text (as Llama-3 does)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import make_tokenizer
+
+    backend = make_tokenizer().backend_tokenizer
+    backend.add_special_tokens(["<bos>"])
+    bos = backend.token_to_id("<bos>")
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def test_packing_adds_bos_where_the_tokenizer_does(tokenizer, tmp_path):
+    docs = ["first document here.", "second one."]
+    plain = pack(docs, tokenizer, 2).flatten().tolist()
+    eos = tokenizer.eos_token_id
+    expected = [*tokenizer(docs[0], add_special_tokens=False)["input_ids"], eos,
+                *tokenizer(docs[1], add_special_tokens=False)["input_ids"], eos]
+    assert plain == expected[: len(plain)] and tokenizer.bos_token_id is None  # no BOS: none added
+    bos_tok = _bos_tokenizer()
+    bos = bos_tok.bos_token_id
+    with_bos = pack(docs, bos_tok, 2).flatten().tolist()
+    first = bos_tok(docs[0])["input_ids"]
+    assert first[0] == bos
+    expected = [*first, eos, *bos_tok(docs[1])["input_ids"], eos]
+    assert with_bos == expected[: len(with_bos)] and with_bos.count(bos) == 2  # one BOS per document
+    # calibration and held-out blocks come from the same packing: one BOS per document there too
+    for i in range(6):
+        (tmp_path / f"d{i}.txt").write_text(make_text(20, seed=i))
+    splits = load_splits(str(tmp_path), bos_tok, 16, val_fraction=0.3)
+    blocks = torch.cat([splits.train, splits.validation])  # [N, T]
+    assert int((blocks == bos).sum()) == 6 and int((blocks == eos).sum()) >= 5
+    assert int((load_splits(str(tmp_path), tokenizer, 16, val_fraction=0.3).train == bos).sum()) == 0
+
+
+def test_selection_and_report_blocks_are_disjoint():
+    from minitron.data import report_blocks, selection_blocks
+
+    val = torch.arange(20).view(10, 2)  # [N, T]
+    sel, rep = selection_blocks(val, 3), report_blocks(val, 3)
+    assert sel[:, 0].tolist() == [0, 2, 4] and rep[:, 0].tolist() == [10, 12, 14]
+    assert len(selection_blocks(val, 100)) + len(report_blocks(val, 100)) == 10
+    with pytest.raises(DataError, match="at least 2 disjoint"):
+        selection_blocks(val[:1], 4)

@@ -3,6 +3,7 @@ gradient accumulation, 2-process gloo (DDP and FSDP2) against 1 process, and cle
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from conftest import make_model, make_text, make_tokenizer
 from minitron.data import DataError
 from minitron.distill import CheckpointError, DistillConfig, DistillError, correct, distill, read_metrics
-from minitron.topk_cache import CacheError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
@@ -137,8 +138,23 @@ def test_topk_cache_full_k_matches_logits_and_is_reused(pair, tmp_path):
     small = distill(cfg_for(pair, tmp_path / "topk-again", steps=4, temperature=2.0, topk_cache=str(cache),
                             topk=384))
     assert (cache / "meta.json").stat().st_mtime_ns == stamp and losses(small) == losses(topk)
-    with pytest.raises(CacheError, match="other settings"):
-        distill(cfg_for(pair, tmp_path / "topk-bad", steps=4, temperature=2.0, topk_cache=str(cache), topk=8))
+    # other settings, or the same teacher name with other weights: rebuilt (saying why), never reused
+    distill(cfg_for(pair, tmp_path / "topk-k8", steps=4, temperature=2.0, topk_cache=str(cache), topk=8))
+    meta8 = json.loads((cache / "meta.json").read_text())
+    assert meta8["k"] == 8 and meta8["teacher_id"] == meta["teacher_id"]
+    copy = tmp_path / "teacher-copy"
+    shutil.copytree(pair / "teacher", copy)  # same files (mtimes kept): the same teacher, the cache is reused
+    stamp8 = (cache / "meta.json").stat().st_mtime_ns
+    distill(cfg_for(pair, tmp_path / "topk-copy", steps=4, temperature=2.0, topk_cache=str(cache), topk=8,
+                    teacher=str(copy)))
+    assert (cache / "meta.json").stat().st_mtime_ns == stamp8
+    teacher = AutoModelForCausalLM.from_pretrained(copy)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(1.5)
+    teacher.save_pretrained(copy)  # same dir, new weights (e.g. corrected in place): rebuilt
+    distill(cfg_for(pair, tmp_path / "topk-new-teacher", steps=4, temperature=2.0, topk_cache=str(cache), topk=8,
+                    teacher=str(copy)))
+    assert json.loads((cache / "meta.json").read_text())["teacher_id"] != meta8["teacher_id"]
 
 
 def test_topk_cache_small_k_learns(pair, tmp_path):

@@ -210,7 +210,7 @@ def test_cli_errors_are_clear(model_dir, data, tmp_path, capsys):
     assert "mmlu/test.jsonl" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "missing"), "--tasks", "piqa", "--data-dir", str(data),
                  "--out", str(tmp_path / "o")]) == 2
-    assert "could not load" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the same numbers as lm-eval (slow)
@@ -242,3 +242,84 @@ def test_same_predictions_and_accuracies_as_lm_eval(tokenizer, tmp_path):
             assert row["ours_ppl"] == pytest.approx(row["lm_eval_ppl"], rel=1e-5), row
         elif row["lm_eval_acc_norm"] is not None:  # lm-eval reports acc_norm only where its YAML lists it
             assert row["ours_acc_norm"] == pytest.approx(row["lm_eval_acc_norm"], abs=1e-12), row
+
+
+# ---------------------------------------------------------------- speed: interleaved rounds, best kept
+def _speed_setup(monkeypatch, scripted: dict[str, list[float]] | None = None) -> tuple[list, list]:
+    """Wrap E.load_model to tag each model with its name and E.measure_speed to record (name, round)
+    and return scripted tok/s (prefill = v, decode = v / 10 at every batch size) -> (loads, calls)."""
+    loads, calls = [], []
+    real_load = E.load_model
+
+    def load(name, *a, **k):
+        model, tok = real_load(name, *a, **k)
+        model._eval_name = name
+        loads.append(name)
+        return model, tok
+
+    def fake_speed(model, prompt_len=128, decode_tokens=32, batch_sizes=(1, 8), seed=0):
+        name = model._eval_name
+        calls.append(name)
+        v = scripted[name][calls.count(name) - 1] if scripted else 100.0
+        return {"prompt_len": prompt_len, "decode_tokens": decode_tokens,
+                "prefill_tok_s": {b: v * b for b in batch_sizes}, "decode_tok_s": {b: v / 10 for b in batch_sizes}}
+
+    monkeypatch.setattr(E, "load_model", load)
+    monkeypatch.setattr(E, "measure_speed", fake_speed)
+    return loads, calls
+
+
+@pytest.fixture(scope="module")
+def shallow_dir(tmp_path_factory, tokenizer):
+    out = tmp_path_factory.mktemp("models") / "shallow"
+    make_model("llama", layers=1, max_position_embeddings=1024).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_speed_rounds_are_interleaved_and_tasks_still_run_one_model_at_a_time(monkeypatch, model_dir, shallow_dir,
+                                                                               data):
+    a, b = str(model_dir), str(shallow_dir)
+    loads, calls = _speed_setup(monkeypatch)
+    res = E.evaluate([a, b], ["speed"], device="cpu", speed_rounds=3, speed_batch=2, progress=False)
+    assert calls == [a, b, a, b, a, b]  # A1 B1 A2 B2 A3 B3
+    assert loads == [a, b]  # speed alone: each model loaded once, for the speed phase only
+    loads.clear()
+    calls.clear()
+    res = E.evaluate([a, b], ["speed", "copa"], device="cpu", data_root=data, speed_rounds=2, speed_batch=2,
+                     progress=False)
+    assert loads == [a, b, a, b] and calls == [a, b, a, b]  # copa model by model, then speed together
+    assert list(res["models"][a]["tasks"]) == ["speed", "copa"] and res["config"]["speed_rounds"] == 2
+    sp = res["models"][b]["tasks"]["speed"]
+    assert sp["rounds"] == 2 and sp["memory_kind"].startswith("cpu_peak_rss") and sp["peak_memory_mib"] > 0
+    assert set(res["models"][a]["wall_s"]) == {"speed", "copa"}
+    with pytest.raises(ValueError, match="speed_rounds"):
+        E.evaluate([a], ["speed"], device="cpu", speed_rounds=0)
+
+
+def test_speed_keeps_the_best_round_and_ratios_use_the_best(monkeypatch, model_dir, shallow_dir, tmp_path):
+    a, b = str(model_dir), str(shallow_dir)
+    # a busy machine: each model has slow rounds; the best of A is round 2, of B round 3
+    _speed_setup(monkeypatch, {a: [50.0, 100.0, 80.0], b: [60.0, 120.0, 150.0]})
+    res = E.evaluate([a, b], ["speed"], device="cpu", out_dir=tmp_path / "out", speed_rounds=3, speed_batch=4,
+                     progress=False)
+    sa, sb = res["models"][a]["tasks"]["speed"], res["models"][b]["tasks"]["speed"]
+    assert sa["prefill_tok_s"] == {1: 100.0, 4: 400.0} and sa["decode_tok_s"] == {1: 10.0, 4: 10.0}
+    assert sb["prefill_tok_s"] == {1: 150.0, 4: 600.0} and sb["decode_tok_s"][4] == pytest.approx(15.0)
+    assert sb["all_rounds"]["prefill_tok_s"][1] == [60.0, 120.0, 150.0]
+    assert sb["ratio_to_first"]["prefill_tok_s"] == {1: pytest.approx(1.5), 4: pytest.approx(1.5)}
+    assert sb["ratio_to_first"]["decode_tok_s"][1] == pytest.approx(1.5)
+    assert sa["ratio_to_first"]["decode_tok_s"][4] == pytest.approx(1.0)
+    md = (tmp_path / "out/results.md").read_text()
+    assert "best of 3 interleaved rounds" in md and "150 (1.50x)" in md and "| 600 (1.50x)" in md
+    saved = json.loads((tmp_path / "out/results.json").read_text())
+    assert saved["models"][b]["tasks"]["speed"]["rounds"] == 3
+
+
+def test_cli_passes_speed_rounds(monkeypatch, model_dir, tmp_path):
+    from minitron.cli import main
+
+    _, calls = _speed_setup(monkeypatch)
+    assert main(["eval", "--model", str(model_dir), "--tasks", "speed", "--device", "cpu", "--speed-rounds", "2",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert len(calls) == 2 and "best of 2 interleaved rounds" in (tmp_path / "o/results.md").read_text()

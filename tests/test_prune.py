@@ -73,8 +73,17 @@ def test_budget_split_by_heldout_loss(tiny_model_dir, corpus_dir, tmp_path):
     assert len(table) > 1 and table == sorted(table, key=lambda r: r["loss_pruned"])
     plan = PrunePlan.load(out / "plan.json")
     assert (plan.target["hidden"], plan.target["ffn"]) == (table[0]["hidden"], table[0]["ffn"])
-    assert json.loads((out / "prune_metrics.json").read_text())["heldout_loss_after"] == \
-        pytest.approx(table[0]["loss_pruned"], rel=1e-5)
+    # held-out hygiene: the split was chosen on the selection blocks, the loss is reported on the others
+    from minitron.data import load_splits, report_blocks, selection_blocks
+    from minitron.models import lm_loss, load_tokenizer
+
+    val = load_splits(str(corpus_dir), load_tokenizer(str(out)), 32).validation
+    select, report = selection_blocks(val, 2), report_blocks(val, 2)
+    assert not any(torch.equal(a, b) for a in select for b in report)
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    metrics = json.loads((out / "prune_metrics.json").read_text())
+    assert metrics["heldout_loss_after"] == pytest.approx(lm_loss(pruned, report), rel=1e-5)
+    assert table[0]["loss_pruned"] == pytest.approx(lm_loss(pruned, select), rel=1e-5)
     ratio = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "ratio", target=Target(params=110_000, split="ratio"),
                        scores=str(out / "scores.safetensors")))
     assert json.loads((ratio / "prune_metrics.json").read_text())["budget_splits"] == []
@@ -92,7 +101,7 @@ def test_criteria_give_different_plans(tiny_model_dir, corpus_dir, tmp_path):
     assert len({tuple(p.ffn[0]) for p in plans.values()}) == 4 and len(plans["random"].ffn[0]) == 64
     # the depth choice comes from the layer metric, whatever the width criterion
     assert len({tuple(p.dropped_layers) for p in plans.values()}) == 1
-    with pytest.raises(ValueError, match="no Taylor scores"):
+    with pytest.raises(ValueError, match="holds activation scores but the criterion asked for is taylor"):
         prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "t2", target=Target(ffn=64), criterion="taylor",
                    scores=str(tmp_path / "activation" / "scores.safetensors")))
 

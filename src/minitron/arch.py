@@ -43,6 +43,9 @@ class Arch:
     has_layer_types: bool = False              # config.layer_types: one entry per layer
     layer_has_idx: bool = False                # the decoder layer itself stores layer_idx
     scaled_embedding: bool = False             # embeddings multiplied by sqrt(hidden_size)
+    # a norm's per-channel gain is (norm_weight_offset + weight): 1.0 where norms multiply by (1 + w)
+    # (Gemma3RMSNorm, Nemotron's LayerNorm1P), 0.0 where they multiply by w
+    norm_weight_offset: float = 0.0
     # transformers' config validation demands hidden_size % num_attention_heads == 0 (even with an
     # explicit head_dim): a pruned config that breaks it would not load with from_pretrained
     hidden_divisible_by_heads: bool = False
@@ -60,11 +63,12 @@ FAMILIES: dict[str, Arch] = {
     "gemma3_text": Arch("gemma3_text", pre_mlp_norm="pre_feedforward_layernorm",
                         other_hidden_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                         head_norms=("q_norm", "k_norm"), has_layer_types=True, layer_has_idx=True,
-                        scaled_embedding=True, hidden_divisible_by_heads=True),
+                        scaled_embedding=True, hidden_divisible_by_heads=True, norm_weight_offset=1.0),
     "phi3": Arch("phi3", attn_in=(("qkv_proj", ("q", "kv", "kv")),), mlp_in=(("gate_up_proj", ("ffn", "ffn")),),
                  attn_attrs=("num_key_value_groups", "num_key_value_heads"), mlp_attrs=()),
     "nemotron": Arch("nemotron", mlp_in=(("up_proj", ("ffn",)),),  # relu^2 MLP without a gate; LayerNorm1P
-                     attn_attrs=("hidden_size", "num_heads", "num_key_value_heads", "num_key_value_groups")),
+                     attn_attrs=("hidden_size", "num_heads", "num_key_value_heads", "num_key_value_groups"),
+                     norm_weight_offset=1.0),
 }
 
 
@@ -229,13 +233,39 @@ def set_module_widths(model: nn.Module, layer: nn.Module, dims: Dims) -> None:
             setattr(module, name, values[name])
 
 
-def set_embedding_scale(model: nn.Module, hidden: int) -> None:
-    """Families that scale embeddings by sqrt(hidden) recompute the scale from the config on reload;
-    match it in memory so the pruned model and its reloaded copy agree."""
-    if get_arch(model).scaled_embedding:
-        emb = embedding(model)
-        emb.scalar_embed_scale = hidden**0.5
-        emb.embed_scale.fill_(hidden**0.5)
+def scale_norm_gain(model: nn.Module, norm: nn.Module, factor: float) -> None:
+    """Multiply a norm's effective per-channel gain by factor, in place: (offset + w) -> factor * (offset + w),
+    with the family's norm_weight_offset (1.0 for norms that multiply by 1 + w). A LayerNorm's bias is left."""
+    if factor == 1.0:  # (1 + w) - 1 would round small w: leave the weight bit-identical
+        return
+    off = get_arch(model).norm_weight_offset
+    w = norm.weight.data
+    w.copy_(((off + w.double()) * factor - off).to(w.dtype))
+
+
+def rescale_embedding(model: nn.Module, hidden: int) -> None:
+    """Keep a scaled embedding's output unchanged when hidden_size becomes `hidden`.
+
+    Families with scaled_embedding multiply the embedding by sqrt(hidden_size), and transformers recomputes
+    that scale from config.hidden_size on reload (Gemma3TextScaledWordEmbedding). So the new scale
+    sqrt(hidden) is set in memory too, and the ratio old/new scale is folded into the embedding weight:
+    weight' * scale' == weight * scale on every kept channel. When the lm_head is tied to the embedding,
+    the fold would scale the logits by the same ratio; the final norm (whose output only the lm_head
+    reads) takes the inverse, so the logits are unchanged by it."""
+    if not get_arch(model).scaled_embedding:
+        return
+    emb = embedding(model)
+    dtype = emb.weight.dtype  # the forward multiplies by embed_scale.to(weight dtype): fold exactly that
+    old = float(emb.embed_scale.to(dtype))
+    new = float(torch.tensor(hidden**0.5, dtype=emb.embed_scale.dtype).to(dtype))
+    emb.scalar_embed_scale = hidden**0.5
+    emb.embed_scale.fill_(hidden**0.5)
+    if old == new:
+        return
+    fold = old / new
+    emb.weight.data.mul_(fold)  # in place: a tied lm_head shares this tensor
+    if model.config.tie_word_embeddings:
+        scale_norm_gain(model, final_norm(model), 1.0 / fold)
 
 
 def layer_output(output) -> torch.Tensor:

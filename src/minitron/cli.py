@@ -8,51 +8,58 @@ import sys
 from minitron.plan import Target, parse_count, parse_layer_list
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
-    p.add_argument("--data-dir", default=None, help="folder laid out like shared/data (default: $MINITRON_DATA_DIR)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model dir (off by default)")
+def _add_common(p: argparse.ArgumentParser, cls) -> None:
+    """Device, dtype, data dir and remote code: options of every model-loading command (defaults from cls)."""
+    from minitron.config import add_option
+
+    add_option(p, cls, "device", "auto | cpu | cuda | cuda:N")
+    add_option(p, cls, "dtype", "float32 | bfloat16 | float16")
+    add_option(p, cls, "data_dir", "folder laid out like shared/data (default: $MINITRON_DATA_DIR)")
+    add_option(p, cls, "trust_remote_code", "allow code from the model dir (off by default)")
 
 
 def _prune_parser(sub) -> None:
+    from minitron.config import add_option
+    from minitron.importance import BATCH_AGGS, CRITERIA, SEQ_AGGS
+    from minitron.prune import PruneConfig
+
     p = sub.add_parser("prune", help="measure importance and trim a model to target dims or a parameter budget",
                        description="Minitron structured pruning: activation importance on calibration text, "
                                    "then trimming of heads, MLP neurons, embedding channels and/or layers.")
-    p.add_argument("--model", default="default", help="HF dir, hub id, or `default` (SmolLM2-135M-Instruct)")
+    add_option(p, PruneConfig, "model", "HF dir, hub id, or `default` (SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="output dir (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_option(p, PruneConfig, "overwrite", "replace a non-empty --out")
     g = p.add_argument_group("target (unset dims keep the source value)")
     g.add_argument("--params", help="total parameter budget, e.g. 70M: keeps heads and depth, shrinks hidden+MLP")
     g.add_argument("--non-embedding", action="store_true",
                    help="--params counts non-embedding parameters (without embeddings and lm_head)")
-    g.add_argument("--hidden", type=int)
-    g.add_argument("--ffn", type=int, help="MLP intermediate size")
-    g.add_argument("--heads", type=int, help="query heads per layer (a multiple of --kv-heads)")
-    g.add_argument("--kv-heads", type=int, help="KV groups per layer (prunes whole groups)")
-    g.add_argument("--layers", type=int, help="keep this many layers")
+    add_option(g, Target, "hidden")
+    add_option(g, Target, "ffn", "MLP intermediate size")
+    add_option(g, Target, "heads", "query heads per layer (a multiple of --kv-heads)")
+    add_option(g, Target, "kv_heads", "KV groups per layer (prunes whole groups)")
+    add_option(g, Target, "layers", "keep this many layers")
     g.add_argument("--drop-layers", help="drop exactly these layers, e.g. 16-29 or 3,5,7")
-    g.add_argument("--layer-metric", default="lm-loss",
-                   help="rank layers by lm-loss (increase on held-out text), bi (Block Importance), or "
-                        "task:NAME (accuracy drop on a zero-shot task, e.g. task:piqa)")
+    add_option(g, Target, "layer_metric", "rank layers by lm-loss (increase on held-out text), bi (Block "
+               "Importance), or task:NAME (accuracy drop on a zero-shot task, e.g. task:piqa)")
     g.add_argument("--scattered", action="store_true", help="drop the least important single layers, not one block")
-    g.add_argument("--round-to", type=int, default=8, help="budget search rounds hidden/ffn to multiples of this")
-    g.add_argument("--split", default="loss", choices=["loss", "ratio"],
-                   help="how --params divides hidden vs MLP: the split with the lowest held-out loss after pruning "
-                        "(default) or one common ratio")
+    add_option(g, Target, "round_to", "budget search rounds hidden/ffn to multiples of this")
+    add_option(g, Target, "split", "how --params divides hidden vs MLP: the split with the lowest held-out loss "
+               "after pruning, or one common ratio", choices=["loss", "ratio"])
     c = p.add_argument_group("importance")
-    c.add_argument("--calib-data", default="default", help="corpus: file, folder, data-dir name, or `default`")
-    c.add_argument("--calib-samples", type=int, default=256)
-    c.add_argument("--heldout-samples", type=int, default=16, help="validation blocks for held-out loss")
-    c.add_argument("--seq-len", type=int, default=512)
-    c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--seq-agg", default="mean", choices=["mean", "l2", "max", "var"])
-    c.add_argument("--batch-agg", default="l2", choices=["mean", "l2", "max", "var"])
-    c.add_argument("--criterion", default="activation", choices=["activation", "magnitude", "taylor", "random"],
-                   help="width scores: Minitron activations (default), weight L2 norm, first-order Taylor, random")
-    c.add_argument("--scores", help="reuse scores.safetensors of an earlier run (skips calibration)")
-    c.add_argument("--seed", type=int, default=0)
-    _add_common(p)
+    add_option(c, PruneConfig, "calib_data", "corpus: file, folder, data-dir name, or `default`")
+    add_option(c, PruneConfig, "calib_samples", "calibration blocks")
+    add_option(c, PruneConfig, "heldout_samples", "validation blocks that choose the split / depth block "
+               "(as many others report the loss)")
+    add_option(c, PruneConfig, "seq_len", "tokens per block")
+    add_option(c, PruneConfig, "val_fraction", "validation share of the corpus (whole documents)")
+    add_option(c, PruneConfig, "batch_size")
+    add_option(c, PruneConfig, "seq_agg", "aggregation over the sequence", choices=list(SEQ_AGGS))
+    add_option(c, PruneConfig, "batch_agg", "aggregation over samples", choices=list(BATCH_AGGS))
+    add_option(c, PruneConfig, "criterion", "width scores: Minitron activations, weight L2 norm, first-order "
+               "Taylor, random", choices=list(CRITERIA))
+    add_option(c, PruneConfig, "scores", "reuse scores.safetensors of an earlier run (skips calibration)")
+    add_option(c, PruneConfig, "seed")
+    _add_common(p, PruneConfig)
     p.set_defaults(func=_run_prune)
 
 
@@ -66,9 +73,9 @@ def _run_prune(args) -> None:
                     contiguous=not args.scattered, round_to=args.round_to, split=args.split)
     cfg = PruneConfig(model=args.model, out=args.out, target=target, calib_data=args.calib_data,
                       calib_samples=args.calib_samples, heldout_samples=args.heldout_samples, seq_len=args.seq_len,
-                      batch_size=args.batch_size, seq_agg=args.seq_agg, batch_agg=args.batch_agg,
-                      criterion=args.criterion, scores=args.scores, seed=args.seed, device=args.device,
-                      dtype=args.dtype, data_dir=args.data_dir, overwrite=args.overwrite,
+                      val_fraction=args.val_fraction, batch_size=args.batch_size, seq_agg=args.seq_agg,
+                      batch_agg=args.batch_agg, criterion=args.criterion, scores=args.scores, seed=args.seed,
+                      device=args.device, dtype=args.dtype, data_dir=args.data_dir, overwrite=args.overwrite,
                       trust_remote_code=args.trust_remote_code)
     print(f"[minitron] pruned model written to {prune(cfg)}")
 

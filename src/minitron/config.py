@@ -149,3 +149,40 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
 def save_config(obj, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run really used)."""
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+# ---- one source of every default: CLI options read them from the dataclasses ----------------------------
+
+def default_of(cls, name: str):
+    """The default of dataclass field `name` of `cls` (CLI options and recipe sections take theirs from here)."""
+    fld = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if fld.default is not dataclasses.MISSING:
+        return fld.default
+    if fld.default_factory is not dataclasses.MISSING:
+        return fld.default_factory()
+    raise ConfigError(f"{cls.__name__}.{name} has no default")
+
+
+def _scalar_type(tp):
+    """int | None -> int; list[...] and unions of several types -> None (parsed by the caller)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 and args[0] in (int, float, str) else None
+    return tp if tp in (int, float, str) else None
+
+
+def add_option(parser, cls, name: str, help: str = "", flag: str | None = None, **kw) -> None:
+    """`--name-with-dashes` for dataclass field `name`: its type and its default come from `cls`, so the
+    command line and the config can never disagree. Booleans that default to False become store_true flags."""
+    default = default_of(cls, name)
+    flag = flag or "--" + name.replace("_", "-")
+    tp = _hints(cls)[name]
+    shown = f" (default: {default})" if default not in (None, False, "") else ""
+    if tp is bool:
+        parser.add_argument(flag, dest=kw.pop("dest", name), action="store_false" if default else "store_true",
+                            help=help, **kw)
+        return
+    kw.setdefault("type", _scalar_type(tp))
+    if kw["type"] is None:
+        del kw["type"]
+    parser.add_argument(flag, dest=kw.pop("dest", name), default=default, help=help + shown, **kw)

@@ -112,6 +112,9 @@ def resolve_source(source: str, data_root: str | os.PathLike | None = None) -> P
     root = data_dir(data_root)
     if root is not None and (root / source).exists():
         return root / source
+    if source.startswith(("/", "./", "../", "~")) or path.suffix in TEXT_SUFFIXES | {".jsonl", ".parquet", ".json"}:
+        raise DataError(f"corpus {source!r} does not exist (nor under the data dir {root}); check the path given "
+                        "to --data / --calib-data / data.corpus")
     return source
 
 
@@ -139,19 +142,28 @@ def read_texts(source: str, data_root: str | os.PathLike | None = None) -> list[
     return docs
 
 
+def encode_document(tokenizer, doc: str) -> list[int]:
+    """One document's token ids as the tokenizer's own call makes them (BOS where it adds one, e.g.
+    Llama-3 and Gemma; none for SmolLM2/GPT-2 style tokenizers), ending with EOS."""
+    ids = list(tokenizer(doc)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
+
+
 def pack(docs: list[str], tokenizer, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
-    """Tokenize documents, join them with EOS, cut into full blocks -> LongTensor [N, seq_len].
+    """Tokenize documents (encode_document: BOS as the tokenizer adds it, EOS after each), join them, cut
+    into full blocks -> LongTensor [N, seq_len].
 
     Packing (no padding) is what Minitron calibration does. Stops tokenizing once max_blocks are full.
     """
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     need = None if max_blocks is None else max_blocks * seq_len
     for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        ids.extend(sep)
+        ids.extend(encode_document(tokenizer, doc))
         if need is not None and len(ids) >= need:
             break
     n = len(ids) // seq_len
@@ -210,3 +222,24 @@ def calibration_sample(blocks: torch.Tensor, n: int, seed: int = 0) -> torch.Ten
                         f"{blocks.shape[1]} tokens; lower --calib-samples or --seq-len, or add text")
     idx = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
     return blocks[idx.sort().values]
+
+
+def _half(validation: torch.Tensor) -> int:
+    if validation.shape[0] < 2:
+        raise DataError(f"the validation split has {validation.shape[0]} block(s); choosing (split, depth block, "
+                        "search candidate) and reporting need at least 2 disjoint ones: add text, lower --seq-len "
+                        "or raise val_fraction")
+    return validation.shape[0] // 2
+
+
+def selection_blocks(validation: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Held-out blocks that CHOOSE (budget split, depth block, search candidate): the first half of the
+    validation split [N, T], at most n -> [<=n, T]. Disjoint from report_blocks, so a reported loss is
+    never measured on the blocks that picked the model."""
+    return validation[: _half(validation)][:n]
+
+
+def report_blocks(validation: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Held-out blocks that REPORT (loss after pruning, distillation validation, eval's loss:<corpus>): the
+    second half of the validation split [N, T], at most n -> [<=n, T]."""
+    return validation[_half(validation):][:n]

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from torch import nn
 
 from minitron.arch import decoder_layers, dims_of, get_arch, layer_output, lm_head
-from minitron.data import DataError, load_splits, pack, read_texts
+from minitron.data import DataError, load_splits, pack, read_texts, report_blocks, resolve_source
+from minitron.fingerprint import content_id, corpus_identity, model_identity
 from minitron.losses import (
     HIDDEN_LOSSES,
     LOSSES,
@@ -378,6 +379,13 @@ def load_checkpoint(path: Path, model, optim, d: Dist) -> dict:
     except Exception as e:  # noqa: BLE001 - any read failure means the same thing
         raise CheckpointError(f"checkpoint {path} is missing or corrupt ({type(e).__name__}: {e}). Delete "
                               f"{path.parent} and start without --resume, or restore the files.") from e
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"checkpoint {path} holds NaN/inf weights in {', '.join(bad[:3])}{more}: training "
+                              f"diverged before it was saved, and resuming would continue from broken weights. Delete "
+                              f"{path.parent} and start again without --resume (a lower --lr or --grad-clip helps "
+                              "a diverging run), or choose another --out.")
     student = unwrap(model)
     tied = _tied_key(student)
     if tied is not None:
@@ -496,8 +504,15 @@ RESUMABLE_CHANGES = ("resume", "progress", "keep_checkpoints", "eval_every", "ev
                      "device", "distributed")
 
 
-def check_same_run(out: Path, cfg: DistillConfig) -> None:
-    """--resume must continue the same run: same models, data, budget, batch and optimizer settings."""
+def run_inputs(cfg: DistillConfig) -> dict:
+    """Identity of the teacher's and student's weights and of the corpus (minitron.fingerprint)."""
+    return {"teacher": model_identity(cfg.teacher) if cfg.teacher is not None else None,
+            "student": model_identity(cfg.student), "data": corpus_identity(cfg.data, cfg.data_root)}
+
+
+def check_same_run(out: Path, cfg: DistillConfig, inputs: dict) -> None:
+    """--resume must continue the same run: same models (by weights, not only by name), data, budget,
+    batch and optimizer settings."""
     saved_file = out / "distill_config.json"
     if not saved_file.is_file():
         raise CheckpointError(f"{saved_file} is missing: cannot check that --resume continues the same run; "
@@ -505,6 +520,8 @@ def check_same_run(out: Path, cfg: DistillConfig) -> None:
     saved = json.loads(saved_file.read_text())
     now = asdict(cfg)
     diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]}
+    diff.update({f"{k} (its files)": "changed" for k, v in inputs.items()
+                 if "inputs" in saved and saved["inputs"].get(k) != v})
     if diff:
         raise DistillError(f"--resume with settings that differ from the run in {out} (saved vs now: {diff}); "
                            "resume with the same settings, or start a new run in another --out")
@@ -519,6 +536,9 @@ def _autocast(cfg: DistillConfig, device: torch.device):
 def distill(cfg: DistillConfig) -> Path:
     """Train cfg.student against cfg.teacher (or the LM loss alone); returns the output dir."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DistillError(f"--out {out} is a file, not a folder; choose another --out (the file is left as it is)")
+    resolve_source(cfg.data, cfg.data_root)  # a missing corpus fails before any model is loaded
     done = out / FINISHED
     if done.is_file():
         info = json.loads(done.read_text())
@@ -532,8 +552,9 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.resume and ckpt is None:
         raise CheckpointError(f"--resume given but {out} has no checkpoint (checkpoints/latest is missing); "
                               "start without --resume")
+    inputs = run_inputs(cfg)
     if cfg.resume:
-        check_same_run(out, cfg)
+        check_same_run(out, cfg, inputs)
     d, device = init_distributed(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -556,6 +577,7 @@ def distill(cfg: DistillConfig) -> Path:
                         f"tokens, one step needs {per_step} (batch {cfg.batch_size} x accum {cfg.grad_accum} x "
                         f"{d.world} ranks); add text or lower --batch-size/--seq-len")
     total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.tokens / (per_step * cfg.seq_len)))
+    val = report_blocks(splits.validation)  # disjoint from the blocks that chose the pruned shape
 
     layer_map, t_tap = None, None
     if cfg.hidden_loss != "none":
@@ -579,7 +601,7 @@ def distill(cfg: DistillConfig) -> Path:
 
         cache = open_or_build(cfg.topk_cache, teacher, splits.train, cfg.topk, cfg.temperature,
                               str(cfg.teacher), cfg.batch_size, device, d.main, d.barrier,
-                              cfg.progress and d.main)
+                              cfg.progress and d.main, content_id(inputs["teacher"]) if cfg.teacher else "")
 
     metrics_path = out / "metrics.jsonl"
     start = 0
@@ -592,13 +614,13 @@ def distill(cfg: DistillConfig) -> Path:
     elif d.main:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
-        (out / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out / "distill_config.json").write_text(json.dumps({**asdict(cfg), "inputs": inputs}, indent=2))
     d.barrier()
 
     autocast = _autocast(cfg, device)
     tokens_per_step = per_step * cfg.seq_len
     if start == 0:
-        ev = evaluate_all(model, teacher, splits.validation, extra_val, cfg, d, device, autocast)
+        ev = evaluate_all(model, teacher, val, extra_val, cfg, d, device, autocast)
         if d.main:
             append_metrics(metrics_path, {"step": 0, "tokens": 0, **ev})
 
@@ -650,7 +672,7 @@ def distill(cfg: DistillConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{logged[0].item():.4f}", tok_s=f"{rate:.0f}")
         if done_steps == total or (cfg.eval_every and done_steps % cfg.eval_every == 0):
-            ev = evaluate_all(model, teacher, splits.validation, extra_val, cfg, d, device, autocast)
+            ev = evaluate_all(model, teacher, val, extra_val, cfg, d, device, autocast)
             if d.main:
                 append_metrics(metrics_path, {"step": done_steps, "tokens": done_steps * tokens_per_step, **ev})
         if cfg.save_every and done_steps % cfg.save_every == 0 and done_steps < total:
@@ -702,53 +724,55 @@ def correct(model: str, data: str, out: str, tokens: int | None = None, steps: i
 # ---- CLI parts (minitron.cli dispatches here) ---------------------------------------------------------
 
 def _common_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="default", help="corpus: file, folder, data-dir name or `default`")
+    """Options shared by distill and correct; types and defaults come from DistillConfig."""
+    from minitron.config import add_option
+
+    def opt(name, help="", **kw):
+        add_option(p, DistillConfig, name, help, **kw)
+
+    opt("data", "corpus: file, folder, data-dir name or `default`")
     p.add_argument("--out", required=True, help="output dir (model, metrics.jsonl, loss.png, checkpoints)")
-    p.add_argument("--tokens", type=int, help="token budget (tokens processed)")
-    p.add_argument("--steps", type=int, help="optimizer steps (wins over --tokens)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8, help="blocks per micro-batch per rank")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--chunk-size", type=int, default=512, help="tokens per loss chunk")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=4)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--max-blocks", type=int)
-    p.add_argument("--data-dir", dest="data_root")
-    p.add_argument("--seed", type=int, default=0, help="data order and initialization")
-    p.add_argument("--split-seed", type=int, default=0, help="train/validation split (keep it across seeds)")
+    opt("tokens", "token budget (tokens processed)")
+    opt("steps", "optimizer steps (wins over --tokens)")
+    for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip"):
+        opt(name)
+    opt("batch_size", "blocks per micro-batch per rank")
+    opt("grad_accum")
+    opt("seq_len", "tokens per block")
+    opt("chunk_size", "tokens per loss chunk")
+    for name in ("eval_every", "eval_batches", "save_every", "max_blocks"):
+        opt(name)
+    opt("data_root", "folder laid out like shared/data", flag="--data-dir")
+    opt("seed", "data order and initialization")
+    opt("split_seed", "train/validation split (keep it across seeds)")
     p.add_argument("--heldout", nargs="*", help="extra held-out corpora whose LM loss is logged at each evaluation")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", help="parameter dtype: float32 | bfloat16")
-    p.add_argument("--autocast", default="none", choices=["none", "bf16"])
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--distributed", default="auto", choices=["auto", "none", "ddp", "fsdp"])
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
-    p.add_argument("--keep-checkpoints", action="store_true")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    opt("device")
+    opt("dtype", "parameter dtype: float32 | bfloat16")
+    opt("autocast", choices=["none", "bf16"])
+    opt("grad_checkpointing", "activation checkpointing of the student")
+    opt("distributed", choices=["auto", "none", "ddp", "fsdp"])
+    opt("resume", "continue the unfinished run in --out")
+    opt("keep_checkpoints", "keep checkpoints/ after a finished run")
+    opt("progress", "no progress bar", flag="--no-progress")
 
 
 def add_distill_parsers(subparsers) -> None:
     """Add `distill` and `correct` to an argparse subparsers object."""
+    from minitron.config import add_option
+
     p = subparsers.add_parser("distill", help="distill a teacher into a student (forward KL on logits)")
-    p.add_argument("--teacher", default="default")
+    add_option(p, DistillConfig, "teacher")
     p.add_argument("--student", required=True)
-    p.add_argument("--loss", default="fkl", choices=list(LOSSES))
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--jsd-beta", type=float, default=0.5)
-    p.add_argument("--ce-weight", type=float, default=0.0)
-    p.add_argument("--kd-weight", type=float, default=1.0)
-    p.add_argument("--hidden-loss", default="none", choices=list(HIDDEN_LOSSES))
-    p.add_argument("--hidden-weight", type=float, default=1.0)
+    add_option(p, DistillConfig, "loss", choices=list(LOSSES))
+    for name in ("temperature", "jsd_beta", "ce_weight", "kd_weight"):
+        add_option(p, DistillConfig, name)
+    add_option(p, DistillConfig, "hidden_loss", choices=list(HIDDEN_LOSSES))
+    add_option(p, DistillConfig, "hidden_weight")
     p.add_argument("--layer-map", type=lambda s: [int(x) for x in s.split(",")],
                    help="teacher layer per student layer, comma separated")
-    p.add_argument("--topk-cache", help="dir of the teacher top-k log-prob cache (built once if missing)")
-    p.add_argument("--topk", type=int, default=64)
+    add_option(p, DistillConfig, "topk_cache", "dir of the teacher top-k log-prob cache (built once if missing; "
+               "rebuilt when the teacher, data or settings differ)")
+    add_option(p, DistillConfig, "topk")
     _common_options(p)
     p.set_defaults(func=run_distill)
     c = subparsers.add_parser("correct", help="teacher correction: LM-loss fine-tune on the distillation data")

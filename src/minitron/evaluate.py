@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minitron import tasks as T
-from minitron.data import data_dir, load_splits
+from minitron.data import data_dir, load_splits, report_blocks
 from minitron.models import load_model, parse_dtype, resolve_device
 
 # the convention of the pruning papers' average: acc_norm for these, acc for every other task
@@ -205,10 +205,9 @@ def windowed_perplexity(model, ids: torch.Tensor, window: int, batch_size: int =
 
 def heldout_loss(model, tokenizer, source: str, seq_len: int, batch_size: int = 1, limit: int | None = None,
                  root: str | os.PathLike | None = None, desc: str | None = None) -> dict:
-    """Loss/perplexity on the validation blocks of any corpus minitron.data reads (load_splits' split)."""
-    blocks = load_splits(source, tokenizer, seq_len, data_root=root).validation  # [N, T]
-    if limit:
-        blocks = blocks[:limit]
+    """Loss/perplexity on the report half of the validation split of any corpus minitron.data reads
+    (load_splits' split; the other half is what pruning choices are made on)."""
+    blocks = report_blocks(load_splits(source, tokenizer, seq_len, data_root=root).validation, limit or None)  # [N, T]
     total, count = token_nll(model, blocks, batch_size, desc)
     return {"loss": total / count, "perplexity": math.exp(total / count), "seq_len": seq_len,
             "blocks": blocks.shape[0], "tokens": count, "source": source}
@@ -282,18 +281,98 @@ def measure_speed(model, prompt_len: int = 128, decode_tokens: int = 32, batch_s
     return res
 
 
-def _speed_with_memory(model, dev: torch.device, rss_before: int, *args) -> dict:
-    """measure_speed plus peak memory during it: CUDA max_memory_allocated (weights included) on GPU;
-    on CPU the peak resident memory of the process minus its resident memory before the model loaded."""
+def _release(dev: torch.device) -> None:
+    """Free what dropped Python references held: gc, the CUDA cache, and (glibc) heap pages returned to
+    the OS so that the next resident-memory baseline does not hide a freed arena the next model reuses."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _memory_baseline(dev: torch.device) -> int:
+    """Bytes in use before a model loads: CUDA memory_allocated on GPU, else this process's RSS."""
+    return torch.cuda.memory_allocated(dev) if dev.type == "cuda" else _PeakRSS.rss()
+
+
+def _speed_with_memory(model, dev: torch.device, before: int, *args) -> dict:
+    """One measure_speed round plus the peak memory during it, minus `before` (_memory_baseline taken
+    just before this model loaded, so weights count and models loaded earlier do not): CUDA
+    max_memory_allocated on GPU; on CPU the peak resident memory of the process (sampled, approximate)."""
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         r = measure_speed(model, *args)
-        r["peak_memory_mib"], r["memory_kind"] = torch.cuda.max_memory_allocated(dev) / 2**20, "cuda_max_allocated"
-        return r
-    with _PeakRSS() as mem:
-        r = measure_speed(model, *args)
-    r["peak_memory_mib"], r["memory_kind"] = (mem.peak - rss_before) / 2**20, "cpu_peak_rss_minus_before_load"
+        peak, kind = torch.cuda.max_memory_allocated(dev), "cuda_max_allocated_minus_before_load"
+    else:
+        with _PeakRSS() as mem:
+            r = measure_speed(model, *args)
+        peak, kind = mem.peak, "cpu_peak_rss_minus_before_load"
+    r["peak_memory_mib"], r["memory_kind"] = (peak - before) / 2**20, kind
     return r
+
+
+SPEED_METRICS = ("prefill_tok_s", "decode_tok_s")
+
+
+def _keep_best(best: dict | None, r: dict) -> dict:
+    """Fold one round r (a measure_speed result) into best (None before round 1): per metric and batch
+    size the highest tok/s is kept, and best["all_rounds"][metric][B] lists every round's value in order."""
+    if best is None:
+        r["all_rounds"] = {k: {b: [v] for b, v in r[k].items()} for k in SPEED_METRICS}
+        return r
+    for k in SPEED_METRICS:
+        for b, v in r[k].items():
+            best["all_rounds"][k][b].append(v)
+            best[k][b] = max(best[k][b], v)
+    return best
+
+
+def speed_phase(names: list[str], dev: torch.device, dtype: str, rounds: int, prompt_len: int,
+                decode_tokens: int, batch_sizes: tuple[int, ...]) -> dict[str, dict]:
+    """Best-of-`rounds` speed of every model, rounds interleaved across models so that load from other
+    work on the machine hits all of them alike: A1 B1 A2 B2 ... All models are resident together (they
+    must fit at once) and freed at the end.
+
+    Memory is measured in round 1, which runs right after the model loads and before the next one
+    loads, so only that model is running: its peak minus the baseline taken just before it loaded
+    (_speed_with_memory). Models loaded earlier sit idle in that baseline, and their freed activations
+    were trimmed before it, so each model's number is its own weights plus its own activations, as when
+    it was measured alone. Later rounds only time.
+
+    Returns name -> measure_speed's dict with prefill_tok_s / decode_tok_s {B: best tok/s},
+    all_rounds {metric: {B: [tok/s per round]}}, rounds, peak_memory_mib, memory_kind, wall_s (the
+    seconds of its own rounds).
+    """
+    if rounds < 1:
+        raise ValueError(f"speed_rounds must be >= 1, got {rounds}")
+    args = (prompt_len, decode_tokens, batch_sizes)
+    models: dict = {}
+    best: dict[str, dict] = {}
+    wall: dict[str, float] = {}
+    try:
+        for name in dict.fromkeys(names):  # round 1: load, then time it alone with its memory
+            _release(dev)
+            before = _memory_baseline(dev)
+            models[name] = load_model(name, dev, dtype, with_tokenizer=False)[0]
+            t0 = time.perf_counter()
+            best[name] = _keep_best(None, _speed_with_memory(models[name], dev, before, *args))
+            wall[name] = time.perf_counter() - t0
+        for _ in range(rounds - 1):
+            for name in models:
+                t0 = time.perf_counter()
+                _keep_best(best[name], measure_speed(models[name], *args))
+                wall[name] += time.perf_counter() - t0
+    finally:
+        models.clear()
+        _release(dev)
+    for name, r in best.items():
+        r["rounds"], r["wall_s"] = rounds, wall[name]
+    return best
 
 
 # ---------------------------------------------------------------- the driver
@@ -301,62 +380,90 @@ def _headline(task: str, r: dict) -> float:
     return r["acc_norm"] if task in NORM_TASKS else r["acc"]
 
 
+def _run_task(model, tok, name: str, t: str, loaded: dict, opts: dict) -> dict:
+    """One non-speed task on a loaded model -> its result dict (see evaluate for the task names)."""
+    desc = f"{name} {t}" if opts["progress"] else None
+    if t == "wikitext2":
+        ids = wikitext_ids(tok, opts["data_root"])
+        window = opts["window"]
+        return windowed_perplexity(model, ids, window, max(1, opts["batch_size"] * 256 // window), opts["limit"],
+                                   desc)  # ~2k tokens of logits per forward
+    if t.startswith("loss:"):
+        return heldout_loss(model, tok, t[5:], opts["seq_len"], opts["batch_size"], opts["limit"],
+                            opts["data_root"], desc)
+    r = score_task(model, tok, loaded[t], opts["batch_size"], opts["progress"])
+    if not opts["keep_items"]:
+        r.pop("items")
+    return r
+
+
+def _task_phase(name: str, tasks: list[str], loaded: dict, dev: torch.device, dtype: str, opts: dict) -> dict:
+    """Load one model, run the non-speed tasks on it, free it -> {"tasks": {task: result}, "wall_s": {task: s}}."""
+    entry: dict = {"tasks": {}, "wall_s": {}}
+    if not tasks:
+        return entry
+    _release(dev)
+    model, tok = load_model(name, dev, dtype)
+    for t in tasks:
+        t0 = time.perf_counter()
+        entry["tasks"][t] = _run_task(model, tok, name, t, loaded, opts)
+        entry["wall_s"][t] = time.perf_counter() - t0
+    del model
+    _release(dev)
+    return entry
+
+
+def _add_speed_ratios(results: dict, first: str) -> None:
+    """ratio_to_first of every model's speed result: {metric: {B: tok/s / first's}, peak_memory: ratio}."""
+    ref = results["models"][first]["tasks"]["speed"]
+    for e in results["models"].values():
+        sp = e["tasks"]["speed"]
+        sp["ratio_to_first"] = {k: {b: v / ref[k][b] for b, v in sp[k].items()} for k in SPEED_METRICS}
+        sp["ratio_to_first"]["peak_memory"] = sp["peak_memory_mib"] / max(ref["peak_memory_mib"], 1e-9)
+
+
 def evaluate(models: list[str], tasks: list[str], limit: int | None = None, batch_size: int = 8,
              device: str = "auto", dtype: str = "float32", out_dir: str | os.PathLike | None = None,
              data_root: str | os.PathLike | None = None, window: int = 2048, seq_len: int = 512,
              prompt_len: int = 128, decode_tokens: int = 32, speed_batch: int = 8, progress: bool = True,
-             keep_items: bool = False) -> dict:
+             keep_items: bool = False, speed_rounds: int = 5) -> dict:
     """Evaluate each model on each task; write results.json, results.md, results.png into out_dir.
 
     tasks: `wikitext2` (windowed ppl, `window` tokens), `loss:<corpus>` (held-out loss on the
     validation split of a corpus, blocks of `seq_len`), `speed` (prefill/decode tok/s, peak memory),
     or a zero-shot task name (minitron.tasks). `limit` caps items (windows/blocks for perplexity).
+    The non-speed tasks run one model at a time; then `speed` loads all models together and keeps each
+    one's best of `speed_rounds` interleaved rounds (speed_phase). Ratios are to the first model.
     """
     dev = resolve_device(device)
     parse_dtype(dtype)
+    if speed_rounds < 1:
+        raise ValueError(f"speed_rounds must be >= 1, got {speed_rounds}")
     for t in tasks:  # fail on bad names and missing files before loading any model
         if t not in ("wikitext2", "speed") and not t.startswith("loss:"):
             T.task_file(t, data_root)
     loaded = {t: T.load_task(t, data_root, limit) for t in tasks
               if t not in ("wikitext2", "speed") and not t.startswith("loss:")}
     results: dict = {"config": {"models": models, "tasks": tasks, "limit": limit, "batch_size": batch_size,
-                                "device": str(dev), "dtype": dtype, "window": window, "seq_len": seq_len},
+                                "device": str(dev), "dtype": dtype, "window": window, "seq_len": seq_len,
+                                "speed_rounds": speed_rounds},
                      "models": {}}
+    opts = {"limit": limit, "batch_size": batch_size, "data_root": data_root, "window": window,
+            "seq_len": seq_len, "progress": progress, "keep_items": keep_items}
+    plain = [t for t in tasks if t != "speed"]
     for name in models:
-        gc.collect()
-        rss_before = _PeakRSS.rss()
-        model, tok = load_model(name, dev, dtype)
-        entry: dict = {"tasks": {}, "wall_s": {}}
-        for t in tasks:
-            t0 = time.perf_counter()
-            desc = f"{name} {t}" if progress else None
-            if t == "wikitext2":
-                r = windowed_perplexity(model, wikitext_ids(tok, data_root), window, max(1, batch_size * 256 // window),
-                                        limit, desc)  # ~2k tokens of logits per forward
-            elif t.startswith("loss:"):
-                r = heldout_loss(model, tok, t[5:], seq_len, batch_size, limit, data_root, desc)
-            elif t == "speed":
-                r = _speed_with_memory(model, dev, rss_before, prompt_len, decode_tokens, (1, speed_batch))
-            else:
-                r = score_task(model, tok, loaded[t], batch_size, progress)
-                if not keep_items:
-                    r.pop("items")
-            entry["wall_s"][t] = time.perf_counter() - t0
-            entry["tasks"][t] = r
+        results["models"][name] = _task_phase(name, plain, loaded, dev, dtype, opts)
+    if "speed" in tasks:
+        speed = speed_phase(models, dev, dtype, speed_rounds, prompt_len, decode_tokens, (1, speed_batch))
+        for name, r in speed.items():
+            results["models"][name]["wall_s"]["speed"] = r.pop("wall_s")
+            results["models"][name]["tasks"]["speed"] = r
+        _add_speed_ratios(results, models[0])
+    for entry in results["models"].values():
+        entry["tasks"] = {t: entry["tasks"][t] for t in tasks}  # the order of `tasks`
         accs = [_headline(t, r) for t, r in entry["tasks"].items() if "acc" in r]
         if accs:
             entry["average"] = sum(accs) / len(accs)
-        results["models"][name] = entry
-        del model
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    if "speed" in tasks:  # ratios to the first model, as in the markdown table
-        first = results["models"][models[0]]["tasks"]["speed"]
-        for e in results["models"].values():
-            sp = e["tasks"]["speed"]
-            sp["ratio_to_first"] = {k: {b: v / first[k][b] for b, v in sp[k].items()}
-                                    for k in ("prefill_tok_s", "decode_tok_s")}
-            sp["ratio_to_first"]["peak_memory"] = sp["peak_memory_mib"] / max(first["peak_memory_mib"], 1e-9)
     if out_dir is not None:
         write_outputs(results, out_dir)
     return results
@@ -372,6 +479,14 @@ def _cell(task: str, r: dict) -> str:
         return f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}, ppl {r['perplexity']:.2f}"
     m = "acc_norm" if task in NORM_TASKS else "acc"
     return f"{r[m]:.4f} ± {r[m + '_stderr']:.4f}"
+
+
+def _speed_caption(first: dict) -> str:
+    """The line above the speed table: how the numbers were taken (results from before rounds: one run)."""
+    n = first.get("rounds", 1)
+    how = f"best of {n} interleaved rounds per model" if n > 1 else "one round per model"
+    return (f"Speed: {how} (prompt {first['prompt_len']} tokens, {first['decode_tokens']} decoded tokens), "
+            "ratios to the first model; peak memory from round 1.")
 
 
 def markdown_table(results: dict) -> str:
@@ -390,7 +505,7 @@ def markdown_table(results: dict) -> str:
         first = next(iter(results["models"].values()))["tasks"]["speed"]
         bss = list(first["prefill_tok_s"])
         cols = [f"prefill tok/s b{b}" for b in bss] + [f"decode tok/s b{b}" for b in bss] + ["peak MiB"]
-        lines += ["", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += ["", _speed_caption(first), "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, e in results["models"].items():
             s = e["tasks"]["speed"]
             vals = [(s["prefill_tok_s"][b], first["prefill_tok_s"][b]) for b in bss]
@@ -454,6 +569,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128, help="speed: prompt tokens")
     p.add_argument("--decode-tokens", type=int, default=32, help="speed: decoded tokens")
     p.add_argument("--speed-batch", type=int, default=8, help="speed: the larger batch (besides 1)")
+    p.add_argument("--speed-rounds", type=int, default=5,
+                   help="speed: rounds, interleaved across models; each model's best tok/s is kept")
     p.set_defaults(func=run_eval)
     return p
 
@@ -462,7 +579,7 @@ def run_eval(args) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = evaluate(args.model, tasks, args.limit, args.batch_size, args.device, args.dtype, args.out,
                        args.data_dir, args.window, args.seq_len, args.prompt_len, args.decode_tokens,
-                       args.speed_batch)
+                       args.speed_batch, speed_rounds=args.speed_rounds)
     print(markdown_table(results), end="")
     print(f"[minitron] wrote {Path(args.out) / 'results.json'}, results.md, results.png")
     return results

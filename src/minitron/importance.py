@@ -280,9 +280,57 @@ def config_meta(cfg: ImportanceConfig, calib: torch.Tensor, dims: arch.Dims) -> 
 
 
 WIDTH_AXES = ("heads", "kv_groups", "neurons", "channels")
+CRITERIA = ("activation", "magnitude", "taylor", "random")
 
 
 def random_scores(scores: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
     """The random-importance baseline: width scores replaced by seeded uniform noise of the same shape."""
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.rand(scores[k].shape, generator=gen) for k in WIDTH_AXES}
+
+
+def score_model(model, calib: torch.Tensor, select: torch.Tensor, cfg: ImportanceConfig, criterion: str = "activation",
+                seed: int = 0, task: tuple | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every score a plan can need, by one criterion: the Minitron activation pass (width axes, Block
+    Importance, LM-loss blocks per cfg on the selection blocks select [M, T]); for magnitude / taylor /
+    random the width axes are replaced by that criterion's (depth scores stay activation-based);
+    task = (tokenizer, task name, block sizes, data_root) adds the downstream-accuracy depth scores.
+    Returns (scores, meta); meta records the criterion, so a saved file says what made it."""
+    from minitron.criteria import taylor_scores
+
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion {criterion!r} unknown; choose from {', '.join(CRITERIA)}")
+    scores = compute_importance(model, calib, cfg, heldout=select)
+    if criterion == "taylor":
+        scores.update(taylor_scores(model, calib, cfg.batch_size))
+    else:
+        scores = data_free_widths(model, scores, criterion, seed)
+    if task is not None:
+        tokenizer, name, sizes, data_root = task
+        scores.update(layer_task_accuracy(model, tokenizer, name, sizes, batch_size=cfg.batch_size, data_root=data_root))
+    meta = {**config_meta(cfg, calib, arch.dims_of(model.config)), "criterion": criterion}
+    return scores, meta
+
+
+def data_free_widths(model, scores: dict[str, torch.Tensor], criterion: str, seed: int = 0) -> dict:
+    """Width axes of a data-free criterion (magnitude: the weights; random: the seed) in place of those in
+    `scores`; depth scores kept. activation / taylor: scores unchanged."""
+    from minitron.criteria import magnitude_scores
+
+    if criterion == "magnitude":
+        return {**scores, **magnitude_scores(model)}
+    if criterion == "random":
+        return {**scores, **random_scores(scores, seed)}
+    return scores
+
+
+def check_scores_meta(meta: dict, path, dims: arch.Dims, criterion: str) -> None:
+    """Refuse a saved scores file measured on another model, or by another criterion than asked for
+    (magnitude and random widths are data-free: they are recomputed over any saved scores)."""
+    if meta.get("dims") and meta["dims"] != dims.to_dict():
+        raise ValueError(f"{path} was measured on a model of dims {meta['dims']}, not this model's "
+                         f"{dims.to_dict()}; drop --scores to recompute")
+    made_by = meta.get("criterion", "activation")
+    if made_by != criterion and criterion not in ("magnitude", "random"):
+        raise ValueError(f"{path} holds {made_by} scores but the criterion asked for is {criterion}; drop --scores "
+                         f"to recompute, or pass --criterion {made_by}")

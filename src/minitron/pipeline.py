@@ -2,54 +2,69 @@
 
     correction -> importance -> search -> prune -> distill -> eval -> export -> report
 
-Each stage writes into its own folder of the output dir, atomically (temp dir + rename), so a folder
-that exists is a finished stage and a rerun skips it; distillation resumes from its last checkpoint;
-`from_stage` redoes a stage and everything after it. With `iterative.budgets`, importance -> prune ->
-distill repeats once per budget on the current student (the first paper's iterative schedule).
+Each stage writes into its own folder of the output dir, atomically (temp dir + rename), with a
+`stage.json` that records what it was made from: its own settings, the fingerprints of the stages it
+read, and the identity of every model and corpus it read (minitron.fingerprint). A rerun skips a stage
+whose record is unchanged; a stage whose record changed is redone, and so is every later one (their
+records hold its fingerprint), with a message naming what changed. Distillation resumes from its last
+checkpoint when its record is unchanged. `from_stage` redoes a stage and everything after it. With
+`iterative.budgets`, importance -> prune -> distill repeats once per budget on the current student
+(the first paper's iterative schedule).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from minitron import arch
-from minitron.config import save_config
-from minitron.data import calibration_sample, load_splits
+from minitron.config import ConfigError, default_of, save_config
+from minitron.data import calibration_sample, load_splits, selection_blocks
 from minitron.files import atomic_dir
-from minitron.importance import (
-    ImportanceConfig,
-    compute_importance,
-    config_meta,
-    layer_task_accuracy,
-    load_scores,
-    save_scores,
+from minitron.fingerprint import (
+    corpus_identity,
+    dir_identity,
+    make_record,
+    model_identity,
+    stale_reason,
+    write_record,
 )
-from minitron.models import load_model
-from minitron.plan import PlanError, Target, parse_count, resolve_dims
+from minitron.importance import ImportanceConfig, load_scores, save_scores, score_model
+from minitron.models import hub_id, load_model
+from minitron.plan import PlanError, Target, parse_count, resolve_dims, source_config
 from minitron.prune import PruneConfig, prune
 from minitron.search import SearchConfig, save_table, search
 
 STAGES = ("correction", "importance", "search", "prune", "distill", "eval", "export", "report")
 
 
+def _d(cls, name):
+    return default_of(cls, name)
+
+
+def _dc(name):
+    from minitron.distill import DistillConfig
+
+    return default_of(DistillConfig, name)
+
+
 @dataclass
 class ModelSection:
     teacher: str = "default"              # HF dir, hub id, or `default` (SmolLM2-135M-Instruct)
-    device: str = "auto"
-    dtype: str = "float32"
+    device: str = _d(PruneConfig, "device")
+    dtype: str = _d(PruneConfig, "dtype")
     trust_remote_code: bool = False
 
 
 @dataclass
 class DataSection:
     corpus: str = "default"               # distillation / calibration corpus (minitron.data)
-    seq_len: int = 256
-    val_fraction: float = 0.05
+    seq_len: int = _d(PruneConfig, "seq_len")
+    val_fraction: float = _d(PruneConfig, "val_fraction")
     data_dir: str | None = None           # folder laid out like shared/data ($MINITRON_DATA_DIR)
-    seed: int = 0
+    seed: int = _d(PruneConfig, "seed")
 
 
 @dataclass
@@ -61,28 +76,28 @@ class CorrectionSection:
 
 @dataclass
 class ImportanceSection:
-    calib_samples: int = 128
-    heldout_samples: int = 16             # validation blocks for held-out loss and the LM-loss layer metric
-    batch_size: int = 8
-    seq_agg: str = "mean"
-    batch_agg: str = "l2"
-    criterion: str = "activation"         # activation | magnitude | taylor | random
+    calib_samples: int = _d(PruneConfig, "calib_samples")
+    heldout_samples: int = _d(PruneConfig, "heldout_samples")  # validation blocks that choose (as many report)
+    batch_size: int = _d(PruneConfig, "batch_size")
+    seq_agg: str = _d(PruneConfig, "seq_agg")
+    batch_agg: str = _d(PruneConfig, "batch_agg")
+    criterion: str = _d(PruneConfig, "criterion")  # activation | magnitude | taylor | random
 
 
 @dataclass
 class DistillSection:
     tokens: int = 200_000
-    loss: str = "fkl"
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    batch_size: int = 8
-    grad_accum: int = 1
-    eval_every: int = 25
-    save_every: int = 25
+    loss: str = _dc("loss")
+    temperature: float = _dc("temperature")
+    ce_weight: float = _dc("ce_weight")
+    lr: float = _dc("lr")
+    min_lr: float = _dc("min_lr")
+    batch_size: int = _dc("batch_size")
+    grad_accum: int = _dc("grad_accum")
+    eval_every: int = _dc("eval_every")
+    save_every: int = _dc("save_every")
     topk: int = 0                         # > 0: cache the teacher's top-k log-probs once and reuse them
-    autocast: str = "none"                # none | bf16
+    autocast: str = _dc("autocast")       # none | bf16
 
 
 @dataclass
@@ -92,6 +107,7 @@ class EvalSection:
     ppl_limit: int | None = 20            # windows (wikitext2) / blocks (loss:...) per perplexity task
     batch_size: int = 8
     window: int = 2048
+    speed_rounds: int = 5                 # speed: interleaved rounds over the models, best of each kept
 
 
 @dataclass
@@ -120,80 +136,136 @@ class RunConfig:
                 or self.search.enabled or self.iterative.budgets):
             raise PlanError("the recipe prunes nothing: set target.params (e.g. 70M) or target dims, "
                             "or enable search / iterative")
+        from minitron.importance import CRITERIA
+
+        if self.importance.criterion not in CRITERIA:
+            raise ConfigError(f"importance.criterion {self.importance.criterion!r} unknown; choose from "
+                              f"{', '.join(CRITERIA)}")
+
+
+# ---- stage records: what each stage was made from ------------------------------------------------------
+
+def _data(cfg: RunConfig) -> dict:
+    """The data settings that change what a stage computes (data_dir only locates files: their identity
+    is recorded instead)."""
+    return {k: v for k, v in asdict(cfg.data).items() if k != "data_dir"}
+
+
+def _corpus(cfg: RunConfig) -> dict:
+    return corpus_identity(cfg.data.corpus, cfg.data.data_dir)
+
+
+def up_to_date(folder: Path, record: dict, marker: str) -> bool:
+    """True when `folder` holds this stage, finished (`marker` exists), made from `record`: skip it.
+    A folder made from another record is removed, with a message naming what changed; an unfinished
+    folder with the same record is left for the stage to resume."""
+    if not folder.exists():
+        return False
+    reason = stale_reason(folder, record)
+    if reason is None:
+        if (folder / marker).exists():
+            print(f"[minitron] {record['stage']}: up to date, skipped ({folder})")
+            return True
+        return False
+    print(f"[minitron] {record['stage']}: redoing {folder} and every later stage, because {reason}")
+    shutil.rmtree(folder)
+    return False
 
 
 # ---- stages ------------------------------------------------------------------------------------------
 
 def stage_correction(cfg: RunConfig, out: Path) -> str:
     """Teacher correction (optional): returns the teacher to use from here on."""
+    folder = out / "correction"
     if not cfg.correction.enabled:
         return cfg.model.teacher
-    from minitron.distill import DistillConfig, can_resume, distill
+    from minitron.distill import FINISHED, DistillConfig, can_resume, distill
 
-    folder = out / "correction"
-    distill(DistillConfig(student=cfg.model.teacher, teacher=None, out=str(folder), data=cfg.data.corpus,
-                          tokens=cfg.correction.tokens, lr=cfg.correction.lr, min_lr=cfg.correction.lr / 10,
-                          kd_weight=0.0, ce_weight=1.0, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
-                          split_seed=cfg.data.seed,
-                          device=cfg.model.device, dtype=cfg.model.dtype, data_root=cfg.data.data_dir,
-                          resume=can_resume(folder)))
+    record = make_record("correction", {"correction": asdict(cfg.correction), "data": _data(cfg),
+                                        "dtype": cfg.model.dtype},
+                         {"teacher": model_identity(cfg.model.teacher), "corpus": _corpus(cfg)})
+    if not up_to_date(folder, record, FINISHED):
+        write_record(folder, record)
+        distill(DistillConfig(student=cfg.model.teacher, teacher=None, out=str(folder), data=cfg.data.corpus,
+                              tokens=cfg.correction.tokens, lr=cfg.correction.lr, min_lr=cfg.correction.lr / 10,
+                              kd_weight=0.0, ce_weight=1.0, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
+                              split_seed=cfg.data.seed, val_fraction=cfg.data.val_fraction,
+                              device=cfg.model.device, dtype=cfg.model.dtype, data_root=cfg.data.data_dir,
+                              resume=can_resume(folder)))
     return str(folder)
 
 
+def _depth_needs(cfg: RunConfig, model_name: str, target: Target | None) -> dict:
+    """Which depth scores the importance pass computes: LM-loss / task blocks of the size the target drops."""
+    if target is None:
+        return {"n_drop": 0, "layer_metric": cfg.search.layer_metric, "contiguous": True}
+    config = source_config(model_name, cfg.model.trust_remote_code)
+    n_drop = arch.dims_of(config).layers - resolve_dims(config, target).layers
+    return {"n_drop": n_drop if not target.drop_layers else 0, "layer_metric": target.layer_metric,
+            "contiguous": target.contiguous}
+
+
 def stage_importance(cfg: RunConfig, folder: Path, model_name: str, target: Target | None) -> Path:
-    """Calibration pass on `model_name`; scores.safetensors in `folder` (skipped when present)."""
-    if (folder / "scores.safetensors").is_file():
+    """Calibration pass on `model_name` by importance.criterion; scores.safetensors in `folder`."""
+    depth = _depth_needs(cfg, model_name, target)
+    record = make_record("importance", {"importance": asdict(cfg.importance), "data": _data(cfg),
+                                        "dtype": cfg.model.dtype, "depth": depth},
+                         {"model": model_identity(model_name), "corpus": _corpus(cfg)})
+    if up_to_date(folder, record, "scores.safetensors"):
         return folder / "scores.safetensors"
     model, tok = load_model(model_name, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
     splits = load_splits(cfg.data.corpus, tok, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed,
                          data_root=cfg.data.data_dir)
     calib = calibration_sample(splits.train, cfg.importance.calib_samples, cfg.data.seed)
-    src_layers = arch.dims_of(model.config).layers
-    n_drop = src_layers - resolve_dims(model.config, target).layers if target is not None else 0
-    lm_sizes = [n_drop] if n_drop and target.layer_metric == "lm-loss" and target.contiguous else []
-    icfg = ImportanceConfig(cfg.importance.seq_agg, cfg.importance.batch_agg, cfg.importance.batch_size,
-                            lm_loss_layers=n_drop > 0 and target.layer_metric == "lm-loss",
-                            lm_loss_block_sizes=lm_sizes)
-    scores = compute_importance(model, calib, icfg, heldout=splits.validation[: cfg.importance.heldout_samples])
-    if n_drop and target.layer_metric.startswith("task:"):
-        scores.update(layer_task_accuracy(model, tok, target.layer_metric[len("task:"):],
-                                          [1, n_drop] if target.contiguous else [1],
-                                          batch_size=cfg.importance.batch_size, data_root=cfg.data.data_dir))
+    n_drop, metric, contiguous = depth["n_drop"], depth["layer_metric"], depth["contiguous"]
+    lm = n_drop > 0 and metric == "lm-loss"
+    imp = cfg.importance
+    icfg = ImportanceConfig(imp.seq_agg, imp.batch_agg, imp.batch_size, lm_loss_layers=lm,
+                            lm_loss_block_sizes=[n_drop] if lm and contiguous else [])
+    task = ((tok, metric[len("task:"):], [1, n_drop] if contiguous else [1], cfg.data.data_dir)
+            if n_drop and metric.startswith("task:") else None)
+    scores, meta = score_model(model, calib, selection_blocks(splits.validation, imp.heldout_samples), icfg,
+                               imp.criterion, cfg.data.seed, task)
     from minitron.report import plot_blocks, plot_importance
 
     with atomic_dir(folder) as tmp:
-        save_scores(scores, tmp, {**config_meta(icfg, calib, arch.dims_of(model.config)), "model": model_name})
-        plot_importance(scores, tmp / "importance.png", title=f"importance of {model_name}")
+        save_scores(scores, tmp, {**meta, "model": model_name})
+        plot_importance(scores, tmp / "importance.png", title=f"{imp.criterion} importance of {model_name}")
         plot_blocks(scores, tmp / "blocks.png")
+        write_record(tmp, record)
     return folder / "scores.safetensors"
 
 
 def stage_search(cfg: RunConfig, out: Path, teacher: str, scores_path: Path) -> Target:
     """Architecture search (optional): the best candidate's dims become the target."""
+    folder, work = out / "search", out / "search_work"
     if not cfg.search.enabled:
         return cfg.target
-    folder = out / "search"
-    if not (folder / "search.json").is_file():
+    record = make_record("search", {"search": asdict(cfg.search), "importance": asdict(cfg.importance),
+                                    "distill": asdict(cfg.distill), "data": _data(cfg), "dtype": cfg.model.dtype},
+                         {"importance": dir_identity(scores_path.parent), "teacher": model_identity(teacher)})
+    if not up_to_date(folder, record, "search.json"):
+        shutil.rmtree(work, ignore_errors=True)  # candidates distilled for another search
         model, tok = load_model(teacher, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
         splits = load_splits(cfg.data.corpus, tok, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed,
                              data_root=cfg.data.data_dir)
-        validation = splits.validation[: cfg.importance.heldout_samples]
-        train = _short_distiller(cfg, teacher, tok, folder) if cfg.search.train_tokens > 0 else None
+        validation = selection_blocks(splits.validation, cfg.importance.heldout_samples)
+        train = _short_distiller(cfg, teacher, tok, work) if cfg.search.train_tokens > 0 else None
         rows = search(model, load_scores(scores_path)[0], validation, cfg.search, train=train,
                       batch_size=cfg.importance.batch_size)
         with atomic_dir(folder) as tmp:
             save_table(rows, tmp, cfg.search)
+            write_record(tmp, record)
     best = json.loads((folder / "search.json").read_text())["rows"][0]["dims"]
     print(f"[minitron] search picked {best}")
     return Target(hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"], kv_heads=best["kv_heads"],
                   layers=best["layers"], layer_metric=cfg.search.layer_metric)
 
 
-def _short_distiller(cfg: RunConfig, teacher: str, tokenizer, folder: Path):
+def _short_distiller(cfg: RunConfig, teacher: str, tokenizer, work: Path):
     """train(model) for the search: save the candidate, distill it for search.train_tokens, reload."""
     from minitron.distill import distill
 
-    work = folder.parent / "search_work"
     counter = iter(range(10_000))
 
     def train(student):
@@ -212,16 +284,20 @@ def _short_distiller(cfg: RunConfig, teacher: str, tokenizer, folder: Path):
 
 def stage_prune(cfg: RunConfig, folder: Path, model_name: str, scores_path: Path, target: Target) -> Path:
     """Trim `model_name` to `target` with the saved scores (no recalibration)."""
-    if (folder / "plan.json").is_file():
-        return folder
     imp = cfg.importance
-    return prune(PruneConfig(model=model_name, out=str(folder), target=target, calib_data=cfg.data.corpus,
-                             calib_samples=imp.calib_samples, heldout_samples=imp.heldout_samples,
-                             seq_len=cfg.data.seq_len, batch_size=imp.batch_size, seq_agg=imp.seq_agg,
-                             batch_agg=imp.batch_agg, criterion=imp.criterion, scores=str(scores_path),
-                             seed=cfg.data.seed, device=cfg.model.device, dtype=cfg.model.dtype,
-                             data_dir=cfg.data.data_dir, overwrite=True,
-                             trust_remote_code=cfg.model.trust_remote_code))
+    record = make_record("prune", {"target": asdict(target), "importance": asdict(imp), "data": _data(cfg),
+                                   "dtype": cfg.model.dtype},
+                         {"model": model_identity(model_name), "importance": dir_identity(scores_path.parent)})
+    if up_to_date(folder, record, "plan.json"):
+        return folder
+    prune(PruneConfig(model=model_name, out=str(folder), target=target, calib_data=cfg.data.corpus,
+                      calib_samples=imp.calib_samples, heldout_samples=imp.heldout_samples,
+                      seq_len=cfg.data.seq_len, val_fraction=cfg.data.val_fraction, batch_size=imp.batch_size,
+                      seq_agg=imp.seq_agg, batch_agg=imp.batch_agg, criterion=imp.criterion,
+                      scores=str(scores_path), seed=cfg.data.seed, device=cfg.model.device, dtype=cfg.model.dtype,
+                      data_dir=cfg.data.data_dir, overwrite=True, trust_remote_code=cfg.model.trust_remote_code))
+    write_record(folder, record)
+    return folder
 
 
 def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, tokens: int, **over):
@@ -240,15 +316,25 @@ def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, to
 
 
 def stage_distill(cfg: RunConfig, folder: Path, teacher: str, student: Path, tokens: int) -> Path:
-    """Logit distillation of the pruned student (resumes an interrupted run; skips a finished one)."""
-    from minitron.distill import distill
+    """Logit distillation of the pruned student (resumes an interrupted run; skips a finished one). The
+    top-k cache, when used, is keyed by the teacher's identity and rebuilt for another teacher."""
+    from minitron.distill import FINISHED, distill
 
+    record = make_record("distill", {"distill": asdict(cfg.distill), "tokens": tokens, "data": _data(cfg),
+                                     "dtype": cfg.model.dtype},
+                         {"teacher": model_identity(teacher), "student": model_identity(str(student)),
+                          "corpus": _corpus(cfg)})
+    if up_to_date(folder, record, FINISHED):
+        return folder
+    write_record(folder, record)
     return distill(_distill_config(cfg, teacher, str(student), folder, tokens))
 
 
 def stage_eval(cfg: RunConfig, folder: Path, models: dict[str, str]) -> dict:
     """Teacher and student(s) on the recipe's tasks; results.json / .md / .png."""
-    if (folder / "results.json").is_file():
+    record = make_record("eval", {"eval": asdict(cfg.eval), "data": _data(cfg), "dtype": cfg.model.dtype},
+                         {label: model_identity(name) for label, name in models.items()})
+    if up_to_date(folder, record, "results.json"):
         return json.loads((folder / "results.json").read_text())
     from minitron.evaluate import evaluate, write_outputs
 
@@ -259,7 +345,8 @@ def stage_eval(cfg: RunConfig, folder: Path, models: dict[str, str]) -> dict:
         if not tasks:
             continue
         part = evaluate(list(models.values()), tasks, limit=limit, batch_size=e.batch_size, device=cfg.model.device,
-                        dtype=cfg.model.dtype, data_root=cfg.data.data_dir, window=e.window, seq_len=cfg.data.seq_len)
+                        dtype=cfg.model.dtype, data_root=cfg.data.data_dir, window=e.window, seq_len=cfg.data.seq_len,
+                        speed_rounds=e.speed_rounds)
         if not results:
             results = part
             continue
@@ -269,16 +356,21 @@ def stage_eval(cfg: RunConfig, folder: Path, models: dict[str, str]) -> dict:
             mine["wall_s"].update(entry["wall_s"])
             if "average" in entry:
                 mine["average"] = entry["average"]
+        results["config"].update({k: v for k, v in part["config"].items() if k.startswith("speed")})
     results["config"].update(tasks=e.tasks, limit=e.limit, ppl_limit=e.ppl_limit)
     results["labels"] = {path: label for label, path in models.items()}
     with atomic_dir(folder) as tmp:
         write_outputs(results, tmp)
+        write_record(tmp, record)
     return results
 
 
 def stage_export(cfg: RunConfig, folder: Path, student: Path, card: dict) -> Path:
-    """The final student: a plain HF dir with a model card."""
-    if (folder / "config.json").is_file():
+    """The final student: a plain HF dir with a model card (the card describes this run: it is redone
+    whenever the student or the evaluation changed)."""
+    record = make_record("export", {"card": {k: v for k, v in card.items() if k not in ("plan", "results")}},
+                         {"student": model_identity(str(student)), "eval": dir_identity(Path(card["eval_dir"]))})
+    if up_to_date(folder, record, "config.json"):
         return folder
     from minitron.report import write_model_card
 
@@ -287,6 +379,7 @@ def stage_export(cfg: RunConfig, folder: Path, student: Path, card: dict) -> Pat
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_model_card(tmp / "README.md", card)
+        write_record(tmp, record)
     return folder
 
 
@@ -306,6 +399,24 @@ def clear_from(out: Path, stage: str) -> None:
     (out / "report.md").unlink(missing_ok=True)
 
 
+def remove_unused(out: Path, cfg: RunConfig) -> None:
+    """Folders of stages this recipe does not run (left by an earlier recipe in the same out) are removed,
+    so the report never shows them."""
+    unused = [] if cfg.correction.enabled else ["correction"]
+    if not cfg.search.enabled:
+        unused += ["search", "search_work"]
+    if cfg.iterative.budgets:
+        unused += ["importance", "prune", "distill"]
+    for name in unused:
+        if (out / name).exists():
+            print(f"[minitron] removing {out / name}: this recipe does not run that stage")
+            shutil.rmtree(out / name)
+    steps = {f"step{i}" for i in range(1, len(cfg.iterative.budgets) + 1)}
+    for p in out.glob("step*"):
+        if p.is_dir() and p.name not in steps:
+            shutil.rmtree(p)
+
+
 def check_eval_inputs(cfg: RunConfig) -> None:
     """Fail at the start, not after distillation, when an evaluation file is missing."""
     from minitron import tasks as T
@@ -323,14 +434,35 @@ def check_eval_inputs(cfg: RunConfig) -> None:
             T.task_file(task, cfg.data.data_dir)
 
 
+def check_target(cfg: RunConfig) -> None:
+    """Architecture and target checked on the teacher's config, before any weight is read."""
+    config = source_config(cfg.model.teacher, cfg.model.trust_remote_code)
+    if cfg.iterative.budgets:
+        budgets = [parse_count(b) for b in cfg.iterative.budgets]
+        if budgets != sorted(budgets, reverse=True):
+            raise PlanError(f"iterative.budgets must decrease, got {cfg.iterative.budgets}")
+        resolve_dims(config, replace(cfg.target, params=budgets[0]))
+    elif not cfg.search.enabled:
+        resolve_dims(config, cfg.target)
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file, not a folder; choose another out (e.g. out=runs/name)")
+
+
 def run(cfg: RunConfig, from_stage: str | None = None) -> Path:
     """Teacher -> distilled, evaluated, exported student, in `cfg.out`."""
     cfg.check()
-    check_eval_inputs(cfg)
     out = Path(cfg.out)
+    check_out(out)
+    check_eval_inputs(cfg)
+    check_target(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if from_stage:
         clear_from(out, from_stage)
+    remove_unused(out, cfg)
+    (out / "report.md").unlink(missing_ok=True)  # rewritten at the end: never describes another run
     save_config(cfg, out / "config.yaml")
     teacher = stage_correction(cfg, out)
     if cfg.iterative.budgets:
@@ -354,8 +486,6 @@ def run(cfg: RunConfig, from_stage: str | None = None) -> Path:
 def run_iterative(cfg: RunConfig, out: Path, teacher: str) -> Path:
     """Prune -> distill once per budget, each step re-scoring the current student; same total tokens."""
     budgets = [parse_count(b) for b in cfg.iterative.budgets]
-    if budgets != sorted(budgets, reverse=True):
-        raise PlanError(f"iterative.budgets must decrease, got {cfg.iterative.budgets}")
     current = teacher
     tokens = cfg.distill.tokens // len(budgets)
     for i, budget in enumerate(budgets, 1):
@@ -370,6 +500,8 @@ def run_iterative(cfg: RunConfig, out: Path, teacher: str) -> Path:
 def run_search(cfg: RunConfig) -> Path:
     """`minitron search`: importance (cached) and the search stage alone; prints the table."""
     out = Path(cfg.out)
+    check_out(out)
+    source_config(cfg.model.teacher, cfg.model.trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     teacher = stage_correction(cfg, out)
@@ -379,26 +511,30 @@ def run_search(cfg: RunConfig) -> Path:
 
 
 def _ensure_block_scores(cfg: RunConfig, folder: Path, teacher: str, target: Target) -> Path:
-    """Add LM-loss block scores that a depth target needs to an existing scores file."""
+    """Add LM-loss block scores that a depth target needs to an existing scores file (selection blocks)."""
     from minitron.importance import layer_lm_loss
 
     path = folder / "scores.safetensors"
     scores, meta = load_scores(path)
-    model, tok = load_model(teacher, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
-    n_drop = arch.dims_of(model.config).layers - target.layers
+    n_drop = arch.dims_of(source_config(teacher, cfg.model.trust_remote_code)).layers - target.layers
     if target.layer_metric != "lm-loss" or n_drop <= 0 or f"block_lm_loss.{n_drop}" in scores:
         return path
+    model, tok = load_model(teacher, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
     splits = load_splits(cfg.data.corpus, tok, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed,
                          data_root=cfg.data.data_dir)
-    scores.update(layer_lm_loss(model, splits.validation[: cfg.importance.heldout_samples], [1, n_drop],
-                                cfg.importance.batch_size))
+    scores.update(layer_lm_loss(model, selection_blocks(splits.validation, cfg.importance.heldout_samples),
+                                [1, n_drop], cfg.importance.batch_size))
     save_scores(scores, folder, meta)
     return path
 
 
 def _card(cfg: RunConfig, out: Path, teacher: str, results: dict) -> dict:
-    """What the model card says: provenance, recipe, data, tokens, scores."""
+    """What the model card says: provenance (the source model's hub id when it has one), recipe, data,
+    tokens, scores."""
     plan_path = next(iter(sorted(out.glob("**/prune/plan.json"), reverse=True)), None)
     plan = json.loads(plan_path.read_text()) if plan_path else {}
-    return {"teacher": teacher, "recipe": str(out / "config.yaml"), "corpus": cfg.data.corpus,
-            "distill_tokens": cfg.distill.tokens, "loss": cfg.distill.loss, "plan": plan, "results": results}
+    return {"source": cfg.model.teacher, "base_model": hub_id(cfg.model.teacher),
+            "teacher": "the source model after teacher correction" if teacher != cfg.model.teacher else cfg.model.teacher,
+            "recipe": str(out / "config.yaml"), "corpus": cfg.data.corpus, "distill_tokens": cfg.distill.tokens,
+            "loss": cfg.distill.loss, "criterion": cfg.importance.criterion, "eval_dir": str(out / "eval"),
+            "plan": plan, "results": results}

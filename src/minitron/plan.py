@@ -98,6 +98,27 @@ def config_with_dims(config, dims: arch.Dims, kept_layers: list[int] | None = No
     return new
 
 
+def source_config(name: str, trust_remote_code: bool = False):
+    """A model's config alone (no weight is read), checked to be a family minitron prunes: so an
+    unsupported architecture or an impossible target fails before a checkpoint is loaded."""
+    from transformers import AutoConfig
+
+    from minitron.models import ModelLoadError, resolve_model_path
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise arch.UnsupportedArchitecture(
+            f"{name!r}: unknown or unsupported architecture ({e}); supported families: "
+            f"{', '.join(sorted(arch.FAMILIES))}") from e
+    except OSError as e:
+        raise ModelLoadError(f"could not read the config of {name!r}: {e}. Point --model at a dir written by "
+                             "save_pretrained (with config.json), or a hub id when online.") from e
+    arch.get_arch(config)
+    return config
+
+
 def count_params(config) -> dict:
     """Exact parameter counts of a config (model built on the meta device): total and non-embedding."""
     from transformers import AutoModelForCausalLM

@@ -12,20 +12,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minitron import arch
-from minitron.criteria import magnitude_scores, taylor_scores
-from minitron.data import calibration_sample, load_splits
+from minitron.data import calibration_sample, load_splits, report_blocks, resolve_source, selection_blocks
 from minitron.files import atomic_dir
 from minitron.importance import (
+    CRITERIA,
     ImportanceConfig,
-    compute_importance,
-    config_meta,
-    layer_task_accuracy,
+    check_scores_meta,
+    data_free_widths,
     load_scores,
-    random_scores,
     save_scores,
+    score_model,
 )
 from minitron.models import lm_loss, load_model
-from minitron.plan import PrunePlan, Target, budget_splits, make_plan, resolve_dims
+from minitron.plan import PrunePlan, Target, budget_splits, make_plan, resolve_dims, source_config
 from minitron.report import plot_blocks, plot_importance
 
 
@@ -84,7 +83,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     emb = arch.embedding(model)
     emb.weight = nn.Parameter(emb.weight.data.index_select(1, hidden.to(emb.weight.device)).clone())
     emb.embedding_dim = len(hidden)
-    arch.set_embedding_scale(model, dims.hidden)
+    arch.rescale_embedding(model, dims.hidden)  # Gemma3: sqrt(hidden) scale, folded so the embedding is kept
     slice_norm(arch.final_norm(model), hidden)
     head = arch.lm_head(model)
     if dims.tied:
@@ -124,29 +123,30 @@ class OutputExists(FileExistsError):
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty output dir unless overwrite (checked before any work)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise OutputExists(f"--out {out} is a file, not a folder; choose another --out (the file is left as it is)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExists(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-
-
-CRITERIA = ("activation", "magnitude", "taylor", "random")
 
 
 # ---- the `minitron prune` stage: data -> importance -> plan -> trim -> save -------------------------
 
 @dataclass
 class PruneConfig:
-    """Everything `minitron prune` needs; saved as prune_config.json beside the pruned model."""
+    """Everything `minitron prune` needs; saved as prune_config.json beside the pruned model. These
+    defaults are the only ones: the CLI options and the recipe's importance/data sections read them."""
 
     model: str = "default"
     out: str = "runs/pruned"
     target: Target = field(default_factory=Target)
     calib_data: str = "default"        # corpus for calibration and held-out loss (see minitron.data)
-    calib_samples: int = 256
-    heldout_samples: int = 16
-    seq_len: int = 512
+    calib_samples: int = 128           # calibration blocks
+    heldout_samples: int = 16          # validation blocks that choose (split, depth block); as many report
+    seq_len: int = 256                 # tokens per block
+    val_fraction: float = 0.05         # validation share of the corpus' blocks (whole documents)
     batch_size: int = 8
-    seq_agg: str = "mean"
-    batch_agg: str = "l2"
+    seq_agg: str = "mean"              # aggregation over the sequence: mean | l2 | max | var
+    batch_agg: str = "l2"              # aggregation over samples: mean | l2 | max | var
     criterion: str = "activation"      # width scores: activation | magnitude | taylor | random
     scores: str | None = None          # reuse a scores.safetensors (no calibration)
     seed: int = 0
@@ -157,60 +157,63 @@ class PruneConfig:
     trust_remote_code: bool = False
 
 
+def measure(model, tokenizer, calib: torch.Tensor, select: torch.Tensor, cfg: PruneConfig, n_drop: int
+            ) -> tuple[dict[str, torch.Tensor], dict]:
+    """The scores cfg.target needs (see importance.score_model): LM-loss / task block scores only when
+    layers are dropped by that metric."""
+    metric, t = cfg.target.layer_metric, cfg.target
+    need_lm = n_drop > 0 and not t.drop_layers and metric == "lm-loss"
+    need_task = n_drop > 0 and not t.drop_layers and metric.startswith("task:")
+    icfg = ImportanceConfig(cfg.seq_agg, cfg.batch_agg, cfg.batch_size, lm_loss_layers=need_lm,
+                            lm_loss_block_sizes=[n_drop] if need_lm and t.contiguous else [])
+    task = ((tokenizer, metric[len("task:"):], [1, n_drop] if t.contiguous else [1], cfg.data_dir)
+            if need_task else None)
+    return score_model(model, calib, select, icfg, cfg.criterion, cfg.seed, task)
+
+
 def prune(cfg: PruneConfig) -> Path:
-    """Prune cfg.model to cfg.target and save a plain HF model dir (+ plan, scores, plot) at cfg.out."""
+    """Prune cfg.model to cfg.target and save a plain HF model dir (+ plan, scores, plot) at cfg.out.
+
+    Held-out hygiene: the budget split and the LM-loss depth block are chosen on the selection blocks,
+    the loss after pruning is reported on the disjoint report blocks (minitron.data)."""
     out = Path(cfg.out)
     check_out_dir(out, cfg.overwrite)
     if cfg.criterion not in CRITERIA:
         raise ValueError(f"criterion {cfg.criterion!r} unknown; choose from {', '.join(CRITERIA)}")
+    config = source_config(cfg.model, cfg.trust_remote_code)  # architecture and target checked before loading
+    src = arch.dims_of(config)
+    n_drop = src.layers - resolve_dims(config, cfg.target).layers
+    resolve_source(cfg.calib_data, cfg.data_dir)  # a missing corpus fails before loading too
+    saved = load_scores(Path(cfg.scores)) if cfg.scores else None
+    if saved is not None:
+        check_scores_meta(saved[1], cfg.scores, src, cfg.criterion)
     model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
-    src = arch.dims_of(model.config)
-    n_drop = src.layers - resolve_dims(model.config, cfg.target).layers  # a bad target fails before the slow part
-    metric = cfg.target.layer_metric
-    need_lm = n_drop > 0 and not cfg.target.drop_layers and metric == "lm-loss"
-    need_task = n_drop > 0 and not cfg.target.drop_layers and metric.startswith("task:")
 
-    splits = load_splits(cfg.calib_data, tokenizer, cfg.seq_len, seed=cfg.seed, data_root=cfg.data_dir)
-    heldout = splits.validation[: cfg.heldout_samples]
-    if cfg.scores:
-        scores, meta = load_scores(Path(cfg.scores))
-        if meta.get("dims") and meta["dims"] != src.to_dict():
-            raise ValueError(f"{cfg.scores} was measured on a model of dims {meta['dims']}, not {src.to_dict()}; "
-                             "drop --scores to recompute")
-        if cfg.criterion == "taylor" and meta.get("criterion") != "taylor":
-            raise ValueError(f"{cfg.scores} holds no Taylor scores, which need calibration; drop --scores")
+    splits = load_splits(cfg.calib_data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.seed, data_root=cfg.data_dir)
+    select = selection_blocks(splits.validation, cfg.heldout_samples)
+    report = report_blocks(splits.validation, cfg.heldout_samples)
+    if saved is not None:
+        scores, meta = data_free_widths(model, saved[0], cfg.criterion, cfg.seed), {**saved[1], "criterion": cfg.criterion}
     else:
-        calib = calibration_sample(splits.train, cfg.calib_samples, cfg.seed)
-        icfg = ImportanceConfig(cfg.seq_agg, cfg.batch_agg, cfg.batch_size, lm_loss_layers=need_lm,
-                                lm_loss_block_sizes=[n_drop] if need_lm and cfg.target.contiguous else [])
-        scores = compute_importance(model, calib, icfg, heldout=heldout)
-        meta = config_meta(icfg, calib, src)
-        if cfg.criterion == "taylor":
-            scores.update(taylor_scores(model, calib, cfg.batch_size))
-        if need_task:
-            scores.update(layer_task_accuracy(model, tokenizer, metric[len("task:"):],
-                                              [1, n_drop] if cfg.target.contiguous else [1],
-                                              batch_size=cfg.batch_size, data_root=cfg.data_dir))
-    if cfg.criterion == "magnitude":
-        scores.update(magnitude_scores(model))
-    elif cfg.criterion == "random":
-        scores.update(random_scores(scores, cfg.seed))
-    meta["criterion"] = cfg.criterion  # the width scores saved below are this criterion's
+        scores, meta = measure(model, tokenizer, calibration_sample(splits.train, cfg.calib_samples, cfg.seed),
+                               select, cfg, n_drop)
     target, splits_table = cfg.target, []
     if target.params is not None and target.split == "loss" and target.hidden is None and target.ffn is None:
-        target, splits_table = choose_split(model, scores, heldout, target, cfg.batch_size)
-        print("[minitron] hidden/MLP split by held-out loss after pruning: " + ", ".join(
+        target, splits_table = choose_split(model, scores, select, target, cfg.batch_size)
+        print("[minitron] hidden/MLP split by held-out loss after pruning (selection blocks): " + ", ".join(
             f"{r['hidden']}/{r['ffn']} {r['loss_pruned']:.3f}" for r in splits_table))
     plan = make_plan(model.config, scores, target)
     print(f"[minitron] dims {src.hidden=} {src.ffn=} {src.heads=} {src.kv_heads=} {src.layers=} -> "
           f"hidden={plan.target['hidden']} ffn={plan.target['ffn']} heads={plan.target['heads']} "
           f"kv_heads={plan.target['kv_heads']} layers={plan.target['layers']} dropped={plan.dropped_layers}")
-    loss_before = lm_loss(model, heldout, cfg.batch_size)
+    loss_before = lm_loss(model, report, cfg.batch_size)
     apply_plan(model, plan)
-    loss_after = lm_loss(model, heldout, cfg.batch_size)
+    loss_after = lm_loss(model, report, cfg.batch_size)
     metrics = {"params_before": plan.params_before, "params_after": plan.params_after,
                "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
-               "heldout_tokens": int(heldout.numel()), "criterion": cfg.criterion, "budget_splits": splits_table}
+               "heldout_tokens": int(report.numel()), "heldout_blocks": "report (disjoint from selection)",
+               "selection_tokens": int(select.numel()), "criterion": meta.get("criterion", "activation"),
+               "budget_splits": splits_table}
     print(f"[minitron] params {plan.params_before['total'] / 1e6:.2f}M -> {plan.params_after['total'] / 1e6:.2f}M "
           f"(non-embedding {plan.params_before['non_embedding'] / 1e6:.2f}M -> "
           f"{plan.params_after['non_embedding'] / 1e6:.2f}M); held-out loss {loss_before:.4f} -> {loss_after:.4f}")

@@ -108,12 +108,13 @@ def _eval_table(results: dict) -> str:
 def write_model_card(path: Path, card: dict) -> Path:
     """README.md of an exported student: front matter, provenance, recipe, data, tokens, scores."""
     plan = card.get("plan") or {}
-    lines = ["---", "library_name: transformers", f"base_model: {card['teacher']}",
-             "tags: [minitron, pruning, distillation]", "---", "",
+    base = [f"base_model: {card['base_model']}"] if card.get("base_model") else []
+    lines = ["---", "library_name: transformers", *base, "tags: [minitron, pruning, distillation]", "---", "",
              "# Minitron student", "",
-             f"Made with minitron (Minitron pruning + distillation for Hugging Face models) from `{card['teacher']}` by structured pruning "
-             "(activation importance, Minitron recipe) followed by logit distillation "
-             f"({card['loss']}, no LM loss) on `{card['corpus']}` for {card['distill_tokens']:,} tokens.", ""]
+             f"Made with minitron (Minitron pruning + distillation for Hugging Face models) from `{card['source']}` "
+             f"by structured pruning ({card.get('criterion', 'activation')} importance, Minitron recipe) followed by "
+             f"logit distillation ({card['loss']}) from {card['teacher'] if card['teacher'] != card['source'] else 'it'} "
+             f"on `{card['corpus']}` for {card['distill_tokens']:,} tokens.", ""]
     if plan:
         src, tgt = plan["source"], plan["target"]
         lines += ["## Architecture", "", "| | layers | hidden | MLP | heads | KV heads | parameters |",

@@ -331,8 +331,24 @@ def task_file(name: str, root: str | os.PathLike | None = None) -> Path:
     try:
         return fetch_from_hub(name)
     except Exception as e:  # no `datasets`, offline, or the hub refused: the local file is the way
-        raise TaskError(f"task {name!r}: {where} (formats: minitron/tasks.py); fetching "
-                        f"{HUB_SOURCES[name][0]} with `datasets` failed too ({type(e).__name__}: {e})") from e
+        repo, offline = HUB_SOURCES[name][0], _offline_setting()
+        if offline:
+            why = (f"it cannot be downloaded either: this machine is offline ({offline} is set), so `datasets` "
+                   f"could not fetch {repo} ({type(e).__name__}: {e}); copy the file there, or run once online "
+                   "to cache it")
+        elif isinstance(e, ImportError):
+            why = f"fetching {repo} needs `datasets` (pip install datasets), which is not installed"
+        else:
+            why = f"fetching {repo} with `datasets` failed too ({type(e).__name__}: {e})"
+        raise TaskError(f"task {name!r}: {where} (formats: minitron/tasks.py); {why}") from e
+
+
+def _offline_setting() -> str | None:
+    """The environment variable that puts the Hugging Face libraries offline, if one is set."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var}={os.environ[var]}"
+    return None
 
 
 def load_task(name: str, root: str | os.PathLike | None = None, limit: int | None = None) -> Task:

@@ -1,9 +1,11 @@
 """Teacher top-k log-prob cache: run the teacher over the training blocks once, distill many times.
 
 Layout of a cache dir (written to a temp dir, then renamed into place):
-  meta.json                  k, temperature, seq_len, teacher, number of blocks, shard size, and a
-                             SHA-256 fingerprint of the training token blocks (a cache built on other
-                             data or with other settings is refused, never silently reused)
+  meta.json                  k, temperature, seq_len, teacher (name and teacher_id: the digest of its
+                             weights' identity, minitron.fingerprint), number of blocks, shard size, and
+                             a SHA-256 fingerprint of the training token blocks. open_or_build rebuilds
+                             a cache made by another teacher, on other data or with other settings
+                             (saying which), and never silently reuses it
   shard-00000.safetensors    indices int32 [n, T-1, k] and logp float32 [n, T-1, k] for blocks
                              [0, n), in the order of the training split; next shard continues
 
@@ -38,10 +40,11 @@ def fingerprint(blocks: torch.Tensor) -> str:
     return hashlib.sha256(blocks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def cache_meta(blocks: torch.Tensor, k: int, temperature: float, teacher: str, shard_blocks: int) -> dict:
+def cache_meta(blocks: torch.Tensor, k: int, temperature: float, teacher: str, shard_blocks: int,
+               teacher_id: str = "") -> dict:
     return {"k": int(k), "temperature": float(temperature), "seq_len": int(blocks.shape[1]),
-            "n_blocks": int(blocks.shape[0]), "teacher": str(teacher), "shard_blocks": int(shard_blocks),
-            "fingerprint": fingerprint(blocks)}
+            "n_blocks": int(blocks.shape[0]), "teacher": str(teacher), "teacher_id": str(teacher_id),
+            "shard_blocks": int(shard_blocks), "fingerprint": fingerprint(blocks)}
 
 
 @torch.no_grad()
@@ -65,13 +68,13 @@ def teacher_topk(teacher, input_ids: torch.Tensor, k: int, temperature: float, c
 
 def build_cache(teacher, blocks: torch.Tensor, out_dir: str | os.PathLike, k: int, temperature: float,
                 teacher_name: str, batch_size: int = 8, shard_blocks: int = 256, device="cpu",
-                progress: bool = False) -> Path:
+                progress: bool = False, teacher_id: str = "") -> Path:
     """Compute and write the cache for training blocks [N, T]; returns the dir. Atomic (temp + rename)."""
     out = Path(out_dir)
     vocab = lm_head(teacher).weight.shape[0]
     if not 1 <= k <= vocab:
         raise CacheError(f"top-k cache k={k} must be between 1 and the vocabulary size {vocab}")
-    meta = cache_meta(blocks, k, temperature, teacher_name, shard_blocks)
+    meta = cache_meta(blocks, k, temperature, teacher_name, shard_blocks, teacher_id)
     from tqdm.auto import tqdm
 
     with atomic_dir(out) as tmp:
@@ -99,8 +102,7 @@ class TopkCache:
             self.meta = json.loads(meta_file.read_text())
         except (OSError, ValueError) as e:
             raise CacheError(f"top-k cache {self.path} is unreadable ({e}); delete it to rebuild") from e
-        diff = {key: (self.meta.get(key), v) for key, v in expect.items()
-                if key != "teacher" and self.meta.get(key) != v}
+        diff = mismatch(self.meta, expect)
         if diff:
             raise CacheError(f"top-k cache {self.path} was built for other settings or data "
                              f"(cached vs wanted: {diff}); pass another --topk-cache dir or delete this one")
@@ -127,16 +129,35 @@ class TopkCache:
         return torch.cat(idx), torch.cat(lp)                                         # [B, T-1, k]
 
 
+def mismatch(meta: dict, expect: dict) -> dict:
+    """{key: (cached, wanted)} for every setting that differs (the teacher's name may differ: its
+    teacher_id, the identity of its weights, decides; without a teacher, teacher_id is "" and not compared)."""
+    skip = {"teacher"} | ({"teacher_id"} if not expect.get("teacher_id") else set())
+    return {key: (meta.get(key), v) for key, v in expect.items() if key not in skip and meta.get(key) != v}
+
+
 def open_or_build(path, teacher, blocks: torch.Tensor, k: int, temperature: float, teacher_name: str,
-                  batch_size: int, device, is_main: bool = True, barrier=None, progress=False) -> TopkCache:
-    """Reuse the cache at path when it matches these blocks and settings, else build it (main rank)."""
+                  batch_size: int, device, is_main: bool = True, barrier=None, progress=False,
+                  teacher_id: str = "") -> TopkCache:
+    """Reuse the cache at path when it was made by this teacher (teacher_id) from these blocks with these
+    settings; else build it, or rebuild it saying what differs (main rank; the others wait)."""
     shard_blocks = 256
-    expect = cache_meta(blocks, k, temperature, teacher_name, shard_blocks)
-    if not (Path(path) / "meta.json").is_file() and is_main:
-        if teacher is None:
-            raise CacheError(f"no top-k cache in {path} and no teacher to build it; pass --teacher")
-        build_cache(teacher, blocks, path, k, temperature, teacher_name, batch_size, shard_blocks, device,
-                    progress)
+    expect = cache_meta(blocks, k, temperature, teacher_name, shard_blocks, teacher_id)
+    meta_file = Path(path) / "meta.json"
+    if is_main:
+        try:
+            old = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        except ValueError:
+            old = {"unreadable": True}
+        diff = mismatch(old, expect) if old is not None else None
+        if diff:
+            print(f"[minitron] top-k cache {path} was built for another teacher, data or settings "
+                  f"(cached vs wanted: {diff}); rebuilding it")
+        if old is None or diff:
+            if teacher is None:
+                raise CacheError(f"no usable top-k cache in {path} and no teacher to build it; pass --teacher")
+            build_cache(teacher, blocks, path, k, temperature, teacher_name, batch_size, shard_blocks, device,
+                        progress, teacher_id)
     if barrier is not None:
         barrier()
     return TopkCache(path, expect)

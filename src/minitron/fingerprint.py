@@ -1,0 +1,132 @@
+"""What an output was made from: settings + the identity of every model and corpus it read -> one hash.
+
+A stage folder of `minitron run` holds `stage.json`:
+    {"stage": "prune", "settings": {...}, "inputs": {...}, "fingerprint": "<sha256 of settings + inputs>"}
+`inputs` names each model and corpus the stage read by its identity (below) and each earlier stage by
+its fingerprint, so a change anywhere upstream changes every later fingerprint. A rerun compares the
+record it would write with the one on disk (`stale_reason`): equal -> the stage is skipped; different ->
+the stage and every later one are redone, and the message names what changed.
+
+Identities are cheap (no weight file is read): a model dir is its config.json and tokenizer files by
+content hash and its weight files by size and modification time; a dir written by a minitron stage is
+its stage fingerprint; a corpus is its file list with sizes and modification times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+RECORD = "stage.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+HASHED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja")
+
+
+def digest(obj) -> str:
+    """SHA-256 (hex) of a JSON-able object, keys sorted."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stat(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def dir_identity(path: Path) -> dict:
+    """A model dir: its stage fingerprint when a minitron stage wrote it, else small files by content hash
+    and weight files by size + mtime."""
+    path = Path(path)
+    record = path / RECORD
+    if record.is_file():
+        return {"stage": json.loads(record.read_text())["fingerprint"]}
+    files = {}
+    for p in sorted(path.iterdir()):
+        if p.name in HASHED_FILES:
+            files[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif p.is_file() and p.name.endswith(WEIGHT_SUFFIXES):
+            files[p.name] = _stat(p)
+    return {"files": digest(files)}
+
+
+def model_identity(name: str) -> dict:
+    """`default`, a local dir or a hub id -> what identifies its weights and tokenizer."""
+    from minitron.models import resolve_model_path
+
+    path = Path(resolve_model_path(name))
+    if path.is_dir():
+        return {"model": name, **dir_identity(path)}
+    return {"model": name, "hub_id": name}
+
+
+def content_id(identity: dict) -> str:
+    """Digest of a model identity without its name: the same weights under another path or name match."""
+    return digest({k: v for k, v in identity.items() if k != "model"})
+
+
+def corpus_identity(source: str, data_root: str | os.PathLike | None = None) -> dict:
+    """A corpus (see minitron.data.resolve_source): every file's relative path, size and mtime."""
+    from minitron.data import resolve_source
+
+    path = resolve_source(source, data_root)
+    if isinstance(path, str):
+        return {"corpus": source, "dataset": path}
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [[str(p.relative_to(path)) if p != path else p.name, *_stat(p)] for p in files]
+    return {"corpus": source, "files": len(listing), "digest": digest(listing)}
+
+
+def make_record(stage: str, settings: dict, inputs: dict) -> dict:
+    return {"stage": stage, "settings": settings, "inputs": inputs, "fingerprint": digest([settings, inputs])}
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def differences(old: dict, new: dict, limit: int = 6) -> list[str]:
+    """'key: old -> new' for each setting or input that differs (inputs by name only)."""
+    out = []
+    for part in ("settings", "inputs"):
+        a, b = _flat(old.get(part, {})), _flat(new.get(part, {}))
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                if part == "settings":
+                    out.append(f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+                else:
+                    out.append(f"input {key.split('.')[0]} changed")
+    return list(dict.fromkeys(out))[:limit]
+
+
+def read_record(folder: Path) -> dict | None:
+    path = Path(folder) / RECORD
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stale_reason(folder: Path, record: dict) -> str | None:
+    """None when `folder` was made from exactly `record`; else why it is stale (a readable sentence)."""
+    old = read_record(folder)
+    if old is None:
+        return "it has no record of what it was made from (an older minitron or an interrupted write)"
+    if old.get("fingerprint") == record["fingerprint"]:
+        return None
+    return "; ".join(differences(old, record)) or "its inputs changed"
+
+
+def write_record(folder: Path, record: dict) -> None:
+    """stage.json, written atomically (temp file + rename)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, folder / RECORD)
