@@ -156,6 +156,7 @@ def distill_args(teacher: Path, student: Path, corpus: Path, out: Path, *extra: 
 def killed_distill(monkeypatch, model_dir: Path, corpus: Path, out: Path) -> list[str]:
     """A distillation killed after its step-1 checkpoint (before it finished); returns its arguments."""
     import minitron.distill as D
+    import minitron.distill.loop as loop
 
     args = distill_args(model_dir, model_dir, corpus, out)
 
@@ -163,7 +164,7 @@ def killed_distill(monkeypatch, model_dir: Path, corpus: Path, out: Path) -> lis
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(D, "finish", killed)
+        m.setattr(loop, "finish", killed)
         with pytest.raises(KeyboardInterrupt):
             main([str(a) for a in args])
     assert (out / "checkpoints" / "latest").is_file() and not (out / D.FINISHED).exists()
@@ -401,15 +402,27 @@ def test_unfinished_run_needs_resume_and_resume_needs_checkpoint(tmp_path, model
 
 
 def test_nan_in_distill_checkpoint(tmp_path, model_dir, corpus, capsys, monkeypatch):
+    """A checkpoint written by a run whose weights went NaN (injected into the saved state) is refused."""
+    import minitron.distill.checkpoint as C
+
     out = tmp_path / "distill"
-    args = killed_distill(monkeypatch, model_dir, corpus, out)
-    weights = next((out / "checkpoints").glob("step-*")) / "model.safetensors"
-    sd = load_file(str(weights))
-    key = next(k for k in sd if k.endswith("mlp.up_proj.weight"))
-    sd[key][0, 0] = float("nan")
-    save_file(sd, str(weights))
+    orig = C._dcp_state
+    poisoned = {}
+
+    def with_nan(model, optim):
+        state = orig(model, optim)
+        key = next(k for k in state["model"] if k.endswith("mlp.up_proj.weight"))
+        state["model"][key] = state["model"][key].detach().clone()
+        state["model"][key][0, 0] = float("nan")
+        poisoned["key"] = key
+        return state
+
+    with monkeypatch.context() as m:
+        m.setattr(C, "_dcp_state", with_nan)
+        args = killed_distill(monkeypatch, model_dir, corpus, out)
+    ckpt = next((out / "checkpoints").glob("step-*"))
     rc, err = cli(capsys, *args, "--resume")
-    assert_error(rc, err, str(weights.parent), key, "NaN/inf", "diverged", "without --resume")
+    assert_error(rc, err, str(ckpt), poisoned["key"], "NaN/inf", "diverged", "without --resume")
     assert not (out / "minitron_distill.json").exists()
 
 

@@ -88,13 +88,14 @@ def test_distill_lowers_kl_and_writes_hf_dir(pair, tmp_path, capsys):
 KILL_SCRIPT = """
 import os, signal, sys
 import minitron.distill as D
+import minitron.distill.checkpoint as C
 kill_at = int(sys.argv[2])
-orig = D._commit_checkpoint
+orig = C._commit_checkpoint
 def commit(tmp, final):
     if final.name == f"step-{kill_at:07d}":
         os.kill(os.getpid(), signal.SIGKILL)  # the temp dir is written, not yet renamed
     orig(tmp, final)
-D._commit_checkpoint = commit
+C._commit_checkpoint = commit
 D.distill(D.DistillConfig(**__import__("json").loads(sys.argv[1])))
 """
 
@@ -203,7 +204,8 @@ def test_bad_inputs_raise_clear_errors(pair, tmp_path):
     subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg.__dict__), "4"], env=ENV, check=False,
                    capture_output=True)
     ckpt = tmp_path / "corrupt" / "checkpoints" / "step-0000002"
-    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    for shard in ckpt.glob("*.distcp"):  # torch.distributed.checkpoint's data files
+        shard.write_bytes(b"not a checkpoint")
     cfg.resume = True
     with pytest.raises(CheckpointError, match="corrupt"):
         distill(cfg)
@@ -282,3 +284,82 @@ def test_heldout_corpora_and_split_seed(pair, tmp_path):
     student, tok = load_model(str(pair / "student"))
     blocks = pack(read_texts(str(other)), tok, 32, max_blocks=8)
     assert evals_a[0][key] == pytest.approx(lm_loss(student, blocks), rel=1e-4)
+
+
+def test_fsdp_checkpoint_resumes_at_another_world_size(pair, tmp_path):
+    """2 FSDP2 ranks (batch 2) SIGKILLed at step 4, resumed by 1 process (batch 4: the same global batch) from
+    the sharded torch.distributed.checkpoint: the same final weights as an uninterrupted 1-process run."""
+    one = distill(cfg_for(pair, tmp_path / "one", steps=6, batch_size=4, eval_every=3))
+    cfg = cfg_for(pair, tmp_path / "resharded", steps=6, batch_size=2, eval_every=3, distributed="fsdp")
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
+    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
+    proc = subprocess.run([*torchrun, str(tmp_path / "kill.py"), json.dumps(cfg.__dict__), "4"], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    ckpt = Path(cfg.out) / "checkpoints" / "step-0000002"
+    assert proc.returncode != 0 and (Path(cfg.out) / "checkpoints" / "latest").read_text() == ckpt.name
+    assert len(list(ckpt.glob("*.distcp"))) == 2  # each rank wrote its own shard; nothing was gathered
+    with pytest.raises(DistillError, match="global batch"):  # another global batch would change the data order
+        distill(cfg_for(pair, cfg.out, steps=6, batch_size=2, eval_every=3, distributed="fsdp", resume=True))
+    two_then_one = distill(cfg_for(pair, cfg.out, steps=6, batch_size=4, eval_every=3, distributed="fsdp",
+                                   resume=True))
+    torch.testing.assert_close(torch.tensor(losses(two_then_one)), torch.tensor(losses(one)), rtol=1e-4, atol=1e-6)
+    assert_same_weights(two_then_one, one, atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_master_weights(pair, tmp_path):
+    """dtype=bfloat16 trains fp32 master weights with bf16 compute: updates far below bf16's resolution at
+    |w| ~ 0.02 (lr 1e-6) still move the weights, which pure bf16 parameters would round away."""
+    out = distill(cfg_for(pair, tmp_path / "bf16", steps=3, lr=1e-6, min_lr=1e-6, dtype="bfloat16"))
+    info = json.loads((out / "minitron_distill.json").read_text())
+    assert info["precision"] == {"master": "torch.float32", "compute": "torch.bfloat16", "teacher": "torch.bfloat16"}
+    before = load_file(str(pair / "student" / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    key = next(k for k in after if k.endswith("mlp.up_proj.weight"))
+    assert after[key].dtype == torch.float32
+    delta = (after[key] - before[key]).abs()
+    bf16_step = before[key].abs() * 2.0**-8  # half a bf16 ulp: smaller updates vanish in bf16 weights
+    assert 0 < delta.max() < 1e-4 and bool((delta[delta > 0] < bf16_step[delta > 0]).any())
+
+
+def test_collectives_refuse_tensors_off_the_training_device():
+    """Dist checks every collective's tensor against the training device (NCCL serves only CUDA tensors):
+    a CPU tensor while training on another device is a clear error, not a crash inside NCCL."""
+    from minitron.distill.parallel import Dist
+
+    d = Dist(0, 1, "none", torch.device("meta"))
+    with pytest.raises(RuntimeError, match="NCCL serves only CUDA tensors"):
+        d.sum(torch.zeros(3))
+    assert d.sum(d.tensor([1.0, 2.0])).device.type == "meta"
+
+
+RECORD_SCRIPT = """
+import json, sys
+import torch, torch.distributed as dist
+from minitron.distill import DistillConfig, distill
+seen = []
+def recording(name, fn):
+    def call(tensor, *a, **k):
+        tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
+        seen.extend((name, str(t.device)) for t in tensors if isinstance(t, torch.Tensor))
+        return fn(tensor, *a, **k)
+    return call
+for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"):
+    setattr(dist, name, recording(name, getattr(dist, name)))
+cfg = DistillConfig(**json.loads(sys.argv[1]))
+distill(cfg)
+json.dump(seen, open(sys.argv[2] + f".{dist.get_rank() if dist.is_initialized() else 0}", "w"))
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_every_collective_runs_on_the_training_device(pair, tmp_path, mode):
+    """2 gloo ranks record the device of every tensor handed to a collective: all on the training device."""
+    cfg = cfg_for(pair, tmp_path / mode, steps=2, batch_size=2, eval_every=1, distributed=mode, device="cpu")
+    (tmp_path / "rec.py").write_text(RECORD_SCRIPT)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*torchrun, str(tmp_path / "rec.py"), json.dumps(cfg.__dict__), str(tmp_path / "seen")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"seen.{rank}").read_text())
+        assert {name for name, _ in seen} >= {"all_reduce"} and {dev for _, dev in seen} == {"cpu"}

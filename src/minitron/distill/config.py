@@ -1,0 +1,128 @@
+"""The distillation run's settings (DistillConfig), its errors, and the check that --resume continues the
+same run (same settings, same teacher / student / corpus files)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from minitron.fingerprint import corpus_identity, model_identity
+from minitron.losses import (
+    HIDDEN_LOSSES,
+    LossConfig,
+)
+
+FINISHED = "minitron_distill.json"
+
+
+class DistillError(ValueError):
+    """Bad distillation input (vocabulary mismatch, unfinished out dir, ...); the message says the fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or corrupt."""
+
+
+@dataclass
+class DistillConfig:
+    """One distillation (or, with teacher=None and kd_weight=0, teacher-correction) run."""
+
+    student: str                          # HF dir / hub id / `default` of the model to train
+    out: str                              # output dir (model, metrics, plot, checkpoints)
+    teacher: str | None = "default"       # None: no teacher (LM-loss fine-tune, e.g. teacher correction)
+    data: str = "default"                 # corpus (see minitron.data.read_texts)
+    tokens: int | None = None             # token budget (tokens processed); or give steps
+    steps: int | None = None              # optimizer steps; wins over tokens
+    loss: str = "fkl"                     # fkl | rkl | jsd
+    temperature: float = 1.0              # KD temperature (loss scaled by T^2)
+    jsd_beta: float = 0.5                 # teacher weight in the jsd mixture
+    kd_weight: float = 1.0                # logit-divergence weight
+    ce_weight: float = 0.0                # next-token cross-entropy weight (paper: 0)
+    hidden_loss: str = "none"             # none | cosine | mse: intermediate-state loss
+    hidden_weight: float = 1.0            # its weight (averaged over mapped layer pairs)
+    layer_map: list[int] | None = None    # teacher layer per student layer (default: spread evenly)
+    topk_cache: str | None = None         # dir of the teacher top-k cache (built once if missing)
+    topk: int = 64                        # k of the cache
+    lr: float = 1e-4                      # peak learning rate
+    min_lr: float = 1e-5                  # cosine floor
+    warmup_steps: int | None = None       # default: 2% of steps (at least 1)
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0                # max global grad norm (0: off)
+    batch_size: int = 8                   # blocks per micro-batch per rank
+    grad_accum: int = 1                   # micro-batches per optimizer step
+    seq_len: int = 256                    # tokens per block
+    chunk_size: int = 512                 # tokens per loss chunk
+    val_fraction: float = 0.05
+    eval_every: int = 50                  # steps between evaluations (0: only at start and end)
+    eval_batches: int = 4                 # validation micro-batches per evaluation
+    save_every: int = 50                  # steps between checkpoints (0: none)
+    seed: int = 0                         # data order and initialization
+    split_seed: int = 0                   # train/validation split: fixed across seeds, so runs share held-out blocks
+    heldout: list[str] | None = None      # extra held-out corpora whose LM loss is logged at every evaluation
+    device: str = "auto"
+    dtype: str = "float32"                # compute dtype: float32, or bfloat16 (fp32 master weights + bf16 compute)
+    teacher_dtype: str | None = None      # the frozen teacher's dtype (default: bfloat16 on CUDA, else dtype)
+    autocast: str = "none"                # none | bf16
+    grad_checkpointing: bool = False      # activation checkpointing of the student
+    distributed: str = "auto"             # auto (ddp under torchrun) | none | ddp | fsdp
+    resume: bool = False
+    max_blocks: int | None = None         # cap on corpus blocks read
+    data_root: str | None = None
+    keep_checkpoints: bool = False        # keep checkpoints/ after a finished run
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.tokens is None and self.steps is None:
+            raise DistillError("give a budget: --tokens N or --steps N")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise DistillError(f"unknown hidden loss {self.hidden_loss!r}; use one of {HIDDEN_LOSSES}")
+        if self.autocast not in ("none", "bf16"):
+            raise DistillError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+        if self.distributed not in ("auto", "none", "ddp", "fsdp"):
+            raise DistillError(f"distributed must be auto|none|ddp|fsdp, got {self.distributed!r}")
+        if self.teacher is None and (self.kd_weight or self.hidden_loss != "none") and not self.topk_cache:
+            raise DistillError("no teacher given but the loss needs one; pass --teacher or set kd_weight=0")
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(self.loss, self.temperature, self.jsd_beta, self.kd_weight, self.ce_weight,
+                          self.chunk_size)
+
+
+
+
+# fields that may change between a run and its resumption (they do not change what is trained)
+RESUMABLE_CHANGES = ("resume", "progress", "keep_checkpoints", "eval_every", "eval_batches", "save_every",
+                     "device", "distributed")
+
+
+def run_inputs(cfg: DistillConfig) -> dict:
+    """Identity of the teacher's and student's weights and of the corpus (minitron.fingerprint)."""
+    return {"teacher": model_identity(cfg.teacher) if cfg.teacher is not None else None,
+            "student": model_identity(cfg.student), "data": corpus_identity(cfg.data, cfg.data_root)}
+
+
+def check_same_run(out: Path, cfg: DistillConfig, inputs: dict, world: int = 1) -> None:
+    """--resume must continue the same run: same models (by weights, not only by name), data, budget,
+    optimizer settings and global batch. The world size may change (checkpoints are resharded) when
+    batch_size x grad_accum x world stays the same, so every step sees the same blocks."""
+    saved_file = out / "distill_config.json"
+    if not saved_file.is_file():
+        raise CheckpointError(f"{saved_file} is missing: cannot check that --resume continues the same run; "
+                              "start a new run in another --out")
+    saved = json.loads(saved_file.read_text())
+    now = asdict(cfg)
+    skip = set(RESUMABLE_CHANGES)
+    if saved.get("global_batch") == cfg.batch_size * cfg.grad_accum * world:
+        skip |= {"batch_size", "grad_accum"}
+    diff = {k: (saved.get(k), now[k]) for k in now if k not in skip and saved.get(k) != now[k]}
+    if "global_batch" in saved and saved["global_batch"] != cfg.batch_size * cfg.grad_accum * world:
+        diff["global batch (batch_size x grad_accum x world size)"] = (saved["global_batch"],
+                                                                      cfg.batch_size * cfg.grad_accum * world)
+    diff.update({f"{k} (its files)": "changed" for k, v in inputs.items()
+                 if "inputs" in saved and saved["inputs"].get(k) != v})
+    if diff:
+        raise DistillError(f"--resume with settings that differ from the run in {out} (saved vs now: {diff}); "
+                           "resume with the same settings, or start a new run in another --out")

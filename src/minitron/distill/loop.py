@@ -1,0 +1,286 @@
+"""The training loop: schedule, data order, `distill(cfg)`, `finish`, `correct`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from minitron.arch import dims_of
+from minitron.data import DataError, load_splits, pack, read_texts, report_blocks, resolve_source
+from minitron.distill.checkpoint import full_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from minitron.distill.config import (
+    FINISHED,
+    CheckpointError,
+    DistillConfig,
+    DistillError,
+    check_same_run,
+    run_inputs,
+)
+from minitron.distill.metrics import append_metrics, plot_metrics, read_metrics, truncate_metrics
+from minitron.distill.parallel import Dist, init_distributed, unwrap, wrap
+from minitron.distill.student import LayerTap, Student, evaluate_all, teacher_pass
+from minitron.fingerprint import content_id
+from minitron.losses import (
+    default_layer_map,
+)
+from minitron.models import load_model, parse_dtype, resolve_model_path
+
+
+def lr_at(step: int, cfg: DistillConfig, total: int) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr at the last step."""
+    warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.02 * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    frac = (step - warm) / max(1, total - warm)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def global_block_ids(step: int, n_blocks: int, per_step: int, seed: int) -> list[int]:
+    """Block indices of one global step, from seeded per-epoch permutations (the data position)."""
+    ids, perms = [], {}
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch = pos // n_blocks
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed + epoch))
+        ids.append(int(perms[epoch][pos % n_blocks]))
+    return ids
+
+
+def check_vocab(teacher_name: str, student_name: str) -> None:
+    """Fail at start, before any model is loaded, when teacher and student vocabularies differ."""
+    from transformers import AutoConfig
+
+    from minitron.models import load_tokenizer
+
+    tc = AutoConfig.from_pretrained(resolve_model_path(teacher_name))
+    sc = AutoConfig.from_pretrained(resolve_model_path(student_name))
+    if tc.vocab_size != sc.vocab_size:
+        raise DistillError(f"vocabulary mismatch: teacher {teacher_name!r} has {tc.vocab_size} tokens, student "
+                           f"{student_name!r} has {sc.vocab_size}. Distillation on logits needs the same "
+                           "tokenizer; prune the student from this teacher or pick a matching pair.")
+    tt, st = load_tokenizer(teacher_name), load_tokenizer(student_name)
+    if tt.get_vocab() != st.get_vocab():
+        raise DistillError(f"vocabulary mismatch: teacher {teacher_name!r} and student {student_name!r} have "
+                           "different tokenizers (same size, different tokens). Use the teacher's tokenizer.")
+
+
+
+
+def precision(cfg: DistillConfig, device: torch.device) -> dict[str, torch.dtype]:
+    """Mixed precision done right: the student's master weights and AdamW states stay fp32; forward and
+    backward run in the compute dtype (cfg.dtype, or bf16 with cfg.autocast="bf16") through autocast (and
+    FSDP2's MixedPrecisionPolicy when sharded); the frozen teacher runs in its own dtype (teacher_dtype;
+    default bf16 on CUDA, else the compute dtype)."""
+    compute = torch.bfloat16 if cfg.autocast == "bf16" else parse_dtype(cfg.dtype)
+    default_teacher = torch.bfloat16 if device.type == "cuda" else compute
+    teacher = parse_dtype(cfg.teacher_dtype) if cfg.teacher_dtype else default_teacher
+    return {"master": torch.float32, "compute": compute, "teacher": teacher}
+
+
+def _autocast(compute: torch.dtype, device: torch.device):
+    if compute != torch.float32:
+        return lambda: torch.autocast(device.type, dtype=compute)
+    return contextlib.nullcontext
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Train cfg.student against cfg.teacher (or the LM loss alone); returns the output dir."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DistillError(f"--out {out} is a file, not a folder; choose another --out (the file is left as it is)")
+    resolve_source(cfg.data, cfg.data_root)  # a missing corpus fails before any model is loaded
+    done = out / FINISHED
+    if done.is_file():
+        info = json.loads(done.read_text())
+        print(f"[minitron] {out} already holds a finished run ({info.get('steps')} steps, "
+              f"{info.get('tokens')} tokens); nothing to do. Use another --out to train again.")
+        return out
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not cfg.resume:
+        raise DistillError(f"{out} holds an unfinished run (checkpoint {ckpt.name}); pass --resume to continue "
+                           "it, or choose another --out")
+    if cfg.resume and ckpt is None:
+        raise CheckpointError(f"--resume given but {out} has no checkpoint (checkpoints/latest is missing); "
+                              "start without --resume")
+    inputs = run_inputs(cfg)
+    d, device = init_distributed(cfg)
+    if cfg.resume:
+        check_same_run(out, cfg, inputs, d.world)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.teacher is not None:
+        check_vocab(cfg.teacher, cfg.student)
+    loss_cfg = cfg.loss_config()
+
+    prec = precision(cfg, device)
+    student_model, tokenizer = load_model(cfg.student, device, prec["master"])
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = load_model(cfg.teacher, device, prec["teacher"], with_tokenizer=False)[0]
+        teacher.requires_grad_(False).eval()
+    splits = load_splits(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.split_seed, cfg.max_blocks,
+                         cfg.data_root)
+    n_val = cfg.eval_batches * cfg.batch_size * d.world
+    extra_val = {src: pack(read_texts(src, cfg.data_root), tokenizer, cfg.seq_len, n_val) for src in cfg.heldout or []}
+    per_step = cfg.batch_size * cfg.grad_accum * d.world
+    if splits.train.shape[0] < per_step:
+        raise DataError(f"corpus too short for one batch: {splits.train.shape[0]} training blocks of {cfg.seq_len} "
+                        f"tokens, one step needs {per_step} (batch {cfg.batch_size} x accum {cfg.grad_accum} x "
+                        f"{d.world} ranks); add text or lower --batch-size/--seq-len")
+    total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.tokens / (per_step * cfg.seq_len)))
+    val = report_blocks(splits.validation)  # disjoint from the blocks that chose the pruned shape
+
+    layer_map, t_tap = None, None
+    if cfg.hidden_loss != "none":
+        n_s, n_t = dims_of(student_model.config).layers, dims_of(teacher.config).layers
+        layer_map = cfg.layer_map or default_layer_map(n_s, n_t)
+        if len(layer_map) != n_s or not all(0 <= j < n_t for j in layer_map):
+            raise DistillError(f"layer_map {layer_map} needs one teacher layer in [0, {n_t}) per student layer ({n_s})")
+        t_tap = LayerTap(teacher, layer_map)
+    module = Student(student_model, dims_of(teacher.config).hidden if teacher is not None else None,
+                     layer_map, cfg.hidden_loss).to(device)
+    if cfg.grad_checkpointing:
+        student_model.activation_checkpointing_enable({"use_reentrant": False})
+    module.train()
+    model = wrap(module, d, device, prec["compute"] if prec["compute"] != torch.float32 else None)
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                              weight_decay=cfg.weight_decay)
+
+    cache = None
+    if cfg.topk_cache:
+        from minitron.topk_cache import open_or_build
+
+        cache = open_or_build(cfg.topk_cache, teacher, splits.train, cfg.topk, cfg.temperature,
+                              str(cfg.teacher), cfg.batch_size, device, d.main, d.barrier,
+                              cfg.progress and d.main, content_id(inputs["teacher"]) if cfg.teacher else "")
+
+    metrics_path = out / "metrics.jsonl"
+    start = 0
+    if cfg.resume:
+        state = load_checkpoint(ckpt, model, optim, d)
+        start = state["step"]
+        if d.main:
+            truncate_metrics(metrics_path, start)
+            print(f"[minitron] resumed {out} at step {start}/{total}")
+    elif d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)
+        saved = {**asdict(cfg), "global_batch": per_step, "inputs": inputs}
+        (out / "distill_config.json").write_text(json.dumps(saved, indent=2))
+    d.barrier()
+
+    autocast = _autocast(prec["compute"], device)
+    tokens_per_step = per_step * cfg.seq_len
+    if start == 0:
+        ev = evaluate_all(model, teacher, val, extra_val, cfg, d, device, autocast)
+        if d.main:
+            append_metrics(metrics_path, {"step": 0, "tokens": 0, **ev})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, disable=not (cfg.progress and d.main), desc="distill", unit="step")
+    t0, tok0 = time.perf_counter(), 0
+    for step in range(start, total):
+        ids_all = global_block_ids(step, splits.train.shape[0], per_step, cfg.seed)
+        lr = lr_at(step, cfg, total)
+        for g in optim.param_groups:
+            g["lr"] = lr
+        normalizer = d.sum(d.tensor(float(per_step // d.world * (cfg.seq_len - 1)), torch.float32))  # packed
+        logged = d.tensor([0.0, 0.0, 0.0])
+        for micro in range(cfg.grad_accum):
+            off = (micro * d.world + d.rank) * cfg.batch_size
+            mine = ids_all[off:off + cfg.batch_size]
+            ids = splits.train[mine].to(device)                                      # [B, T]
+            att = torch.ones_like(ids)
+            sync = micro == cfg.grad_accum - 1 or d.mode != "ddp"
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
+                t_hidden, t_topk, t_layers = None, None, None
+                if cache is not None:
+                    idx, lp = cache.get(mine)                                        # [B, T-1, k]
+                    t_topk = (idx.reshape(-1, idx.shape[-1]).to(device),            # [B*(T-1), k]
+                              lp.reshape(-1, lp.shape[-1]).to(device))
+                    if t_tap is not None:
+                        t_layers = teacher_pass(teacher, t_tap, ids, att)[1]
+                elif teacher is not None:
+                    t_hidden, t_layers = teacher_pass(teacher, t_tap, ids, att)
+                loss, logit, hid = model(ids, att, loss_cfg, normalizer / d.world, t_hidden, t_topk, t_layers,
+                                         cfg.hidden_weight)
+                loss.backward()
+            logged += torch.stack([loss.detach(), logit, hid]).double() / d.world
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
+                                                    else float("inf")))
+        grad_norm = _full(grad_norm)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        d.sum(logged)
+        tok0 += tokens_per_step
+        rate = tok0 / max(time.perf_counter() - t0, 1e-9)
+        done_steps = step + 1
+        if d.main:
+            append_metrics(metrics_path, {"step": done_steps, "tokens": done_steps * tokens_per_step, "lr": lr,
+                                          "loss": logged[0].item(), "logit_loss": logged[1].item(),
+                                          "hidden_loss": logged[2].item(), "grad_norm": grad_norm,
+                                          "tok_per_s": rate})
+        bar.update(1)
+        bar.set_postfix(loss=f"{logged[0].item():.4f}", tok_s=f"{rate:.0f}")
+        if done_steps == total or (cfg.eval_every and done_steps % cfg.eval_every == 0):
+            ev = evaluate_all(model, teacher, val, extra_val, cfg, d, device, autocast)
+            if d.main:
+                append_metrics(metrics_path, {"step": done_steps, "tokens": done_steps * tokens_per_step, **ev})
+        if cfg.save_every and done_steps % cfg.save_every == 0 and done_steps < total:
+            save_checkpoint(out, done_steps, model, optim, d, {"tokens": done_steps * tokens_per_step,
+                                                                "total_steps": total})
+    bar.close()
+    finish(out, model, tokenizer, d, cfg, total, total * tokens_per_step, {k: str(v) for k, v in prec.items()})
+    for h in (module.tap.handles if module.tap else []) + (t_tap.handles if t_tap else []):
+        h.remove()
+    return out
+
+
+def _full(norm) -> float:
+    from torch.distributed.tensor import DTensor
+
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def finish(out: Path, model, tokenizer, d: Dist, cfg: DistillConfig, steps: int, tokens: int,
+           prec: dict | None = None) -> None:
+    """Save the student as a HF dir, the plot, then the FINISHED marker (last, atomically)."""
+    sd = full_state(model, None, d)[0] if d.mode == "fsdp" else None
+    if d.main:
+        student = unwrap(model).model
+        if sd is not None:
+            sd = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}
+        student.save_pretrained(out, state_dict=sd)
+        tokenizer.save_pretrained(out)
+        metrics = read_metrics(out / "metrics.jsonl")
+        plot_metrics(metrics, out / "loss.png", f"{'distill' if cfg.teacher else 'LM fine-tune'}: {cfg.student}")
+        evals = [r for r in metrics if "val_lm_loss" in r]
+        info = {"finished": True, "steps": steps, "tokens": tokens, "precision": prec,
+                "first_eval": evals[0] if evals else None,
+                "final_eval": evals[-1] if evals else None}
+        tmp = out / (FINISHED + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, out / FINISHED)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    d.barrier()
+
+
+def correct(model: str, data: str, out: str, tokens: int | None = None, steps: int | None = None,
+            **options) -> Path:
+    """Teacher correction: LM-loss fine-tune of `model` on the distillation corpus (same loop/options)."""
+    cfg = DistillConfig(student=model, out=out, teacher=None, data=data, tokens=tokens, steps=steps,
+                        kd_weight=0.0, ce_weight=1.0, **options)
+    return distill(cfg)
+
+

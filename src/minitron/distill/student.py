@@ -1,0 +1,133 @@
+"""The trained module (student + hidden-loss projection, forward returns the loss), layer taps, the
+teacher's forward pass, and validation (LM loss and KL to the teacher)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minitron.arch import decoder_layers, dims_of, layer_output, lm_head
+from minitron.distill.config import DistillConfig
+from minitron.distill.parallel import Dist
+from minitron.losses import (
+    LossConfig,
+    chunked_distill_loss,
+    hidden_state_loss,
+)
+
+# ---- the trained module ---------------------------------------------------------------------------
+
+class LayerTap:
+    """Forward hooks keeping the outputs [B, T, C] of chosen decoder layers."""
+
+    def __init__(self, model: nn.Module, layer_ids: list[int]):
+        self.outputs: dict[int, torch.Tensor] = {}
+        layers = decoder_layers(model)
+        self.handles = [layers[i].register_forward_hook(self._hook(i)) for i in sorted(set(layer_ids))]
+
+    def _hook(self, i):
+        def hook(_module, _inp, out):
+            self.outputs[i] = layer_output(out)
+        return hook
+
+
+class Student(nn.Module):
+    """The student plus the projection of the hidden-state loss; forward returns the loss.
+
+    Wrapping both in one module lets DDP/FSDP2 see every trained parameter, and keeps the lm_head weight
+    (used outside lm_head.forward by the chunked loss) inside the root module's forward.
+    """
+
+    def __init__(self, model: nn.Module, teacher_hidden: int | None, layer_map: list[int] | None,
+                 hidden_loss: str):
+        super().__init__()
+        self.model = model
+        self.hidden_loss = hidden_loss
+        self.layer_map = layer_map
+        self.proj = None
+        width = dims_of(model.config).hidden
+        if hidden_loss != "none" and teacher_hidden != width:
+            self.proj = nn.Linear(width, teacher_hidden, bias=False, dtype=lm_head(model).weight.dtype)
+        self.tap = LayerTap(model, list(range(len(layer_map)))) if hidden_loss != "none" else None
+
+    def forward(self, input_ids, attention_mask, loss_cfg: LossConfig, normalizer, teacher_hidden=None,
+                teacher_topk=None, teacher_layers=None, hidden_weight: float = 1.0):
+        """input_ids, attention_mask [B, T]; teacher_hidden (h_t [B*(T-1), Ct], w_t [V, Ct]) or
+        teacher_topk (idx, logp [B*(T-1), k]); teacher_layers {teacher layer: [B, T, Ct]}.
+        Returns (total loss, logit loss, hidden loss), each a scalar divided by normalizer."""
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        h = out.last_hidden_state[:, :-1]                                            # [B, T-1, C]
+        h = h.reshape(-1, h.shape[-1])                                               # [B*(T-1), C]
+        labels = input_ids[:, 1:].reshape(-1)                                        # [B*(T-1)]
+        mask = (attention_mask[:, :-1] * attention_mask[:, 1:]).reshape(-1)          # [B*(T-1)]
+        logit = chunked_distill_loss(h, lm_head(self.model).weight, mask, loss_cfg, normalizer, labels,
+                                     teacher_hidden, teacher_topk)
+        hid = torch.zeros((), device=h.device)
+        if self.tap is not None and teacher_layers is not None:
+            for s_idx, t_idx in enumerate(self.layer_map):
+                s = self.tap.outputs[s_idx][:, :-1]                                  # [B, T-1, C]
+                s = s.reshape(-1, s.shape[-1])                                       # [B*(T-1), C]
+                if self.proj is not None:
+                    s = self.proj(s)                                                 # [B*(T-1), Ct]
+                t = teacher_layers[t_idx][:, :-1]
+                t = t.reshape(-1, t.shape[-1])                                       # [B*(T-1), Ct]
+                hid = hid + hidden_state_loss(s, t, mask, self.hidden_loss, normalizer) / len(self.layer_map)
+        if self.tap is not None:
+            self.tap.outputs.clear()
+        return logit + hidden_weight * hid, logit.detach(), hid.detach()
+
+
+@torch.no_grad()
+def teacher_pass(teacher, tap: LayerTap | None, input_ids, attention_mask):
+    """Teacher final hidden states [B*(T-1), Ct] and lm_head weight [V, Ct]; tapped layers if any."""
+    out = teacher.base_model(input_ids=input_ids, attention_mask=attention_mask)
+    h = out.last_hidden_state[:, :-1]                                                # [B, T-1, Ct]
+    layers = dict(tap.outputs) if tap is not None else None
+    if tap is not None:
+        tap.outputs.clear()
+    return (h.reshape(-1, h.shape[-1]), lm_head(teacher).weight), layers             # [B*(T-1), Ct]
+
+
+
+
+# ---- evaluation -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, teacher, val: torch.Tensor, cfg: DistillConfig, d: Dist, device, autocast) -> dict:
+    """Validation LM loss of the student and forward KL (T = 1) to the teacher, per predicted token."""
+    model.eval()
+    n_blocks = min(val.shape[0], cfg.eval_batches * cfg.batch_size * d.world)
+    mine = list(range(d.rank, n_blocks, d.world))
+    sums = d.tensor([0.0, 0.0, 0.0])  # ce sum, kl sum, tokens (on the training device: collectives)
+    ce_cfg = LossConfig(kd_weight=0.0, ce_weight=1.0, chunk_size=cfg.chunk_size)
+    kl_cfg = LossConfig(loss="fkl", temperature=1.0, chunk_size=cfg.chunk_size)
+    batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    n_batches = d.max(d.tensor([len(batches)], dtype=torch.int64))  # FSDP needs every rank in every forward:
+    # the short ranks run empty passes
+    for b in range(int(n_batches)):
+        ids = val[batches[b] if b < len(batches) else mine[:1] or [0]].to(device)      # [B, T]
+        att = torch.ones_like(ids)
+        count = b < len(batches)
+        with autocast():
+            t_hidden = teacher_pass(teacher, None, ids, att)[0] if teacher is not None else None
+            ce = model(ids, att, ce_cfg, 1.0)[1]
+            kl = model(ids, att, kl_cfg, 1.0, teacher_hidden=t_hidden)[1] if teacher is not None else 0.0
+        if count:
+            sums += torch.stack([ce.double(), torch.as_tensor(kl, device=sums.device).double(),
+                                 d.tensor(float(ids.shape[0] * (ids.shape[1] - 1)))])
+    d.sum(sums)
+    model.train()
+    return {"val_lm_loss": sums[0].item() / sums[2].item(),
+            "val_kl": sums[1].item() / sums[2].item() if teacher is not None else None}
+
+
+def evaluate_all(model, teacher, val: torch.Tensor, extra: dict[str, torch.Tensor], cfg: DistillConfig, d: Dist,
+                 device, autocast) -> dict:
+    """evaluate() on the validation split, plus the LM loss on each extra held-out corpus
+    (logged as `val_lm_loss:<source>`)."""
+    ev = evaluate(model, teacher, val, cfg, d, device, autocast)
+    for source, blocks in extra.items():
+        ev[f"val_lm_loss:{source}"] = evaluate(model, None, blocks, cfg, d, device, autocast)["val_lm_loss"]
+    return ev
+
+
