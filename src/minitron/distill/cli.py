@@ -38,7 +38,8 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     opt("split_seed", "train/validation split (keep it across seeds)")
     p.add_argument("--heldout", nargs="*", help="extra held-out corpora whose LM loss is logged at each evaluation")
     opt("device")
-    opt("dtype", "parameter dtype: float32 | bfloat16")
+    opt("dtype", "compute dtype: float32 | bfloat16 (fp32 master weights and optimizer states either way)")
+    opt("teacher_dtype", "the frozen teacher's dtype (default: bfloat16 on CUDA, else --dtype)")
     opt("autocast", choices=["none", "bf16"])
     opt("grad_checkpointing", "activation checkpointing of the student")
     opt("distributed", choices=["auto", "none", "ddp", "fsdp"])
@@ -74,7 +75,7 @@ def add_distill_parsers(subparsers) -> None:
 
 _SHARED = ("data", "out", "tokens", "steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
            "batch_size", "grad_accum", "seq_len", "chunk_size", "eval_every", "eval_batches", "save_every",
-           "max_blocks", "data_root", "seed", "split_seed", "heldout", "device", "dtype", "autocast", "grad_checkpointing",
+           "max_blocks", "data_root", "seed", "split_seed", "heldout", "device", "dtype", "teacher_dtype", "autocast", "grad_checkpointing",
            "distributed", "resume", "keep_checkpoints", "progress")
 
 
