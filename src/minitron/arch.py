@@ -291,3 +291,26 @@ def without_layers(model: nn.Module, drop: list[int]):
         config.num_hidden_layers = saved[0]
         if saved[1] is not None:
             config.layer_types = saved[1]
+
+
+# ---- output head: hidden states -> logits, as the family's CausalLM forward computes them -----------
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (`model.model` for every family here): called with input_ids
+    [B, T], its `last_hidden_state` [B, T, C] is what the CausalLM forward feeds its lm_head."""
+    return get_module(model, get_arch(model).layers.rpartition(".")[0])
+
+
+def final_logits(model: nn.Module, raw: torch.Tensor) -> torch.Tensor:
+    """Raw lm_head outputs [..., V] -> the model's logits [..., V], in the same dtype, as its forward computes
+    them. Gemma3 soft-caps them when config.final_logit_softcapping is set: cap * tanh(raw / cap); every
+    other family here returns lm_head's output unchanged."""
+    cap = getattr(model.config, "final_logit_softcapping", None) if get_arch(model).family == "gemma3_text" else None
+    if cap is None:
+        return raw
+    return torch.tanh(raw / cap) * cap
+
+
+def logits_of_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [..., C] (backbone output) -> the model's logits [..., V]."""
+    return final_logits(model, lm_head(model)(hidden))

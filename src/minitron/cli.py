@@ -124,6 +124,50 @@ def _run_search(args) -> None:
     run_search(load_config(RunConfig, recipe, ["search.enabled=true", *overrides]))
 
 
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="estimate the peak memory per GPU of every stage of a recipe (no weights read)",
+                       description="Peak memory per GPU of each stage (correction, importance, search, prune, distill, "
+                                   "eval) from the recipe and the teacher's config alone, with a warning and what to "
+                                   "change for a stage that would not fit. See docs/memory.md.")
+    p.add_argument("--estimate", metavar="RECIPE", required=True, help="recipe YAML (as for `minitron run`)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--world-size", type=int, default=1, help="GPUs (torchrun processes) of the run (default: 1)")
+    p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GB (GB = GiB, as GPUs are sold); "
+                                        "without it the table has no fit column")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> None:
+    from minitron.config import load_config
+    from minitron.estimate import parse_memory, report
+    from minitron.pipeline import RunConfig
+
+    cfg = load_config(RunConfig, args.estimate, args.overrides)
+    gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    print(report(cfg, args.world_size, gpu, args.estimate))
+
+
+def _export_parser(sub) -> None:
+    from minitron.export_gguf import LLAMA_CPP_TYPES, NUMPY_TYPES
+
+    p = sub.add_parser("export", help="write a model as one GGUF file for llama.cpp",
+                       description="A saved model (a pruned or distilled student, or `default`) as a GGUF file: "
+                                   "tensors, hyper-parameters, tokenizer and chat template for llama.cpp. "
+                                   "See docs/export.md.")
+    p.add_argument("--model", required=True, help="HF dir, hub id, or `default`")
+    p.add_argument("--gguf", required=True, metavar="TYPE",
+                   help=f"{' | '.join(NUMPY_TYPES)}; k-quants ({', '.join(LLAMA_CPP_TYPES)}) need llama-cpp-python")
+    p.add_argument("--out", help="a .gguf path or a folder (default: the model dir, else the current dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> None:
+    from minitron.export_gguf import export_model
+
+    export_model(args.model, args.gguf, args.out, args.overwrite)
+
+
 def _fetch_parser(sub) -> None:
     p = sub.add_parser("fetch-data", help="install the default corpus (Debian python3.11-doc reST) into the cache")
     p.add_argument("--force", action="store_true")
@@ -147,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     _run_parser(sub)
     _search_parser(sub)
+    _plan_parser(sub)
+    _export_parser(sub)
     _fetch_parser(sub)
     return parser
 

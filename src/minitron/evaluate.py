@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minitron import tasks as T
 from minitron.data import data_dir, load_splits, report_blocks
-from minitron.models import load_model, parse_dtype, resolve_device
+from minitron.models import load_model, parse_dtype, resolve_device, token_nll_sum
 
 # the convention of the pruning papers' average: acc_norm for these, acc for every other task
 NORM_TASKS = ("hellaswag", "arc_challenge", "openbookqa")
@@ -175,18 +174,15 @@ def wikitext_ids(tokenizer, root: str | os.PathLike | None = None, path: str | o
 
 @torch.no_grad()
 def token_nll(model, blocks: torch.Tensor, batch_size: int = 1, desc: str | None = None) -> tuple[float, int]:
-    """Summed NLL (fp32) of the T-1 predicted tokens of every block [N, T] -> (sum, count)."""
+    """Summed NLL (fp32 per token, fp64 sum) of the T-1 predicted tokens of every block [N, T] -> (sum, count).
+    Logits are made a chunk of tokens at a time (models.token_nll_sum), never [B, T, V]."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, disable=desc is None, leave=False):
-        x = blocks[start:start + batch_size].to(device)  # [B, T]
-        logits = model(input_ids=x, use_cache=False).logits  # [B, T, V]
-        V = logits.shape[-1]
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(),  # [B*(T-1), V]
-                               x[:, 1:].reshape(-1), reduction="sum")  # [B*(T-1)]
-        total += loss.item()
-        count += x[:, 1:].numel()
-    return total, count
+        s, n = token_nll_sum(model, blocks[start:start + batch_size].to(device))  # [B, T] -> sum, count
+        total += s
+        count += n
+    return float(total), count
 
 
 def windowed_perplexity(model, ids: torch.Tensor, window: int, batch_size: int = 1, limit: int | None = None,

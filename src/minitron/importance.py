@@ -6,15 +6,17 @@ Width axes (per layer unless noted):
   channels [C]     outputs of each layer's pre-attention and pre-MLP norms, scored per norm, summed
 Each activation x [B, T, C] is aggregated over the sequence (per sample; padding masked), then over the
 batch. Paper default: mean of |x| over the sequence, L2 over the batch.
+Under torchrun each rank scores its share of the calibration batches; the sums are all-reduced.
 Depth:
-  layer_bi / block_bi.{n}   Block Importance 1 - cos(h_in, h_out) of a block of n layers, token mean
+  layer_bi / block_bi.{n}   Block Importance 1 - cos(h_in, h_out) of a block of n layers, token mean (the
+                            sizes ImportanceConfig.bi_block_sizes asks for; a size n holds n layers' states)
   layer_lm_loss / block_lm_loss.{n}  increase of held-out LM loss when the block is removed
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +40,9 @@ class ImportanceConfig:
     batch_size: int = 8            # calibration forward batch
     lm_loss_layers: bool = False   # also score layer removal by held-out LM loss (one forward per candidate)
     lm_loss_block_sizes: list[int] = field(default_factory=list)  # contiguous block sizes for LM loss
+    # contiguous block sizes n whose Block Importance (block_bi.n) is measured; 1 (layer_bi) always is, and so
+    # is every LM-loss size measured (the block plots show both). Each size n holds n layers' hidden states.
+    bi_block_sizes: list[int] = field(default_factory=lambda: [1])
 
     def check(self) -> None:
         if self.seq_agg not in SEQ_AGGS:
@@ -61,11 +66,16 @@ def seq_aggregate(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor
 
 
 class BatchStat:
-    """Running per-channel statistics over samples of s [B, C] (fp32), reduced by a batch aggregation."""
+    """Running per-channel statistics over samples of s [B, C] (fp32), reduced by a batch aggregation.
+    With `size` the sums start at zero (and max at -inf) on `device`, so a process that saw no sample can
+    still take part in all_reduce."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int | None = None, device: torch.device | str | None = None) -> None:
         self.sum = self.sumsq = self.max = None
         self.n = 0
+        if size is not None:
+            self.sum, self.sumsq = torch.zeros(size, device=device), torch.zeros(size, device=device)
+            self.max = torch.full((size,), -torch.inf, device=device)
 
     def add(self, s: torch.Tensor) -> None:
         s = s.detach().float()
@@ -87,16 +97,52 @@ class BatchStat:
         return self.sumsq / self.n - (self.sum / self.n).square()  # var
 
 
-class _Collector:
-    """Forward hooks writing BatchStats for one model; `mask` is set before each forward."""
+class BlockBI:
+    """Running Block Importance sums, one depth at a time: sum over valid tokens of 1 - cos(h_i, h_{i+n}) for
+    every block size n in `sizes`, where h_i [B, T, C] is the input of layer i (h_L the last output).
 
-    def __init__(self, model, cfg: ImportanceConfig):
+    Holds only the unit-normalized states of the last max(sizes) depths, [N, C] in the model dtype each
+    (N = B*T tokens of the current batch), never all L+1 of them."""
+
+    def __init__(self, n_layers: int, sizes: list[int], device: torch.device | str | None = None) -> None:
+        self.sizes = sorted({n for n in sizes if 0 < n <= n_layers})
+        self.sums = {n: torch.zeros(n_layers - n + 1, dtype=torch.float64, device=device) for n in self.sizes}
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.recent: dict[int, torch.Tensor] = {}  # depth -> unit states [N, C]
+        self.mask: torch.Tensor | None = None  # [N] bool: valid tokens of the current batch
+
+    def start(self, mask: torch.Tensor) -> None:
+        """A new batch with valid tokens mask [B, T] (bool)."""
+        self.recent, self.mask = {}, mask.flatten()
+        self.tokens += self.mask.sum()
+
+    def add(self, depth: int, hidden: torch.Tensor) -> None:
+        """hidden [B, T, C] at depth (0 = input of layer 0): adds the blocks ending here."""
+        unit = torch.nn.functional.normalize(hidden.detach().flatten(0, 1).float(), dim=-1)  # [N, C] fp32
+        for n in self.sizes:
+            if depth - n in self.recent:
+                cos = torch.linalg.vecdot(self.recent[depth - n].float(), unit)  # [N]
+                self.sums[n][depth - n] += torch.where(self.mask, 1.0 - cos, 0.0).double().sum()  # no host sync
+        self.recent[depth] = unit.to(hidden.dtype)
+        self.recent.pop(depth - (self.sizes[-1] if self.sizes else 0), None)
+
+    def result(self) -> dict[int, torch.Tensor]:
+        """{n: [L-n+1]} token means of 1 - cos (fp32, on the CPU)."""
+        return {n: (s / self.tokens).float().cpu() for n, s in self.sums.items()}
+
+
+class _Collector:
+    """Forward hooks writing BatchStats and Block Importance sums for one model; `start(mask)` before each
+    forward."""
+
+    def __init__(self, model, cfg: ImportanceConfig, bi_sizes: list[int]):
         self.cfg, self.mask, self.handles = cfg, None, []
         layers = arch.decoder_layers(model)
-        self.attn = [BatchStat() for _ in layers]
-        self.mlp = [BatchStat() for _ in layers]
-        self.norms = [BatchStat() for _ in range(2 * len(layers))]
-        self.hidden: list[torch.Tensor | None] = [None] * (len(layers) + 1)  # inputs of each layer + last output
+        dims, device = arch.dims_of(model.config), next(model.parameters()).device
+        self.attn = [BatchStat(dims.heads * dims.head_dim, device) for _ in layers]
+        self.mlp = [BatchStat(dims.ffn, device) for _ in layers]
+        self.norms = [BatchStat(dims.hidden, device) for _ in range(2 * len(layers))]
+        self.bi = BlockBI(len(layers), bi_sizes, device)
         for i, layer in enumerate(layers):
             self._pre(arch.attn_output(model, layer), self.attn[i])
             self._pre(arch.mlp_output(model, layer), self.mlp[i])
@@ -104,6 +150,11 @@ class _Collector:
                 self.handles.append(norm.register_forward_hook(self._norm_hook(self.norms[2 * i + j])))
             self.handles.append(layer.register_forward_pre_hook(self._layer_in(i), with_kwargs=True))
         self.handles.append(layers[-1].register_forward_hook(self._layer_out(len(layers))))
+
+    def start(self, mask: torch.Tensor) -> None:
+        """Valid tokens [B, T] (bool) of the next forward."""
+        self.mask = mask
+        self.bi.start(mask)
 
     def _add(self, stat: BatchStat, x: torch.Tensor) -> None:
         stat.add(seq_aggregate(x.float(), self.mask, self.cfg.seq_agg))
@@ -116,32 +167,53 @@ class _Collector:
 
     def _layer_in(self, i):
         def hook(m, args, kwargs):
-            self.hidden[i] = args[0] if args else kwargs["hidden_states"]
+            self.bi.add(i, args[0] if args else kwargs["hidden_states"])
         return hook
 
     def _layer_out(self, i):
         def hook(m, args, out):
-            self.hidden[i] = arch.layer_output(out)
+            self.bi.add(i, arch.layer_output(out))
         return hook
+
+    def all_reduce(self) -> None:
+        """Sum (max for max) every statistic over the ranks of torch.distributed, on the model's device."""
+        import torch.distributed as dist
+
+        stats = [*self.attn, *self.mlp, *self.norms]
+        counts = torch.tensor([float(s.n) for s in stats], dtype=torch.float64, device=self.bi.tokens.device)
+        _all_reduce_flat([t for s in stats for t in (s.sum, s.sumsq)], dist.ReduceOp.SUM)
+        _all_reduce_flat([s.max for s in stats], dist.ReduceOp.MAX)
+        _all_reduce_flat([counts, self.bi.tokens, *self.bi.sums.values()], dist.ReduceOp.SUM)
+        for s, n in zip(stats, counts.tolist(), strict=True):
+            s.n = int(n)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def block_importance(hidden: list[torch.Tensor], mask: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Summed (1 - cos) over valid tokens for every contiguous block.
+def _all_reduce_flat(tensors: list[torch.Tensor], op) -> None:
+    """One all_reduce over tensors of one dtype and device, concatenated; results written back in place."""
+    import torch.distributed as dist
 
-    hidden: L+1 tensors [B, T, C] (input of each layer, then the last layer's output); mask [B, T].
-    Returns {n: [L-n+1]} sums over tokens (divide by the token count for the mean).
-    """
-    L = len(hidden) - 1
-    unit = torch.stack([torch.nn.functional.normalize(h.float().flatten(0, 1)[mask.flatten()], dim=-1)
-                        for h in hidden])  # [L+1, N_valid, C]
-    unit = unit.flatten(1)  # [L+1, N_valid*C]
-    gram = unit @ unit.T  # [L+1, L+1]: cosines of every pair of depths, summed over tokens
-    n_tokens = mask.sum().to(gram.dtype)
-    return {n: n_tokens - torch.diagonal(gram, offset=n) for n in range(1, L + 1)}
+    flat = torch.cat([t.reshape(-1) for t in tensors])  # [sum of numels]
+    dist.all_reduce(flat, op=op)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(part.view_as(t))
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed when it is initialized, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def bi_sizes_of(cfg: ImportanceConfig) -> list[int]:
+    """Block sizes whose BI a pass measures: 1, cfg.bi_block_sizes and the LM-loss sizes it measures."""
+    return sorted({1, *cfg.bi_block_sizes, *(cfg.lm_loss_block_sizes if cfg.lm_loss_layers else [])})
 
 
 @torch.no_grad()
@@ -152,26 +224,28 @@ def compute_importance(model, calib: torch.Tensor, cfg: ImportanceConfig | None 
 
     attention_mask [N, T] (optional): 0 marks padding, which never enters the statistics.
     heldout [M, T]: blocks for the LM-loss layer metric (cfg.lm_loss_layers). Returns name -> fp32 tensor.
+    Block Importance is measured for the block sizes bi_sizes_of(cfg) (block_bi.n [L-n+1]; layer_bi = n 1).
+    Under torch.distributed (torchrun), rank r scores batches r, r + world, ... of calib and the statistics
+    are summed over ranks before the scores are formed: every rank returns the scores of all of calib.
     """
     cfg = cfg or ImportanceConfig()
     cfg.check()
     model.eval()
     dims = arch.dims_of(model.config)
     device = next(model.parameters()).device
-    col = _Collector(model, cfg)
-    bi_sum = {n: torch.zeros(dims.layers - n + 1, dtype=torch.float64) for n in range(1, dims.layers + 1)}
-    tokens = 0
+    rank, n_ranks = world()
+    col = _Collector(model, cfg, bi_sizes_of(cfg))
     try:
-        for start in tqdm(range(0, calib.shape[0], cfg.batch_size), desc="importance", unit="batch"):
+        starts = range(rank * cfg.batch_size, calib.shape[0], n_ranks * cfg.batch_size)
+        for start in tqdm(starts, desc="importance", unit="batch", disable=rank != 0):
             ids = calib[start:start + cfg.batch_size].to(device)  # [B, T]
             mask = (torch.ones_like(ids) if attention_mask is None
                     else attention_mask[start:start + cfg.batch_size].to(device))
-            col.mask = mask.bool()
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            for n, s in block_importance(col.hidden, col.mask).items():
-                bi_sum[n] += s.double().cpu()
-            tokens += int(col.mask.sum())
-            col.hidden = [None] * len(col.hidden)
+            col.start(mask.bool())
+            arch.backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False)  # hooks only: no logits
+        col.bi.recent = {}
+        if n_ranks > 1:
+            col.all_reduce()
     finally:
         col.remove()
     how = cfg.batch_agg
@@ -183,8 +257,8 @@ def compute_importance(model, calib: torch.Tensor, cfg: ImportanceConfig | None 
         "neurons": torch.stack([s.result(how) for s in col.mlp]).cpu(),  # [L, F]
         "channels": torch.stack([s.result(how) for s in col.norms]).sum(0).cpu(),  # [2L, C] -> [C]
     }
-    for n, s in bi_sum.items():
-        scores[f"block_bi.{n}"] = (s / tokens).float()
+    for n, s in col.bi.result().items():
+        scores[f"block_bi.{n}"] = s
     scores["layer_bi"] = scores["block_bi.1"]
     if cfg.lm_loss_layers:
         if heldout is None:
@@ -300,6 +374,8 @@ def score_model(model, calib: torch.Tensor, select: torch.Tensor, cfg: Importanc
 
     if criterion not in CRITERIA:
         raise ValueError(f"criterion {criterion!r} unknown; choose from {', '.join(CRITERIA)}")
+    if task is not None:  # the block plots show BI beside the task drop of each size
+        cfg = replace(cfg, bi_block_sizes=sorted({*cfg.bi_block_sizes, *task[2]}))
     scores = compute_importance(model, calib, cfg, heldout=select)
     if criterion == "taylor":
         scores.update(taylor_scores(model, calib, cfg.batch_size))

@@ -219,24 +219,52 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: str | torch
     return model, (load_tokenizer(name) if with_tokenizer else None)
 
 
-@torch.no_grad()
-def lm_loss(model, blocks: torch.Tensor, batch_size: int = 8, attention_mask: torch.Tensor | None = None) -> float:
-    """Mean next-token cross-entropy (fp32) of a causal LM over token blocks [N, T].
+LOSS_CHUNK = 1024  # tokens per [chunk, V] logit slice of the LM loss (fp32: 512 MiB at a 128k vocab)
 
-    Every block predicts its tokens 1..T-1; masked positions (attention_mask == 0) are skipped.
+
+def token_nll_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  chunk_size: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of one batch, never holding [B, T, V] logits.
+
+    input_ids [B, T], attention_mask [B, T] (0 = padding) or None. Position t predicts token t+1 where both
+    are unmasked. The backbone gives hidden states [B, T, C]; the valid positions [N, C] go through the LM
+    head (and the family's logit soft-cap, arch.final_logits) chunk_size tokens at a time: [chunk, V]
+    logits in the model dtype, cross-entropy in fp32, summed in fp64. Returns (fp64 scalar tensor on the
+    model's device, number of predicted tokens). For evaluation (no_grad): under autograd every chunk's
+    logits would be kept for the backward pass (training losses chunk with recomputation: losses.py).
+    """
+    from minitron import arch
+
+    hidden = arch.backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state  # [B, T, C]
+    valid = torch.ones_like(input_ids[:, 1:], dtype=torch.bool) if attention_mask is None else (
+        attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool())  # [B, T-1]
+    h = hidden[:, :-1][valid]  # [N, C]
+    target = input_ids[:, 1:][valid]  # [N]
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for s in range(0, h.shape[0], chunk_size):
+        logits = arch.logits_of_hidden(model, h[s:s + chunk_size])  # [chunk, V]
+        nll = torch.nn.functional.cross_entropy(logits.float(), target[s:s + chunk_size], reduction="none")  # [chunk]
+        total = total + nll.double().sum()
+    return total, int(target.numel())
+
+
+@torch.no_grad()
+def lm_loss(model, blocks: torch.Tensor, batch_size: int = 8, attention_mask: torch.Tensor | None = None,
+            chunk_size: int = LOSS_CHUNK) -> float:
+    """Mean next-token cross-entropy (fp32, summed in fp64) of a causal LM over token blocks [N, T].
+
+    Every block predicts its tokens 1..T-1; masked positions (attention_mask == 0) are skipped. Logits are
+    made chunk_size tokens at a time (token_nll_sum), so memory does not grow with the vocabulary x tokens.
     """
     device = next(model.parameters()).device
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start:start + batch_size].to(device)  # [B, T]
         mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
-        ).view(ids.shape[0], -1)  # [B*(T-1), V] -> [B, T-1]
-        valid = torch.ones_like(nll, dtype=torch.bool) if mask is None else mask[:, 1:].bool() & mask[:, :-1].bool()
-        total += nll[valid].double().sum().cpu()
-        count += int(valid.sum())
+        s, n = token_nll_sum(model, ids, mask, chunk_size)
+        total += s
+        count += n
     if count == 0:
         raise ValueError("lm_loss got no tokens to score")
     return float(total / count)

@@ -72,6 +72,11 @@ class CorrectionSection:
     enabled: bool = False                 # LM-loss fine-tune of the teacher on the corpus first
     tokens: int = 100_000
     lr: float = 1e-5
+    batch_size: int = _dc("batch_size")
+    grad_accum: int = _dc("grad_accum")
+    autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute)
+    grad_checkpointing: bool = _dc("grad_checkpointing")  # activation checkpointing
+    distributed: str = _dc("distributed")  # auto (ddp under torchrun) | none | ddp | fsdp
 
 
 @dataclass
@@ -97,7 +102,10 @@ class DistillSection:
     eval_every: int = _dc("eval_every")
     save_every: int = _dc("save_every")
     topk: int = 0                         # > 0: cache the teacher's top-k log-probs once and reuse them
-    autocast: str = _dc("autocast")       # none | bf16
+    autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute)
+    grad_checkpointing: bool = _dc("grad_checkpointing")  # activation checkpointing of the student
+    distributed: str = _dc("distributed")  # auto (ddp under torchrun) | none | ddp | fsdp
+    teacher_dtype: str | None = _dc("teacher_dtype")  # None: bfloat16 on CUDA, else model.dtype
 
 
 @dataclass
@@ -116,6 +124,12 @@ class IterativeSection:
 
 
 @dataclass
+class ExportSection:
+    gguf: str | None = None               # also write export/student-<TYPE>.gguf for llama.cpp: f16 | q8_0 | ...
+    gguf_speed: bool = False              # time teacher vs student GGUF under llama.cpp (needs llama-cpp-python)
+
+
+@dataclass
 class RunConfig:
     """One recipe. The pruning target is `target` (or the search's pick, or the iterative budgets)."""
 
@@ -129,6 +143,7 @@ class RunConfig:
     distill: DistillSection = field(default_factory=DistillSection)
     eval: EvalSection = field(default_factory=EvalSection)
     iterative: IterativeSection = field(default_factory=IterativeSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
     def check(self) -> None:
         if not (self.target.params or self.target.hidden or self.target.ffn or self.target.heads
@@ -138,6 +153,16 @@ class RunConfig:
                             "or enable search / iterative")
         from minitron.importance import CRITERIA
 
+        if self.export.gguf:
+            from minitron.export_gguf import check_type
+
+            check_type(self.export.gguf)  # an unknown type fails now, not after distillation
+        if self.export.gguf_speed:
+            if not self.export.gguf:
+                raise ConfigError("export.gguf_speed times the GGUF files: set export.gguf too (e.g. q8_0)")
+            from minitron.gguf_runtime import llama_cpp
+
+            llama_cpp()  # RuntimeMissing (how to install llama-cpp-python) now, not after distillation
         if self.importance.criterion not in CRITERIA:
             raise ConfigError(f"importance.criterion {self.importance.criterion!r} unknown; choose from "
                               f"{', '.join(CRITERIA)}")
@@ -190,6 +215,9 @@ def stage_correction(cfg: RunConfig, out: Path) -> str:
                               tokens=cfg.correction.tokens, lr=cfg.correction.lr, min_lr=cfg.correction.lr / 10,
                               kd_weight=0.0, ce_weight=1.0, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
                               split_seed=cfg.data.seed, val_fraction=cfg.data.val_fraction,
+                              batch_size=cfg.correction.batch_size, grad_accum=cfg.correction.grad_accum,
+                              autocast=cfg.correction.autocast, grad_checkpointing=cfg.correction.grad_checkpointing,
+                              distributed=cfg.correction.distributed,
                               device=cfg.model.device, dtype=cfg.model.dtype, data_root=cfg.data.data_dir,
                               resume=can_resume(folder)))
     return str(folder)
@@ -197,12 +225,16 @@ def stage_correction(cfg: RunConfig, out: Path) -> str:
 
 def _depth_needs(cfg: RunConfig, model_name: str, target: Target | None) -> dict:
     """Which depth scores the importance pass computes: LM-loss / task blocks of the size the target drops."""
-    if target is None:
-        return {"n_drop": 0, "layer_metric": cfg.search.layer_metric, "contiguous": True}
     config = source_config(model_name, cfg.model.trust_remote_code)
+    if target is None:  # a search: Block Importance of every block size its depth candidates drop
+        from minitron.search import depth_block_sizes
+
+        return {"n_drop": 0, "layer_metric": cfg.search.layer_metric, "contiguous": True,
+                "bi_block_sizes": sorted({1, *depth_block_sizes(config, cfg.search)})}
     n_drop = arch.dims_of(config).layers - resolve_dims(config, target).layers
-    return {"n_drop": n_drop if not target.drop_layers else 0, "layer_metric": target.layer_metric,
-            "contiguous": target.contiguous}
+    n_drop = n_drop if not target.drop_layers else 0
+    return {"n_drop": n_drop, "layer_metric": target.layer_metric, "contiguous": target.contiguous,
+            "bi_block_sizes": [1, n_drop] if n_drop > 0 and target.contiguous else [1]}
 
 
 def stage_importance(cfg: RunConfig, folder: Path, model_name: str, target: Target | None) -> Path:
@@ -221,7 +253,8 @@ def stage_importance(cfg: RunConfig, folder: Path, model_name: str, target: Targ
     lm = n_drop > 0 and metric == "lm-loss"
     imp = cfg.importance
     icfg = ImportanceConfig(imp.seq_agg, imp.batch_agg, imp.batch_size, lm_loss_layers=lm,
-                            lm_loss_block_sizes=[n_drop] if lm and contiguous else [])
+                            lm_loss_block_sizes=[n_drop] if lm and contiguous else [],
+                            bi_block_sizes=depth["bi_block_sizes"])
     task = ((tok, metric[len("task:"):], [1, n_drop] if contiguous else [1], cfg.data.data_dir)
             if n_drop and metric.startswith("task:") else None)
     scores, meta = score_model(model, calib, selection_blocks(splits.validation, imp.heldout_samples), icfg,
@@ -310,8 +343,8 @@ def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, to
               val_fraction=cfg.data.val_fraction, eval_every=d.eval_every, save_every=d.save_every,
               topk_cache=str(Path(cfg.out) / "teacher_topk") if d.topk > 0 else None, topk=max(d.topk, 1),
               seed=cfg.data.seed, split_seed=cfg.data.seed, device=cfg.model.device, dtype=cfg.model.dtype,
-              autocast=d.autocast,
-              data_root=cfg.data.data_dir, resume=can_resume(folder), progress=True)
+              autocast=d.autocast, grad_checkpointing=d.grad_checkpointing, distributed=d.distributed,
+              teacher_dtype=d.teacher_dtype, data_root=cfg.data.data_dir, resume=can_resume(folder), progress=True)
     return DistillConfig(**{**kw, **over})
 
 
@@ -368,7 +401,10 @@ def stage_eval(cfg: RunConfig, folder: Path, models: dict[str, str]) -> dict:
 def stage_export(cfg: RunConfig, folder: Path, student: Path, card: dict) -> Path:
     """The final student: a plain HF dir with a model card (the card describes this run: it is redone
     whenever the student or the evaluation changed)."""
-    record = make_record("export", {"card": {k: v for k, v in card.items() if k not in ("plan", "results")}},
+    settings = {"card": {k: v for k, v in card.items() if k not in ("plan", "results")}}
+    if cfg.export.gguf:
+        settings["export"] = asdict(cfg.export)
+    record = make_record("export", settings,
                          {"student": model_identity(str(student)), "eval": dir_identity(Path(card["eval_dir"]))})
     if up_to_date(folder, record, "config.json"):
         return folder
@@ -378,6 +414,12 @@ def stage_export(cfg: RunConfig, folder: Path, student: Path, card: dict) -> Pat
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if cfg.export.gguf:  # export/student-<TYPE>.gguf and gguf.json (docs/export.md)
+            from minitron.gguf_runtime import export_run_gguf
+
+            card = {**card, "gguf": export_run_gguf(model, tok, tmp, cfg.export.gguf, cfg.model.teacher,
+                                                    cfg.export.gguf_speed)}
+            (tmp / "gguf.json").write_text(json.dumps(card["gguf"], indent=2))
         write_model_card(tmp / "README.md", card)
         write_record(tmp, record)
     return folder
@@ -444,6 +486,10 @@ def check_target(cfg: RunConfig) -> None:
         resolve_dims(config, replace(cfg.target, params=budgets[0]))
     elif not cfg.search.enabled:
         resolve_dims(config, cfg.target)
+    if cfg.export.gguf:  # a family or config llama.cpp cannot take fails now, not after distillation
+        from minitron.export_gguf import check_config
+
+        check_config(config)
 
 
 def check_out(out: Path) -> None:

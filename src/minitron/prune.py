@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import asdict, dataclass, field, replace
@@ -94,12 +95,61 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     return model
 
 
+def _snapshot(model: nn.Module) -> tuple[list, list, dict]:
+    """What apply_plan changes, by reference: every module's parameter, buffer, submodule and attribute
+    entries, the config's attributes, and clones of the small (0-1 dim) tensors it may write in place
+    (Gemma3's embed_scale and final-norm gain). Costs no copy of any weight matrix."""
+    modules = [(m, dict(m._parameters), dict(m._buffers), dict(m._modules),
+                {k: v for k, v in m.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")})
+               for m in model.modules()]
+    small = [(t, t.detach().clone()) for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+             if t.dim() <= 1]
+    return modules, small, dict(model.config.__dict__)
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, saved: tuple[list, list, dict]) -> None:
+    """Undo apply_plan from a _snapshot: the model is bit-identical to before (its own tensor objects)."""
+    modules, small, config = saved
+    for m, params, buffers, children, attrs in modules:
+        for d, old in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
+            d.clear()
+            d.update(old)
+        for k in [k for k in m.__dict__ if k not in attrs and k not in ("_parameters", "_buffers", "_modules")]:
+            del m.__dict__[k]
+        m.__dict__.update(attrs)
+    for t, value in small:
+        t.copy_(value)
+    model.config.__dict__.clear()
+    model.config.__dict__.update(config)
+
+
+@contextlib.contextmanager
+def pruned_in_place(model: nn.Module, plan: PrunePlan):
+    """Temporarily prune `model` by `plan` in place (apply_plan); on exit it is restored exactly.
+
+    The originals are kept by reference while the sliced tensors are made, so the peak is the model plus
+    its pruned size (a deepcopy costs the full model on top of that). Forward passes only."""
+    saved = _snapshot(model)
+    try:
+        yield apply_plan(model, plan)
+    finally:
+        _restore(model, saved)
+
+
+def pruned_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """An independent pruned model (e.g. to train), made at the cost of its own size: the tensors that
+    apply_plan slices are moved into the copy, only the unsliced ones (per-head norms, buffers) are copied."""
+    before = {id(t) for t in (*model.parameters(), *model.buffers())}
+    with pruned_in_place(model, plan) as pruned:
+        fresh = {id(t): t for t in (*pruned.parameters(), *pruned.buffers()) if id(t) not in before}
+        return copy.deepcopy(pruned, memo=dict(fresh))
+
+
 def loss_after_pruning(model: nn.Module, plan: PrunePlan, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """LM loss on blocks [N, T] of a pruned copy of `model` (the model itself is left as it is)."""
-    student = apply_plan(copy.deepcopy(model), plan)
-    loss = lm_loss(student, blocks, batch_size)
-    del student
-    return loss
+    """LM loss on blocks [N, T] of `model` pruned by `plan` (pruned in place, then restored exactly)."""
+    with pruned_in_place(model, plan) as pruned:
+        return lm_loss(pruned, blocks, batch_size)
 
 
 def choose_split(model, scores: dict[str, torch.Tensor], heldout: torch.Tensor, target: Target,
@@ -165,7 +215,8 @@ def measure(model, tokenizer, calib: torch.Tensor, select: torch.Tensor, cfg: Pr
     need_lm = n_drop > 0 and not t.drop_layers and metric == "lm-loss"
     need_task = n_drop > 0 and not t.drop_layers and metric.startswith("task:")
     icfg = ImportanceConfig(cfg.seq_agg, cfg.batch_agg, cfg.batch_size, lm_loss_layers=need_lm,
-                            lm_loss_block_sizes=[n_drop] if need_lm and t.contiguous else [])
+                            lm_loss_block_sizes=[n_drop] if need_lm and t.contiguous else [],
+                            bi_block_sizes=[1, n_drop] if n_drop > 0 and t.contiguous and not t.drop_layers else [1])
     task = ((tokenizer, metric[len("task:"):], [1, n_drop] if t.contiguous else [1], cfg.data_dir)
             if need_task else None)
     return score_model(model, calib, select, icfg, cfg.criterion, cfg.seed, task)

@@ -56,8 +56,10 @@ def plot_blocks(scores: dict[str, torch.Tensor], path: Path) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
     for ax, n in zip(axes[0], sizes, strict=True):
-        start = range(scores[f"block_bi.{n}"].numel())
-        ax.plot(start, scores[f"block_bi.{n}"].numpy(), "o-", label="Block Importance (1 - cos)")
+        other = scores.get(f"block_lm_loss.{n}", scores.get(f"block_task.{n}"))
+        start = range(other.numel())
+        if f"block_bi.{n}" in scores:  # BI is measured only for the block sizes a run needs
+            ax.plot(start, scores[f"block_bi.{n}"].numpy(), "o-", label="Block Importance (1 - cos)")
         ax.set(title=f"removing {n} contiguous layer(s)", xlabel="first removed layer", ylabel="BI")
         twin = ax.twinx()
         if f"block_lm_loss.{n}" in scores:
@@ -105,6 +107,25 @@ def _eval_table(results: dict) -> str:
     return markdown_table(results)
 
 
+def gguf_lines(g: dict) -> list[str]:
+    """Markdown of a GGUF export (gguf.json): file, type, size, and the llama.cpp speed-up when measured."""
+    types = ", ".join(f"{n} {t}" for t, n in sorted(g["tensor_types"].items()))
+    lines = ["## GGUF for llama.cpp", "",
+             f"`{g['file']}`: type {g['type']}, llama.cpp architecture `{g['architecture']}`, "
+             f"{g['bytes'] / 2**20:.1f} MiB (tensors: {types}). Run it with `llama-cli -m {g['file']}` or "
+             "llama-cpp-python.", ""]
+    s = g.get("llama_cpp")
+    if s:
+        t, st = s["teacher"], s["student"]
+        lines += [f"Measured under llama.cpp ({t['threads']} threads, {t['prompt_tokens']}-token prompt, "
+                  f"{t['gen_tokens']} generated tokens, best of {t['rounds']} interleaved rounds, both in {g['type']}):", "",
+                  "| model | file | prompt tok/s | generation tok/s |", "|---|---|---|---|",
+                  f"| teacher | {s['teacher_bytes'] / 2**20:.1f} MiB | {t['prefill_tok_s']:.0f} | {t['decode_tok_s']:.1f} |",
+                  f"| student | {g['bytes'] / 2**20:.1f} MiB | {st['prefill_tok_s']:.0f} ({s['prefill_speedup']:.2f}x) | "
+                  f"{st['decode_tok_s']:.1f} ({s['decode_speedup']:.2f}x) |", ""]
+    return lines
+
+
 def write_model_card(path: Path, card: dict) -> Path:
     """README.md of an exported student: front matter, provenance, recipe, data, tokens, scores."""
     plan = card.get("plan") or {}
@@ -128,6 +149,8 @@ def write_model_card(path: Path, card: dict) -> Path:
     if card.get("results"):
         lines += ["## Evaluation (zero-shot, scored as lm-evaluation-harness 0.4 scores them)", "",
                   _eval_table(card["results"]), ""]
+    if card.get("gguf"):
+        lines += gguf_lines(card["gguf"])
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "model = AutoModelForCausalLM.from_pretrained(PATH)  # no custom code", "```", "",
               f"Recipe: `{card['recipe']}`.", ""]
@@ -165,6 +188,9 @@ def write_report(out: Path) -> Path:
     if (out / "export" / "config.json").is_file():
         lines += ["## Export", "", "`export/` is a plain Hugging Face model dir with a model card "
                   "(`AutoModelForCausalLM.from_pretrained('export')`).", ""]
+        if (out / "export" / "gguf.json").is_file():
+            lines += [line.replace("## GGUF", "### GGUF") for line in
+                      gguf_lines(json.loads((out / "export" / "gguf.json").read_text()))]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -10,7 +10,6 @@ retraining.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from minitron import arch
 from minitron.importance import layer_lm_loss
 from minitron.models import lm_loss
 from minitron.plan import PlanError, Target, config_with_dims, count_params, make_plan, parse_count
-from minitron.prune import apply_plan, loss_after_pruning
+from minitron.prune import loss_after_pruning, pruned_copy
 
 
 @dataclass
@@ -86,6 +85,15 @@ def candidates(config, cfg: SearchConfig) -> list[arch.Dims]:
     return out
 
 
+def depth_block_sizes(config, cfg: SearchConfig) -> list[int]:
+    """Numbers of layers the depth candidates of `cfg` drop (each a contiguous block): the Block Importance
+    sizes an importance pass must measure for a search by layer_metric bi."""
+    if not cfg.params:
+        return []
+    L = arch.dims_of(config).layers
+    return sorted({L - d.layers for d in candidates(config, cfg) if d.layers < L})
+
+
 def _target(d: arch.Dims, cfg: SearchConfig) -> Target:
     return Target(hidden=d.hidden, ffn=d.ffn, heads=d.heads, kv_heads=d.kv_heads, layers=d.layers,
                   layer_metric=cfg.layer_metric)
@@ -101,6 +109,11 @@ def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg
     L = arch.dims_of(model.config).layers
     missing = sorted({L - d.layers for d in cands if d.layers < L} - {int(k.split(".")[1]) for k in scores
                                                                        if k.startswith("block_lm_loss.")})
+    no_bi = sorted(n for n in depth_block_sizes(model.config, cfg) if f"block_bi.{n}" not in scores)
+    if no_bi and cfg.layer_metric == "bi":
+        raise PlanError(f"scores hold no Block Importance for blocks of {no_bi} layers, which the search's depth "
+                        "candidates drop: measure importance with ImportanceConfig(bi_block_sizes="
+                        "search.depth_block_sizes(config, cfg)), or search with layer_metric lm-loss")
     if missing and cfg.layer_metric == "lm-loss":  # LM-loss of removing each contiguous block of the needed sizes
         scores = {**scores, **layer_lm_loss(model, validation if rank_blocks is None else rank_blocks, missing,
                                              batch_size)}
@@ -114,7 +127,7 @@ def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg
         if train is None:
             break
         plan = make_plan(model.config, scores, _target(arch.Dims(**row["dims"]), cfg))
-        student = train(apply_plan(copy.deepcopy(model), plan))
+        student = train(pruned_copy(model, plan))
         row["loss_trained"] = lm_loss(student, validation, batch_size)
         del student
     key = "loss_trained" if train is not None else "loss_pruned"

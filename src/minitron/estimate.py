@@ -1,0 +1,716 @@
+"""Peak memory per GPU of every pipeline stage, from the recipe alone: no weight is read.
+
+    stages = estimate_run(cfg, world_size=8)                 # RunConfig -> [StageEstimate]
+    print(format_table(stages, gpu_bytes=parse_memory("80GB")))
+    warnings = dry_run(cfg, "distill")                       # what the pipeline calls before a stage
+
+Shapes come from the teacher's config (AutoConfig) and a model built on the meta device (exact parameter
+counts, as minitron.plan.count_params); the student's dims from minitron.plan.resolve_dims (target dims or a
+parameter budget), the search budget, or the first iterative budget. Every formula is one function below,
+with its bytes named in its docstring. Notation: P parameters, C hidden, A = heads x head_dim, K = KV heads
+x head_dim, F MLP width, H heads, L layers, V vocabulary, N tokens of one micro-batch on one rank
+(batch_size x seq_len), n tokens of one loss chunk, W world size.
+
+What is modelled (the design in minitron.distill, minitron.importance, minitron.models):
+- training (distill, correction): the student keeps fp32 master weights, fp32 gradients and two fp32 AdamW
+  states; compute is bf16 when `autocast: bf16` or `model.dtype: bfloat16` (torch.autocast on one device
+  and under DDP, FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) under FSDP), else fp32.
+  FSDP2 shards master weights, gradients and optimizer states over W; DDP replicates them and adds its
+  gradient buckets. The frozen teacher is replicated on every rank in its dtype (distill.teacher_dtype;
+  default bf16 on CUDA, the compute dtype on CPU). Activations are those a Llama-style decoder layer saves
+  for backward (measured per op: see `layer_activations`), or with activation checkpointing each layer's
+  input plus one layer recomputed. The logit loss is chunked over tokens (minitron.losses): a few
+  [n, V] fp32 buffers and the [V, C] fp32 gradient of the LM head, never [B, T, V].
+- forward-only stages (importance, prune, search, eval) hold the model in model.dtype, one layer's
+  temporaries at a time, fp32 statistics, and the chunked LM loss of minitron.models.token_nll_sum.
+- the steady state of training (AdamW states allocated); the first step peaks lower.
+Not modelled: the taylor criterion's backward pass, hidden-state distillation losses, memory held by other
+processes, and allocator fragmentation beyond the margin (`MARGIN`) that the fit check keeps free.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field, replace
+
+from minitron import arch
+
+GiB = 1024**3
+MARGIN = 0.9                  # a stage fits when its estimate is at most this share of the GPU memory
+CUDA_OVERHEAD = 1 * GiB       # CUDA context, cuBLAS / NCCL workspaces (0 on CPU)
+LOSS_CHUNK = 1024             # tokens per logit chunk of the forward-only LM loss (minitron.models.LOSS_CHUNK)
+MC_TOKENS = 512               # tokens per zero-shot request assumed for eval's multiple-choice tasks
+MC_KEPT = 64                  # positions per request whose logits it keeps (continuations and length spread)
+SPEED_PROMPT, SPEED_DECODE, SPEED_BATCH = 128, 32, 8   # minitron.evaluate.measure_speed as the pipeline calls it
+STAGES = ("correction", "importance", "search", "prune", "distill", "eval")
+
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a dtype name (float32 | bfloat16 | float16 and short forms)."""
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[name]
+
+
+def parse_memory(text: str | int | float) -> int:
+    """'80GB' | '80G' | '80GiB' | '141 GB' | '512MB' | bytes -> bytes. GPU makers' "GB" are binary (an 80 GB
+    card has 80 GiB = 81920 MiB), so GB and GiB both mean 2**30 here."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise ValueError(f"cannot read memory size {text!r}; write e.g. 80GB, 141GB or 24GiB")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower()))
+
+
+# ---- shapes --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shape:
+    """What memory depends on in one model: dims and exact parameter counts (from a meta-device build)."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    tied: bool
+    params: int               # all parameters, a tied embedding counted once
+    layer_params: int         # parameters of the largest decoder layer
+    linear_params: int        # matmul weights (and biases) of all decoder layers: what autocast casts to bf16
+    largest_tensor: int       # elements of the largest parameter tensor
+    n_attn_in: int = 3        # projections reading the normed input of attention (q, k, v; 1 when fused)
+    n_mlp_in: int = 2         # projections reading the normed input of the MLP (gate, up; 1 when fused)
+    gated: bool = True        # act(gate) * up (False: Nemotron's relu^2 MLP)
+    extra_norms: int = 0      # per-layer norms over the hidden axis beyond the two pre-norms (Gemma3: 2)
+    head_norms: bool = False  # q_norm / k_norm over head_dim (Qwen3, Gemma3)
+
+    @property
+    def attn_width(self) -> int:  # A
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:  # K
+        return self.kv_heads * self.head_dim
+
+    @property
+    def root_params(self) -> int:
+        """Parameters outside the decoder layers: embedding, final norm, an untied LM head."""
+        return self.params - self.layers * self.layer_params
+
+    def describe(self) -> str:
+        return (f"{self.params / 1e9:.3g}B params: hidden {self.hidden}, MLP {self.ffn}, {self.heads} heads / "
+                f"{self.kv_heads} KV, head_dim {self.head_dim}, {self.layers} layers, vocab {self.vocab}"
+                f"{', tied' if self.tied else ''}")
+
+
+def shape_of(config) -> Shape:
+    """The Shape of an HF config of a supported family (built on the meta device: no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    a = arch.get_arch(config)
+    d = arch.dims_of(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = {id(p): p for p in model.parameters()}.values()  # a tied weight once
+    layers = arch.decoder_layers(model)
+    layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    linear = sum(p.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)
+                 for p in m.parameters(recurse=False))
+    return Shape(hidden=d.hidden, ffn=d.ffn, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim,
+                 layers=d.layers, vocab=d.vocab, tied=d.tied, params=sum(p.numel() for p in params),
+                 layer_params=layer_params, linear_params=linear, largest_tensor=max(p.numel() for p in params),
+                 n_attn_in=len(a.attn_in), n_mlp_in=len(a.mlp_in), gated=any(len(s) > 1 for _, s in a.mlp_in)
+                 or len(a.mlp_in) > 1, extra_norms=len(a.other_hidden_norms), head_norms=bool(a.head_norms))
+
+
+def student_shape(config, dims: arch.Dims) -> Shape:
+    """The Shape of `config` pruned to `dims` (every layer keeps the same widths)."""
+    from minitron.plan import config_with_dims
+
+    return shape_of(config_with_dims(config, dims))
+
+
+# ---- the terms: one function each, bytes ---------------------------------------------------------------
+
+def weights(params: int, nbytes: int) -> int:
+    """P x bytes per parameter: a model held in one dtype (fp32 4, bf16 2)."""
+    return params * nbytes
+
+
+def master_states(s: Shape, world: int, mode: str) -> dict[str, int]:
+    """The trained model's fp32 state: master weights 4P, gradients 4P, AdamW exp_avg and exp_avg_sq 8P;
+    divided by W under FSDP (sharded), whole on every rank otherwise; DDP adds its fp32 gradient buckets
+    (4P: gradient_as_bucket_view is off)."""
+    shard = world if mode == "fsdp" else 1
+    out = {"master weights": 4 * s.params // shard, "grads": 4 * s.params // shard,
+           "AdamW states": 8 * s.params // shard}
+    if mode == "ddp":
+        out["DDP buckets"] = 4 * s.params
+    return out
+
+
+def optimizer_transient(s: Shape, world: int, mode: str, cuda: bool) -> int:
+    """AdamW.step temporaries: on CUDA (foreach) sqrt(exp_avg_sq) for every parameter at once, 4P (/W under
+    FSDP); on CPU (one tensor at a time) sqrt and its quotient for the largest tensor, 8 x its elements."""
+    if cuda:
+        return 4 * s.params // (world if mode == "fsdp" else 1)
+    return 8 * s.largest_tensor
+
+
+def autocast_cache(s: Shape) -> int:
+    """torch.autocast keeps a bf16 copy of every fp32 weight a matmul used until the autocast region ends
+    (after backward): 2 x the decoder layers' linear parameters. The LM head's copy is made per loss chunk
+    (logit_loss). Not under FSDP, whose gathered parameters are bf16 already."""
+    return 2 * s.linear_params
+
+
+def fsdp_gathered(s: Shape, nbytes: int) -> int:
+    """FSDP2: the root's parameters (embedding, final norm, an untied LM head) stay gathered in the compute
+    dtype (param_dtype: bf16 2, else fp32 4 bytes) through forward and backward, and two decoder layers are
+    gathered at a time (the running one and the prefetched one): bytes x (root params + 2 x layer params)."""
+    return nbytes * (s.root_params + 2 * s.layer_params)
+
+
+def fsdp_reduce(s: Shape, nbytes: int) -> int:
+    """FSDP2 backward of one layer: its unsharded gradients in the compute dtype and, when that is bf16, their
+    fp32 copy for the reduce-scatter (reduce_dtype fp32): (bytes + 4) or 4 x layer params."""
+    return (nbytes + 4 if nbytes < 4 else 4) * s.layer_params
+
+
+def layer_activations(s: Shape, mode: str) -> int:
+    """Bytes per token one decoder layer saves for backward (counted op by op with saved-tensor hooks on
+    Llama layers in transformers 5, fp32 / autocast bf16 / bf16 parameters):
+      fp32:     24C + 8A + 8K + 4H + 16F + 8  (each pre-norm saves its input, the normalized x and the
+                                                weighted output that q/k/v or gate/up read: 3 x 4C)
+      autocast: 26C + 4A + 4K + 4H + 8F + 8   (the residual stream stays fp32; each norm saves 8C and each
+                                                of the 5 projections its own bf16 copy of the input, 2C)
+      bf16:     16C + 4A + 4K + 4H + 8F + 8   (FSDP's bf16 parameters: norms upcast to fp32 inside)
+    attention: q and k after RoPE, v, the attention output (= o_proj's input), fp32 log-sum-exp per head;
+    MLP: gate, act(gate), up, their product (= down_proj's input); each norm's fp32 1/rms, 4 bytes. Families
+    with extra norms add 8C + 4 per norm; q_norm/k_norm add 8(A + K); an ungated MLP saves 3 instead of 4 F-wide tensors."""
+    C, A, K, F, H = s.hidden, s.attn_width, s.kv_width, s.ffn, s.heads
+    c = 4 if mode == "fp32" else 2
+    norms = {"fp32": 24 * C, "autocast": 16 * C + 2 * C * (s.n_attn_in + s.n_mlp_in), "bf16": 16 * C}[mode]
+    norms += 8 * C * s.extra_norms + (8 * (A + K) if s.head_norms else 0) + 4 * (2 + s.extra_norms)  # fp32 rsqrt
+    attn = c * (2 * A + 2 * K) + 4 * H
+    mlp = (4 if s.gated else 3) * c * F
+    return norms + attn + mlp
+
+
+def residual_bytes(mode: str) -> int:
+    """Bytes per element of the residual stream: fp32 unless the parameters themselves are bf16 (FSDP)."""
+    return 2 if mode == "bf16" else 4
+
+
+def saved_activations(s: Shape, tokens: int, mode: str, checkpointing: bool) -> int:
+    """Activations alive at the end of the student's forward: L x N x layer_activations, plus the final norm
+    (8C per token); with activation checkpointing each layer keeps only its input (N x C x residual bytes)
+    and one layer at a time is recomputed in backward (N x layer_activations)."""
+    per_layer = layer_activations(s, mode)
+    final_norm = 8 * s.hidden * tokens
+    if checkpointing:
+        return s.layers * tokens * s.hidden * residual_bytes(mode) + tokens * per_layer + final_norm
+    return s.layers * tokens * per_layer + final_norm
+
+
+def backward_working(s: Shape, tokens: int, mode: str) -> int:
+    """Gradient buffers while one layer runs backward: the incoming and outgoing gradients of the residual
+    stream (2 x N x C x residual bytes) and three F-wide gradients (N x 3F x compute bytes); under autocast
+    also the bf16 weight gradient of the largest matmul and its fp32 cast (6 x F x C)."""
+    c = 4 if mode == "fp32" else 2
+    out = tokens * (2 * s.hidden * residual_bytes(mode) + 3 * s.ffn * c)
+    if mode == "autocast":
+        out += 6 * s.ffn * s.hidden
+    return out
+
+
+def logit_loss(s: Shape, tokens: int, chunk: int, teacher: str, mode: str) -> dict[str, int]:
+    """The chunked logit loss (minitron.losses, gradients made in the forward pass chunk by chunk):
+      held:  the gradient of the final hidden states N x C (residual bytes) and of the LM head V x C (fp32),
+             alive from the forward to the start of backward;
+      chunk: the larger of the divergence phase, k x n x V fp32 (k = 5 with a live teacher: both logits,
+             both log-probs, the teacher's probs; 3 with a top-k cache; 2 for the LM loss alone), and the
+             weight-gradient phase: the logit gradient n x V fp32, the fp32 [V, C] product, and under bf16
+             compute the bf16 copies of the logit gradient and of the head weight and the bf16 product
+             (2nV + 4VC); plus the accumulated head gradient (4VC) once there is more than one chunk."""
+    n = min(chunk, tokens)
+    V, C = s.vocab, s.hidden
+    k = {"full": 5, "topk": 3, "none": 2}[teacher]
+    weight_grad = 4 * n * V + 4 * V * C + (2 * n * V + 4 * V * C if mode != "fp32" else 0)
+    accumulated = 4 * V * C if tokens > chunk else 0
+    return {"held": tokens * C * residual_bytes(mode) + 4 * V * C,
+            "chunk": max(k * 4 * n * V, weight_grad) + accumulated}
+
+
+def forward_working(s: Shape, tokens: int, nbytes: int) -> int:
+    """One decoder layer's temporaries in a forward pass without autograd: act(gate), up and their product
+    (3 x N x F), the layer input and the normed input (2 x N x C) in the model dtype, and the norm's fp32
+    upcast temporaries (12 x N x C)."""
+    return tokens * (3 * nbytes * s.ffn + 2 * nbytes * s.hidden + 12 * s.hidden)
+
+
+def lm_scoring(s: Shape, tokens: int, nbytes: int, chunk: int = LOSS_CHUNK) -> int:
+    """The forward-only LM loss (minitron.models.token_nll_sum) of N tokens: the final hidden states and
+    their copy at the valid positions (2 x N x C, model dtype), then the larger of one layer's forward
+    temporaries and one chunk of logits in the model dtype, their fp32 copy and the fp32 log-softmax
+    (n x V x (bytes + 8))."""
+    n = min(chunk, tokens)
+    return 2 * tokens * s.hidden * nbytes + max(forward_working(s, tokens, nbytes), n * s.vocab * (nbytes + 8))
+
+
+def importance_working(s: Shape, tokens: int, nbytes: int, bi_states: int) -> dict[str, int]:
+    """The activation-importance pass (minitron.importance) on N calibration tokens, backbone only (no
+    logits):
+      hooks:  at the hooked down_proj / o_proj input (model dtype, N x F) the fp32 copy, |x| and the masked
+              product that seq_aggregate makes: 3 x 4 bytes per element (2 x 4 when the model is fp32, whose
+              .float() is free);
+      layer:  one layer's forward temporaries (forward_working), whichever is larger;
+      BI:     the unit-normalized states of the last `bi_states` depths held in the model dtype (N x C each)
+              plus the fp32 temporaries of one normalization and cosine (12 x N x C);
+      stats:  per-channel fp32 sum, sum of squares and max of every hooked axis, 12 x L x (A + F + 2C)."""
+    F = max(s.ffn, s.attn_width)
+    hooks = tokens * (nbytes * F + (12 if nbytes < 4 else 8) * F + 2 * nbytes * s.hidden)
+    bi = bi_states * tokens * s.hidden * nbytes
+    return {"layer temporaries": max(hooks, forward_working(s, tokens, nbytes), 12 * tokens * s.hidden),
+            "BI states": bi,
+            "fp32 statistics": 12 * s.layers * (s.attn_width + s.ffn + 2 * s.hidden)}
+
+
+def kv_cache(s: Shape, batch: int, tokens: int, nbytes: int) -> int:
+    """Keys and values of every layer for batch x tokens positions: 2 x L x K x bytes per position."""
+    return 2 * s.layers * s.kv_width * nbytes * batch * tokens
+
+
+# ---- stages ------------------------------------------------------------------------------------------
+
+@dataclass
+class StageEstimate:
+    """One stage's estimated peak on one GPU, by term (bytes)."""
+
+    stage: str
+    terms: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+    skipped: bool = False
+    kind: str = ""            # "train" for correction/distill (what the suggestions change)
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+
+@dataclass
+class TrainSettings:
+    """What a training stage's memory depends on (from the recipe's distill or correction section)."""
+
+    batch_size: int
+    grad_accum: int
+    seq_len: int
+    mode: str                 # fp32 | autocast | bf16 (see layer_activations)
+    checkpointing: bool
+    world: int
+    parallel: str             # none | ddp | fsdp
+    chunk: int
+    teacher: str              # full | topk | none
+
+
+def _peak(parts: dict[str, dict[str, int]]) -> tuple[dict[str, int], str]:
+    """The phase with the largest sum, its terms and name."""
+    name = max(parts, key=lambda k: sum(parts[k].values()))
+    return parts[name], name
+
+
+def train_estimate(stage: str, s: Shape, t: Shape | None, teacher_bytes: int, ts: TrainSettings,
+                   cuda: bool) -> StageEstimate:
+    """Steady-state peak of one rank of a training stage: the states that live through the step plus the
+    largest of five phases (the teacher's forward, the end of the student's forward, the start of its
+    backward, the end of backward, the optimizer step). Gradients live through every phase when
+    grad_accum > 1; with one micro-batch they appear during backward while the activations go."""
+    tokens = ts.batch_size * ts.seq_len
+    states = master_states(s, ts.world, ts.parallel)
+    grads = states.pop("grads")
+    terms = dict(states)
+    if t is not None:
+        terms["teacher weights"] = weights(t.params, teacher_bytes)
+    if cuda:
+        terms["CUDA context"] = CUDA_OVERHEAD
+    held_grads = {"grads": grads} if ts.grad_accum > 1 else {}
+    common: dict[str, int] = {}
+    if ts.mode == "autocast":
+        common["autocast bf16 weights"] = autocast_cache(s)
+    pbytes = 2 if ts.mode == "bf16" else 4
+    if ts.parallel == "fsdp":
+        common["FSDP gathered params"] = fsdp_gathered(s, pbytes)
+    if t is not None and ts.teacher == "full":
+        common["teacher hidden states"] = tokens * t.hidden * teacher_bytes
+    acts = saved_activations(s, tokens, ts.mode, ts.checkpointing)
+    loss = logit_loss(s, tokens, ts.chunk, ts.teacher, ts.mode)
+    phases = {
+        "end of forward": {**held_grads, **common, "activations": acts, "logit loss (held + chunk)":
+                           loss["held"] + loss["chunk"]},
+        "start of backward": {**held_grads, **common, "activations": acts, "logit loss (held)": loss["held"],
+                              "backward buffers": backward_working(s, tokens, ts.mode)},
+        "end of backward": {"grads": grads, **common,
+                            "backward buffers": (fsdp_reduce(s, pbytes) if ts.parallel == "fsdp" else 0)
+                            + (4 * s.vocab * s.hidden if s.tied else 0)},
+        "optimizer step": {"grads": grads, "optimizer temporaries": optimizer_transient(s, ts.world, ts.parallel,
+                                                                                         cuda)},
+    }
+    if t is not None and ts.teacher == "full":
+        phases["teacher forward"] = {**held_grads, "teacher layer temporaries": forward_working(t, tokens,
+                                                                                                teacher_bytes),
+                                     "teacher hidden states": tokens * t.hidden * teacher_bytes}
+    phase, name = _peak(phases)
+    terms.update({k: v for k, v in phase.items() if v})
+    note = (f"peak at {name}; {ts.batch_size} x {ts.seq_len} tokens/rank, {ts.mode} compute"
+            f"{', checkpointing' if ts.checkpointing else ''}, {ts.parallel if ts.world > 1 else 'one device'}"
+            f"{f' x {ts.world}' if ts.world > 1 else ''}")
+    return StageEstimate(stage, terms, note, kind="train")
+
+
+def forward_estimate(stage: str, resident: dict[str, int], transient: dict[str, int], cuda: bool,
+                     note: str = "") -> StageEstimate:
+    terms = {**resident, **{k: v for k, v in transient.items() if v}}
+    if cuda:
+        terms["CUDA context"] = CUDA_OVERHEAD
+    return StageEstimate(stage, terms, note)
+
+
+# ---- from a recipe -------------------------------------------------------------------------------------
+
+def _device_is_cuda(cfg, gpu_bytes: int | None) -> bool:
+    device = str(cfg.model.device)
+    if device == "auto":
+        if gpu_bytes is not None:
+            return True
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
+def _parallel(section, world: int) -> str:
+    mode = getattr(section, "distributed", "auto")
+    if world <= 1:
+        return "none"
+    if mode == "auto":
+        return "ddp"
+    if mode == "none":
+        from minitron.config import ConfigError
+
+        raise ConfigError(f"{world} GPUs but distributed: none; set distributed: fsdp (or ddp) in the recipe")
+    return mode
+
+
+def _train_settings(section, cfg, world: int, teacher: str) -> TrainSettings:
+    from minitron.config import default_of
+    from minitron.distill import DistillConfig
+
+    def get(name):
+        return getattr(section, name, default_of(DistillConfig, name))
+
+    bf16 = get("autocast") == "bf16" or cfg.model.dtype in ("bfloat16", "bf16")
+    parallel = _parallel(section, world)
+    mode = ("bf16" if parallel == "fsdp" else "autocast") if bf16 else "fp32"
+    return TrainSettings(batch_size=get("batch_size"), grad_accum=get("grad_accum"), seq_len=cfg.data.seq_len,
+                         mode=mode, checkpointing=bool(get("grad_checkpointing")), world=world, parallel=parallel,
+                         chunk=default_of(DistillConfig, "chunk_size"), teacher=teacher)
+
+
+def _teacher_bytes(cfg, cuda: bool) -> int:
+    """distill.teacher_dtype, else bf16 on CUDA, else the compute dtype (distill.loop.precision)."""
+    name = getattr(cfg.distill, "teacher_dtype", None)
+    if name:
+        return dtype_bytes(name)
+    if cuda or cfg.distill.autocast == "bf16":
+        return 2
+    return dtype_bytes(cfg.model.dtype)
+
+
+def resolve_shapes(cfg) -> dict:
+    """The teacher's config and Shape, and the student's dims and Shape, from the recipe (no weights):
+    target dims or budget, else the search budget (its largest candidates: budget x (1 + tolerance)), else
+    the first iterative budget."""
+    from minitron.plan import Target, parse_count, resolve_dims, source_config
+
+    config = source_config(cfg.model.teacher, cfg.model.trust_remote_code)
+    if cfg.iterative.budgets:
+        target = replace(cfg.target, params=parse_count(cfg.iterative.budgets[0]), split="ratio")
+        how = f"first iterative budget {cfg.iterative.budgets[0]}"
+    elif cfg.search.enabled:
+        target = Target(params=float(cfg.search.params) * (1 + cfg.search.tolerance), split="ratio")
+        how = f"search budget {float(cfg.search.params) / 1e6:.4g}M + {cfg.search.tolerance:.0%}"
+    else:
+        target = replace(cfg.target, split="ratio") if cfg.target.params else cfg.target
+        how = "target"
+    dims = resolve_dims(config, target)
+    teacher = shape_of(config)
+    return {"config": config, "teacher": teacher, "dims": dims, "student": student_shape(config, dims),
+            "student_from": how, "n_drop": teacher.layers - dims.layers}
+
+
+def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes: dict | None = None
+                 ) -> list[StageEstimate]:
+    """Every stage of `cfg` (a pipeline.RunConfig) on one of `world_size` GPUs, in pipeline order."""
+    shapes = shapes or resolve_shapes(cfg)
+    T, S = shapes["teacher"], shapes["student"]
+    cuda = _device_is_cuda(cfg, gpu_bytes)
+    b = dtype_bytes(cfg.model.dtype)
+    seq = cfg.data.seq_len
+    out: list[StageEstimate] = []
+
+    if cfg.correction.enabled:
+        ts = _train_settings(cfg.correction, cfg, world_size, "none")
+        out.append(train_estimate("correction", T, None, 0, ts, cuda))
+    else:
+        out.append(StageEstimate("correction", note="off (correction.enabled: false)", skipped=True))
+
+    imp = cfg.importance
+    tokens = imp.batch_size * seq
+    n_drop = shapes["n_drop"]
+    contiguous = n_drop > 0 and cfg.target.contiguous and not cfg.target.drop_layers
+    bi_states = max(1, n_drop if contiguous else 1) + 1
+    work = importance_working(T, tokens, b, bi_states)
+    if n_drop > 0 and cfg.target.layer_metric == "lm-loss":
+        work["layer temporaries"] = max(work["layer temporaries"], lm_scoring(T, tokens, b))
+    note = f"{imp.batch_size} x {seq} tokens per forward, {cfg.model.dtype}"
+    if imp.criterion == "taylor":
+        note += "; the taylor criterion's backward pass is not modelled"
+    out.append(forward_estimate("importance", {"weights": weights(T.params, b)}, work, cuda, note))
+
+    if cfg.search.enabled:
+        resident = {"teacher weights": weights(T.params, b), "candidate (pruned in place)": weights(S.params, b)}
+        trans = {"LM-loss scoring": max(lm_scoring(S, tokens, b), lm_scoring(T, tokens, b) if n_drop else 0)}
+        note = f"largest candidate {S.params / 1e6:.4g}M"
+        if cfg.search.train_tokens > 0:
+            d = train_estimate("search", S, T, _teacher_bytes(cfg, cuda),
+                               _train_settings(cfg.distill, cfg, world_size, "topk" if cfg.distill.topk else "full"),
+                               cuda)
+            d.terms = {"search's teacher + candidate": resident["teacher weights"]
+                       + resident["candidate (pruned in place)"], **d.terms}
+            d.note = f"{note}; short distillation of each candidate ({d.note})"
+            out.append(d)
+        else:
+            out.append(forward_estimate("search", resident, trans, cuda, note))
+    elif cfg.target.params and cfg.target.split == "loss" and not (cfg.target.hidden or cfg.target.ffn):
+        out.append(StageEstimate("search", note="split choice runs inside prune", skipped=True))
+    else:
+        out.append(StageEstimate("search", note="off", skipped=True))
+
+    split = (not cfg.search.enabled and not cfg.iterative.budgets and cfg.target.params
+             and cfg.target.split == "loss" and not (cfg.target.hidden or cfg.target.ffn))
+    h_tokens = imp.batch_size * seq
+    trans = {"LM-loss scoring": lm_scoring(T, h_tokens, b)}
+    resident = {"weights": weights(T.params, b)}
+    note = "held-out loss before/after"
+    if split:
+        resident["candidate split (pruned in place)"] = weights(S.params, b)
+        note = "hidden/MLP split chosen by held-out loss (each candidate pruned in place)"
+    out.append(forward_estimate("prune", resident, trans, cuda, note))
+
+    ts = _train_settings(cfg.distill, cfg, world_size, "topk" if cfg.distill.topk else "full")
+    out.append(train_estimate("distill", S, T, _teacher_bytes(cfg, cuda), ts, cuda))
+
+    out.append(eval_estimate(cfg, T, S, b, cuda))
+    return out
+
+
+def eval_estimate(cfg, T: Shape, S: Shape, b: int, cuda: bool) -> StageEstimate:
+    """Evaluation: each model alone on the perplexity and zero-shot tasks (weights + one forward of the
+    largest task batch: wikitext2 max(1, batch x 256 / window) windows, loss:* batch x seq_len, zero-shot
+    batch x 512 tokens whose last 64 positions per row keep logits, plus one row's fp32 log-softmax), then
+    every model resident together for the speed task (KV cache of 8 x 160 positions, prefill logits of
+    8 x 128 tokens). Models load in model.dtype."""
+    e = cfg.eval
+    phases: dict[str, dict[str, int]] = {}
+    for label, s in (("teacher", T), ("student", S)):
+        best = 0
+        for task in e.tasks:
+            if task == "speed":
+                continue
+            if task == "wikitext2":
+                tokens = max(1, e.batch_size * 256 // e.window) * e.window
+            elif task.startswith("loss:"):
+                tokens = e.batch_size * cfg.data.seq_len
+            else:
+                tokens = e.batch_size * MC_TOKENS
+            work = lm_scoring(s, tokens, b)
+            if not (task == "wikitext2" or task.startswith("loss:")):  # logits_to_keep: continuation positions
+                work = forward_working(s, tokens, b) + e.batch_size * MC_KEPT * s.vocab * b + MC_KEPT * s.vocab * 8
+            best = max(best, work)
+        phases[f"{label} tasks"] = {f"{label} weights": weights(s.params, b), "task forward": best}
+    if "speed" in e.tasks:
+        phases["speed (both models)"] = {
+            "teacher + student weights": weights(T.params + S.params, b),
+            "KV cache + prefill": max(kv_cache(s, SPEED_BATCH, SPEED_PROMPT + SPEED_DECODE, b)
+                                      + SPEED_BATCH * SPEED_PROMPT * s.vocab * b
+                                      + forward_working(s, SPEED_BATCH * SPEED_PROMPT, b) for s in (T, S))}
+    phase, name = _peak(phases)
+    return forward_estimate("eval", {}, phase, cuda, f"peak at {name}")
+
+
+# ---- fitting, advice, output ---------------------------------------------------------------------------
+
+def fits(est: StageEstimate, gpu_bytes: int) -> bool:
+    return est.skipped or est.total <= MARGIN * gpu_bytes
+
+
+def _with(cfg, **sections):
+    """A copy of cfg with section fields replaced: _with(cfg, distill={"batch_size": 1})."""
+    changes = {name: replace(getattr(cfg, name), **kw) for name, kw in sections.items()}
+    return replace(cfg, **changes)
+
+
+def suggestions(cfg, stage: str, world_size: int, gpu_bytes: int, shapes: dict) -> list[str]:
+    """Up to three changes that make `stage` fit, cheapest first: activation checkpointing, bf16 compute, a
+    smaller micro-batch with more accumulation (the same global batch), then the fewest GPUs with FSDP."""
+    found: list[str] = []
+
+    def works(new_cfg, new_world=world_size) -> bool:
+        est = {e.stage: e for e in estimate_run(new_cfg, new_world, gpu_bytes, shapes)}[stage]
+        return fits(est, gpu_bytes)
+
+    if stage in ("distill", "correction", "search"):
+        name = "correction" if stage == "correction" else "distill"
+        sec = getattr(cfg, name)
+        bs, acc = getattr(sec, "batch_size", 8), getattr(sec, "grad_accum", 1)
+        ckpt = {"grad_checkpointing": True} if hasattr(sec, "grad_checkpointing") else {}
+        opts: list[tuple[str, dict]] = []
+        if ckpt and not sec.grad_checkpointing:
+            opts.append((f"{name}.grad_checkpointing=true", ckpt))
+        if getattr(sec, "autocast", "bf16") != "bf16" and cfg.model.dtype not in ("bfloat16", "bf16"):
+            opts.append((f"{name}.autocast=bf16", {"autocast": "bf16"}))
+        b = bs
+        while b > 1:
+            b //= 2
+            kw = {"batch_size": b, "grad_accum": acc * (bs // b)}
+            text = f"{name}.batch_size={b} {name}.grad_accum={acc * (bs // b)}"
+            opts.append((text + " (same global batch)", kw))
+            if ckpt and not sec.grad_checkpointing:
+                opts.append((text + f" {name}.grad_checkpointing=true", {**kw, **ckpt}))
+        for text, kw in opts:
+            if len(found) < 2 and works(_with(cfg, **{name: kw})):
+                found.append(text)
+        if hasattr(sec, "distributed"):
+            for extra, label in (({}, ""), (ckpt, f" and {name}.grad_checkpointing=true")):
+                w = next((w for w in (2, 4, 8, 16, 32, 64) if w > world_size
+                          and works(_with(cfg, **{name: {"distributed": "fsdp", **extra}}), w)), None)
+                if w is not None:
+                    found.append(f"{w} GPUs with FSDP{label} (torchrun --nproc_per_node {w}, "
+                                 f"{name}.distributed=fsdp)")
+                    break
+    elif stage in ("importance", "prune"):
+        bs = cfg.importance.batch_size
+        while bs > 1 and not found:
+            bs //= 2
+            if works(_with(cfg, importance={"batch_size": bs})):
+                found.append(f"importance.batch_size={bs}")
+    elif stage == "eval":
+        bs = cfg.eval.batch_size
+        while bs > 1 and not found:
+            bs //= 2
+            if works(_with(cfg, eval={"batch_size": bs})):
+                found.append(f"eval.batch_size={bs}")
+    if not found and stage not in ("distill", "correction") and cfg.model.dtype in ("float32", "fp32"):
+        if works(_with(cfg, model={"dtype": "bfloat16"})):
+            found.append("model.dtype=bfloat16")
+    return found[:3]
+
+
+def warnings_for(cfg, stages: list[StageEstimate], world_size: int, gpu_bytes: int, shapes: dict) -> list[str]:
+    """One warning per stage that does not fit: what it needs, the main terms, and what to change."""
+    out = []
+    per = "per GPU" if _device_is_cuda(cfg, gpu_bytes) else "(CPU)"
+    for est in stages:
+        if fits(est, gpu_bytes):
+            continue
+        top = sorted(est.terms.items(), key=lambda kv: -kv[1])[:3]
+        fixes = suggestions(cfg, est.stage, world_size, gpu_bytes, shapes)
+        advice = ("; fits with: " + " | or: ".join(fixes)) if fixes else (
+            "; no single change tried fits: use more GPUs with FSDP, a smaller batch with grad_accum, "
+            "activation checkpointing, or a smaller model")
+        out.append(f"WARNING: stage {est.stage} needs ~{est.total / GiB:.1f} GiB {per}, more than "
+                   f"{MARGIN:.0%} of {gpu_bytes / GiB:.0f} GiB (largest: "
+                   + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in top) + f"){advice}")
+    return out
+
+
+def format_table(stages: list[StageEstimate], gpu_bytes: int | None = None) -> str:
+    """A markdown table: stage, peak per GPU, fit, the main terms."""
+    head = "| stage | peak per GPU | " + (f"fits {gpu_bytes / GiB:.0f} GiB | " if gpu_bytes else "") + "main terms |"
+    lines = [head, "|---|---|" + ("---|" if gpu_bytes else "") + "---|"]
+    for e in stages:
+        if e.skipped:
+            lines.append(f"| {e.stage} | — | " + ("— | " if gpu_bytes else "") + f"{e.note} |")
+            continue
+        terms = ", ".join(f"{k} {v / GiB:.2f}" for k, v in sorted(e.terms.items(), key=lambda kv: -kv[1]) if v)
+        fit = ""
+        if gpu_bytes:
+            fit = ("yes" if fits(e, gpu_bytes) else "**NO**") + " | "
+        lines.append(f"| {e.stage} | {e.total / GiB:.2f} GiB | {fit}{terms} ({e.note}) |")
+    return "\n".join(lines)
+
+
+def report(cfg, world_size: int = 1, gpu_bytes: int | None = None, recipe: str | None = None) -> str:
+    """The text `minitron plan --estimate` prints: shapes, the table, warnings."""
+    shapes = resolve_shapes(cfg)
+    stages = estimate_run(cfg, world_size, gpu_bytes, shapes)
+    cuda = _device_is_cuda(cfg, gpu_bytes)
+    lines = [f"Memory estimate per {'GPU' if cuda else 'process (CPU)'}: {recipe or 'recipe'}, world size "
+             f"{world_size}, model.dtype {cfg.model.dtype}, seq_len {cfg.data.seq_len} (GiB = 2^30 bytes)",
+             f"teacher: {shapes['teacher'].describe()}",
+             f"student ({shapes['student_from']}): {shapes['student'].describe()}", "",
+             format_table(stages, gpu_bytes)]
+    if gpu_bytes:
+        warns = warnings_for(cfg, stages, world_size, gpu_bytes, shapes)
+        lines += [""] + (warns or [f"Every stage fits {gpu_bytes / GiB:.0f} GiB (with {1 - MARGIN:.0%} kept free)."])
+    return "\n".join(lines)
+
+
+def available_memory(cfg) -> int | None:
+    """The memory a stage may use here: the CUDA device's total memory, or MemAvailable on CPU."""
+    if _device_is_cuda(cfg, None):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def dry_run(cfg, stage: str | None = None, world_size: int | None = None, memory: int | str | None = None,
+            file=None) -> list[str]:
+    """Before a stage runs: estimate it (or every stage when stage is None) for this world size (default:
+    $WORLD_SIZE) and this device's memory (default: the CUDA device's total, or available RAM on CPU), print
+    a warning naming the stage, what it needs and what to change when it would not fit, and return the
+    warnings (empty when it fits). Never raises: a recipe it cannot estimate prints one note instead."""
+    file = file or sys.stderr
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        gpu = parse_memory(memory) if memory is not None else available_memory(cfg)
+        if gpu is None:
+            return []
+        shapes = resolve_shapes(cfg)
+        stages = [e for e in estimate_run(cfg, world, gpu if memory is not None or _device_is_cuda(cfg, None)
+                                          else None, shapes) if stage is None or e.stage == stage]
+        warns = warnings_for(cfg, stages, world, gpu, shapes)
+    except Exception as e:  # noqa: BLE001 - advice only: never stop a run
+        print(f"[minitron] memory estimate unavailable ({type(e).__name__}: {e})", file=file)
+        return []
+    for w in warns:
+        print(f"[minitron] {w}", file=file)
+    return warns

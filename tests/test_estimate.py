@@ -1,0 +1,191 @@
+"""minitron.estimate: the terms of a tiny model equal a hand computation; the per-layer activation formula
+equals what autograd saves; the 8B recipes fit 80 GB and a batch-64 variant warns; `minitron plan` prints
+the table."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config
+from minitron import estimate as E
+from minitron.cli import main
+from minitron.config import load_config
+from minitron.pipeline import RunConfig
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+               "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+               "num_hidden_layers": 32, "vocab_size": 128256, "tie_word_embeddings": False,
+               "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}
+
+
+def _tiny():
+    # hidden C 64, MLP F 128, 4 heads / 2 KV heads of 16 (A 64, K 32), 2 layers, vocab V 384, tied
+    return make_config("llama", layers=2, tie_word_embeddings=True)
+
+
+def test_shape_of_tiny_llama_by_hand():
+    s = E.shape_of(_tiny())
+    layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64   # q, k+v, o, gate/up/down, 2 norms
+    assert s.layer_params == layer == 36992
+    assert s.params == 384 * 64 + 2 * layer + 64                      # tied embedding once, final norm
+    assert s.linear_params == 2 * (layer - 2 * 64)
+    assert s.largest_tensor == 384 * 64
+    assert s.root_params == 384 * 64 + 64
+    assert (s.n_attn_in, s.n_mlp_in, s.gated, s.extra_norms, s.head_norms) == (3, 2, True, 0, False)
+
+
+def test_terms_of_tiny_llama_by_hand():
+    s = E.shape_of(_tiny())
+    P = s.params
+    assert E.master_states(s, 1, "none") == {"master weights": 4 * P, "grads": 4 * P, "AdamW states": 8 * P}
+    assert E.master_states(s, 4, "fsdp")["AdamW states"] == 8 * P // 4
+    assert E.master_states(s, 4, "ddp")["DDP buckets"] == 4 * P
+    # per token and layer: fp32 24C + 8A + 8K + 4H + 16F + 8; autocast 26C + 4A + 4K + 4H + 8F + 8; bf16 16C + ...
+    assert E.layer_activations(s, "fp32") == 24 * 64 + 8 * 64 + 8 * 32 + 4 * 4 + 16 * 128 + 8 == 4376
+    assert E.layer_activations(s, "autocast") == 26 * 64 + 4 * 64 + 4 * 32 + 4 * 4 + 8 * 128 + 8 == 3096
+    assert E.layer_activations(s, "bf16") == 16 * 64 + 4 * 64 + 4 * 32 + 4 * 4 + 8 * 128 + 8 == 2456
+    N = 32
+    assert E.saved_activations(s, N, "fp32", False) == 2 * N * 4376 + 8 * 64 * N
+    assert E.saved_activations(s, N, "fp32", True) == 2 * N * 64 * 4 + N * 4376 + 8 * 64 * N
+    assert E.logit_loss(s, N, 512, "full", "fp32") == {"held": N * 64 * 4 + 4 * 384 * 64, "chunk": 5 * 4 * N * 384}
+    divergence = 3 * 4 * 512 * 384                                   # top-k: 3 [n, V] fp32 buffers
+    weight_grad = 4 * 512 * 384 + 4 * 384 * 64 + 2 * 512 * 384 + 4 * 384 * 64  # g, fp32 [V, C], bf16 copies
+    assert E.logit_loss(s, 1024, 512, "topk", "autocast")["chunk"] == max(divergence, weight_grad) + 4 * 384 * 64
+    assert E.autocast_cache(s) == 2 * s.linear_params
+    assert E.optimizer_transient(s, 1, "none", cuda=True) == 4 * P
+    assert E.optimizer_transient(s, 1, "none", cuda=False) == 8 * 384 * 64
+    assert E.kv_cache(s, 8, 160, 2) == 2 * 2 * 32 * 2 * 8 * 160
+
+
+def test_distill_estimate_of_tiny_llama_by_hand():
+    s = E.shape_of(_tiny())
+    P, N, C, V = s.params, 2 * 16, 64, 384
+    ts = E.TrainSettings(batch_size=2, grad_accum=1, seq_len=16, mode="fp32", checkpointing=False, world=1,
+                         parallel="none", chunk=512, teacher="full")
+    est = E.train_estimate("distill", s, s, 4, ts, cuda=False)
+    acts = 2 * N * 4376 + 8 * C * N
+    end_of_forward = N * C * 4 + acts + (N * C * 4 + 4 * V * C) + 5 * 4 * N * V  # teacher states + acts + loss
+    phases = {"end of forward": end_of_forward,
+              "start of backward": N * C * 4 + acts + N * C * 4 + 4 * V * C + N * (2 * C * 4 + 3 * 128 * 4),
+              "end of backward": 4 * P + 4 * V * C,            # grads + the tied embedding's dense gradient
+              "optimizer step": 4 * P + 8 * V * C}
+    assert max(phases, key=phases.get) == "end of forward"
+    assert est.total == 4 * P + 8 * P + 4 * P + end_of_forward == 2234880  # master + AdamW + teacher + phase
+    assert est.note.startswith("peak at end of forward")
+
+
+def test_importance_stage_of_tiny_llama_by_hand(tmp_path):
+    _tiny().save_pretrained(tmp_path / "tiny")
+    cfg = load_config(RunConfig, None, [f"model.teacher={tmp_path / 'tiny'}", "model.device=cpu", "data.seq_len=16",
+                                        "importance.batch_size=2", "target.ffn=64"])
+    stages = {e.stage: e for e in E.estimate_run(cfg)}
+    P, N, C, F = E.shape_of(_tiny()).params, 32, 64, 128
+    layer = N * (3 * 4 * F + 2 * 4 * C + 12 * C)               # forward temporaries > hooks and BI temporaries
+    assert stages["importance"].terms == {"weights": 4 * P, "layer temporaries": layer, "BI states": 2 * N * C * 4,
+                                          "fp32 statistics": 12 * 2 * (64 + F + 2 * C)}
+    assert stages["correction"].skipped and stages["search"].skipped
+    assert [e.stage for e in E.estimate_run(cfg)] == list(E.STAGES)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
+def test_layer_activations_equal_what_autograd_saves(mode):
+    """Bytes saved for backward by one more decoder layer, counted with saved-tensor hooks (unique storages,
+    parameters and autocast's weight copies excluded), equal layer_activations x tokens."""
+    from transformers import AutoModelForCausalLM
+
+    def saved(layers: int) -> int:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(make_config("llama", layers=layers), dtype=torch.float32)
+        if mode == "bf16":
+            model = model.to(torch.bfloat16)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params and not (t.dtype == torch.bfloat16 and tuple(t.shape) in shapes):
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))  # 48 tokens
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast")
+        with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return sum(seen.values())
+
+    s = E.shape_of(_tiny())
+    assert saved(2) - saved(1) == 48 * E.layer_activations(s, mode)
+
+
+@pytest.fixture
+def llama8b(tmp_path):
+    """A dir holding only Llama-3.1-8B's config.json (no weights: the estimate never reads any)."""
+    d = tmp_path / "llama-3.1-8b"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    return str(d)
+
+
+@pytest.mark.parametrize("recipe,world", [("gpu-8b.yaml", 1), ("gpu-8b-8gpu.yaml", 8)])
+def test_8b_recipes_fit_80gb(recipe, world, llama8b):
+    cfg = load_config(RunConfig, RECIPES / recipe, [f"model.teacher={llama8b}"])
+    gpu = E.parse_memory("80GB")
+    shapes = E.resolve_shapes(cfg)
+    stages = E.estimate_run(cfg, world, gpu, shapes)
+    assert shapes["teacher"].params == 8_030_261_248  # Llama-3.1-8B
+    assert all(E.fits(e, gpu) for e in stages), E.format_table(stages, gpu)
+    assert E.warnings_for(cfg, stages, world, gpu, shapes) == []
+    assert {e.stage for e in stages if not e.skipped} >= {"importance", "prune", "distill", "eval"}
+    assert next(e for e in stages if e.stage == "correction").skipped == (world == 1)
+
+    big = load_config(RunConfig, RECIPES / recipe, [f"model.teacher={llama8b}", "distill.batch_size=64",
+                                                    "distill.grad_checkpointing=false"])
+    warns = E.warnings_for(big, E.estimate_run(big, world, gpu, shapes), world, gpu, shapes)
+    assert len(warns) == 1 and "stage distill" in warns[0] and "fits with" in warns[0]
+    assert "grad_checkpointing=true" in warns[0] or "batch_size=" in warns[0]
+
+
+def test_one_gpu_cannot_hold_the_4b_student(llama8b):
+    """The papers' 4.5B student with fp32 master weights + AdamW next to the bf16 teacher: over 80 GB on one
+    GPU (the reason recipes/gpu-8b.yaml prunes to 2.9B), and the advice is FSDP."""
+    cfg = load_config(RunConfig, RECIPES / "gpu-8b.yaml", [f"model.teacher={llama8b}", "target.hidden=3072",
+                                                           "target.ffn=9216"])
+    gpu = E.parse_memory("80GB")
+    shapes = E.resolve_shapes(cfg)
+    warns = E.warnings_for(cfg, E.estimate_run(cfg, 1, gpu, shapes), 1, gpu, shapes)
+    assert len(warns) == 1 and "stage distill" in warns[0] and "GPUs with FSDP" in warns[0]
+
+
+def test_parse_memory():
+    assert E.parse_memory("80GB") == E.parse_memory("80 GiB") == E.parse_memory("80G") == 80 * 2**30
+    assert E.parse_memory("512MB") == 512 * 2**20 and E.parse_memory(1000) == 1000
+    with pytest.raises(ValueError, match="80GB"):
+        E.parse_memory("eighty")
+
+
+def test_cli_prints_the_table(llama8b, capsys):
+    assert main(["plan", "--estimate", str(RECIPES / "gpu-8b.yaml"), f"model.teacher={llama8b}",
+                 "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "| stage | peak per GPU | fits 80 GiB | main terms |" in out
+    for stage in ("correction", "importance", "search", "prune", "distill", "eval"):
+        assert f"| {stage} |" in out
+    assert "Every stage fits 80 GiB" in out
+    assert main(["plan", "--estimate", str(RECIPES / "gpu-8b.yaml"), f"model.teacher={llama8b}",
+                 "distill.batch_size=64", "distill.grad_checkpointing=false", "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "**NO**" in out and "WARNING: stage distill needs" in out
+
+
+def test_dry_run_warns_before_a_stage(llama8b, capsys):
+    cfg = load_config(RunConfig, RECIPES / "gpu-8b.yaml", [f"model.teacher={llama8b}", "distill.batch_size=64"])
+    warns = E.dry_run(cfg, "distill", world_size=1, memory="80GB")
+    assert len(warns) == 1 and "stage distill" in capsys.readouterr().err
+    assert E.dry_run(cfg, "importance", world_size=1, memory="80GB") == []
+    bad = load_config(RunConfig, None, ["model.teacher=/no/such/model", "target.params=70M"])
+    assert E.dry_run(bad, "distill", memory="80GB") == []  # never raises
+    assert "memory estimate unavailable" in capsys.readouterr().err
