@@ -13,6 +13,7 @@ Cases:
   smol-importance-big the same at 16 x 512 tokens per forward (the layer temporaries matter)
   smol-distill        distill.distill, 2 steps, student 70M (hidden 360 / MLP 1096, random init), fp32, 8 x 256
   smol-distill-ckpt   the same with grad_checkpointing
+  smol-distill-fsdp   smol-distill on 2 processes (torchrun, gloo) with FSDP2: the largest rank's peak
   smol-distill-bf16   fp32 master weights + autocast bf16, teacher bf16, 2 x 256
   1b-importance       a random-weight Llama with Llama-3.2-1B's shape, bf16, 2 x 512
   1b-distill          that teacher in bf16 -> student hidden 1536 / MLP 6144 (fp32 master), 1 x 512, 2 steps,
@@ -54,6 +55,8 @@ CASES = {
                          autocast="none", teacher_dtype=None, batch=8, seq=256, ckpt=False),
     "smol-distill-ckpt": dict(kind="distill", teacher="default", student="smol-student", dtype="float32",
                               autocast="none", teacher_dtype=None, batch=8, seq=256, ckpt=True),
+    "smol-distill-fsdp": dict(kind="distill", teacher="default", student="smol-student", dtype="float32",
+                              autocast="none", teacher_dtype=None, batch=8, seq=256, ckpt=False, world=2),
     "smol-distill-bf16": dict(kind="distill", teacher="default", student="smol-student", dtype="float32",
                               autocast="bf16", teacher_dtype="bfloat16", batch=2, seq=256, ckpt=False),
     "1b-importance": dict(kind="importance", teacher="llama1b", dtype="bfloat16", batch=2, seq=512),
@@ -157,11 +160,13 @@ def run_case(name: str) -> dict:
                             out=str(out_dir / "run"), data=str(WORK / "corpus"), steps=2, batch_size=case["batch"],
                             seq_len=case["seq"], dtype=case["dtype"], autocast=case["autocast"],
                             teacher_dtype=case["teacher_dtype"], grad_checkpointing=case["ckpt"], device="cpu",
+                            distributed="fsdp" if case.get("world", 1) > 1 else "auto",
                             eval_every=0, eval_batches=1, save_every=0, progress=False)
         distill(cfg)
         peak = _status("VmHWM")
         extra = {}
-    return {"case": name, "measured": peak - before, "seconds": time.perf_counter() - t0, **extra}
+    return {"case": name, "measured": peak - before, "seconds": time.perf_counter() - t0,
+            "rank": int(os.environ.get("RANK", "0")), **extra}
 
 
 # ---- the estimate of each case -----------------------------------------------------------------------
@@ -177,7 +182,8 @@ def run_config(name: str):
             "importance": {"batch_size": case["batch"]}}
     if case["kind"] == "distill":
         data["distill"] = {"batch_size": case["batch"], "grad_accum": 1, "autocast": case["autocast"],
-                           "grad_checkpointing": case["ckpt"], "teacher_dtype": case["teacher_dtype"]}
+                           "grad_checkpointing": case["ckpt"], "teacher_dtype": case["teacher_dtype"],
+                           "distributed": "fsdp" if case.get("world", 1) > 1 else "auto"}
     return from_dict(RunConfig, data)
 
 
@@ -185,7 +191,7 @@ def estimate_case(name: str):
     from minitron.estimate import estimate_run
 
     stage = CASES[name]["kind"]
-    return next(e for e in estimate_run(run_config(name), 1) if e.stage == stage)
+    return next(e for e in estimate_run(run_config(name), CASES[name].get("world", 1)) if e.stage == stage)
 
 
 def table(results: list[dict]) -> str:
@@ -197,7 +203,8 @@ def table(results: list[dict]) -> str:
         settings = (f"{case['dtype']} weights" if case["kind"] == "importance" else
                     f"fp32 master, {'autocast bf16' if case['autocast'] == 'bf16' else 'fp32'} compute, teacher "
                     f"{case['teacher_dtype'] or case['dtype']}{', checkpointing' if case['ckpt'] else ''}")
-        settings += f", {case['batch']} x {case['seq']}"
+        settings += f", {case['batch']} x {case['seq']}" + (f" per rank, FSDP x {case['world']}"
+                                                             if case.get("world", 1) > 1 else "")
         terms = ", ".join(f"{k} {v / GiB:.2f}" for k, v in sorted(est.terms.items(), key=lambda kv: -kv[1])[:4])
         lines.append(f"| {r['case']} | {settings} | {est.total / GiB:.2f} GiB | {r['measured'] / GiB:.2f} GiB | "
                      f"{est.total / r['measured']:.2f} | {terms} |")
@@ -225,15 +232,18 @@ def main() -> None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
         for name in names:
             log = WORK / f"{name}.log"  # the child's output, kept if it dies
+            world = CASES[name].get("world", 1)
+            launch = ([str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={world}"]
+                      if world > 1 else [sys.executable])
             with open(log, "w") as f:
-                code = subprocess.run([sys.executable, __file__, "--child", name], env=env, stdout=f,
+                code = subprocess.run([*launch, __file__, "--child", name], env=env, stdout=f,
                                       stderr=subprocess.STDOUT).returncode
             text = log.read_text()
-            line = next((x for x in text.splitlines() if x.startswith("RESULT ")), None)
-            if code or line is None:
+            ranks = [json.loads(x[x.index("RESULT ") + 7:]) for x in text.splitlines() if "RESULT " in x]
+            if code or len(ranks) != world:
                 print(text[-4000:], file=sys.stderr)
                 raise SystemExit(f"case {name} failed (exit {code}); its output: {log}")
-            saved[name] = json.loads(line[len("RESULT "):])
+            saved[name] = max(ranks, key=lambda r: r["measured"])  # the largest rank's peak
             saved_path.write_text(json.dumps(saved, indent=1))
             print(f"[memory_bench] {name}: {saved[name]['measured'] / GiB:.2f} GiB in {saved[name]['seconds']:.0f} s",
                   flush=True)

@@ -359,6 +359,21 @@ def test_llama_cpp_rope_scaling(rope, tokenizer, tmp_path):
 
 
 @needs_llama_cpp
+def test_export_stage_measures_llama_cpp_speed(tiny_model_dir_llama, tokenizer, tmp_path):
+    """export.gguf_speed: the teacher exported to the same type and both timed under llama.cpp; the card shows it."""
+    from minitron.gguf_runtime import export_run_gguf
+    from minitron.report import gguf_lines
+
+    out = tmp_path / "export"
+    info = export_run_gguf(pruned("llama"), tokenizer, out, "q8_0", str(tiny_model_dir_llama), measure=True)
+    s = info["llama_cpp"]
+    assert s["student"]["decode_tok_s"] > 0 and s["prefill_speedup"] > 0 and s["teacher_bytes"] > info["bytes"]
+    card = "\n".join(gguf_lines(info))
+    assert "| student |" in card and "x) |" in card and "stay f16" in card
+    assert os.listdir(out) == ["student-Q8_0.gguf"]  # the teacher's file was temporary
+
+
+@needs_llama_cpp
 def test_k_quant_through_llama_cpp(tokenizer, tmp_path):
     """q4_k_m is quantized by llama.cpp's own quantizer (rows of 256); its loss under llama.cpp stays within 0.05
     nats of the f32 file's (tiny random model, loss ~5.9)."""
@@ -404,18 +419,18 @@ def test_llama_cpp_tokenizes_sentencepiece_style_like_transformers(tmp_path):
 @pytest.mark.slow
 @needs_llama_cpp
 def test_teacher_and_pruned_student_generate_under_llama_cpp(tmp_path):
-    """The default teacher (SmolLM2-135M-Instruct) and a 70M student pruned from it, both q8_0, load and
-    generate under llama.cpp; the teacher's answer is on topic."""
+    """The default teacher (SmolLM2-135M-Instruct) and a 70M student pruned from it (hidden 576 / MLP 288: widths
+    that are whole q8_0 blocks), both q8_0, load and generate under llama.cpp; the teacher's answer is on topic."""
     from minitron import gguf_runtime as R
     from minitron.export_gguf import export_model
     from minitron.prune import PruneConfig, prune
 
-    student = prune(PruneConfig(model="default", out=str(tmp_path / "student"), target=Target(params=70e6),
+    student = prune(PruneConfig(model="default", out=str(tmp_path / "student"), target=Target(hidden=576, ffn=288),
                                 calib_samples=8, heldout_samples=2, seq_len=128, device="cpu"))
-    files = {}
-    for name, src in (("teacher", "default"), ("student", str(student))):
-        files[name] = export_model(src, "q8_0", tmp_path / f"{name}.gguf")["bytes"]
-    assert files["student"] < 0.75 * files["teacher"]
+    files = {name: export_model(src, "q8_0", tmp_path / f"{name}.gguf")
+             for name, src in (("teacher", "default"), ("student", str(student)))}
+    assert files["student"]["tensor_types"] == {"Q8_0": 211, "F32": 61} == files["teacher"]["tensor_types"]
+    assert files["student"]["bytes"] < 0.6 * files["teacher"]["bytes"]
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     answers = {}
     for name in files:

@@ -254,8 +254,9 @@ def write_hparams(w, config, fam: GGUFFamily) -> None:
     if fam.arch == "gemma3":
         if getattr(config, "sliding_window", None):
             w.add_sliding_window(int(config.sliding_window))
-            types = getattr(config, "layer_types", None) or []
-            w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+            types = getattr(config, "layer_types", None)
+            if types:  # else llama.cpp's default: every 6th layer full attention, as transformers' default
+                w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
             w.add_rope_freq_base_swa(float(_rope_params(config, "sliding_attention").get("rope_theta", 10000.0)))
         if getattr(config, "final_logit_softcapping", None):
             w.add_final_logit_softcapping(float(config.final_logit_softcapping))

@@ -114,6 +114,9 @@ def gguf_lines(g: dict) -> list[str]:
              f"`{g['file']}`: type {g['type']}, llama.cpp architecture `{g['architecture']}`, "
              f"{g['bytes'] / 2**20:.1f} MiB (tensors: {types}). Run it with `llama-cli -m {g['file']}` or "
              "llama-cpp-python.", ""]
+    if g.get("unquantized_rows"):
+        lines += [f"Matrices with rows of {', '.join(map(str, g['unquantized_rows']))} values are not a whole number of "
+                  f"{g['type']} blocks and stay f16 (docs/export.md: prune to multiples of 32 to quantize them).", ""]
     s = g.get("llama_cpp")
     if s:
         t, st = s["teacher"], s["student"]
