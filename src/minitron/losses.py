@@ -189,50 +189,12 @@ class _ChunkedLoss(torch.autograd.Function):
         # h [N, C], w [V, C], mask [N] (float), labels [N] or None
         # teacher: ("hidden", h_t [N, Ct], w_t [V, Ct]) | ("topk", idx [N, k], logp [N, k]) | None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = None  # fp32 [V, C], the first chunk's gradient, then accumulated in place
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], cfg.chunk_size):
-            sl = slice(start, start + cfg.chunk_size)
-            m = mask[sl]
-            if not bool(m.any()):
-                continue
-            hc = h[sl].detach().requires_grad_(need_h)
-            wc = w.detach().requires_grad_(need_w)
-            t_logits = t_topk = None
-            if teacher is not None and teacher[0] == "hidden":
-                with torch.no_grad():
-                    t_logits = (teacher[1][sl] @ teacher[2].T).float()               # [n, V]
-            elif teacher is not None:
-                t_topk = (teacher[1][sl], teacher[2][sl])
-            lab = labels[sl] if labels is not None else None
-            if cfg.loss == "fkl" or not cfg.kd_weight:
-                # fast path (the default): closed-form logit gradient, a few [n, V] buffers reused in place
-                with torch.no_grad():
-                    s_logits = (hc @ wc.T).float()                                  # [n, V]
-                    per_token, g_logits = fkl_ce_and_grad(s_logits, t_logits, cfg, lab, t_topk)
-                    del s_logits, t_logits
-                    chunk = (per_token * m).sum() / normalizer
-                    g_logits.mul_((m / normalizer)[:, None])                        # d chunk / d logits
-                    grads = []
-                    if need_h:
-                        grads.append((g_logits @ wc.to(g_logits.dtype)).to(h.dtype))  # [n, C]
-                    if need_w:
-                        grads.append(g_logits.T @ hc.to(g_logits.dtype))            # [V, C]
-            else:
-                with torch.enable_grad():
-                    s_logits = (hc @ wc.T).float()                                  # [n, V]
-                    chunk = (token_loss(s_logits, cfg, lab, t_logits, t_topk) * m).sum() / normalizer
-                    inputs = [t for t, need in ((hc, need_h), (wc, need_w)) if need]
-                    grads = list(torch.autograd.grad(chunk, inputs)) if inputs else []
-            if need_h:
-                grad_h[sl] = grads.pop(0)
-            if need_w:
-                g = grads.pop(0).float()
-                grad_w = g if grad_w is None else grad_w.add_(g)
-            total += chunk.detach()
-        if need_w and grad_w is None:  # every token masked
-            grad_w = torch.zeros_like(w, dtype=torch.float32)
+        # Under autocast the matmuls run in its dtype, but w is cast here once: autocast itself would cache
+        # a new [V, C] copy of w for every chunk (each chunk's w is a fresh leaf) until its region ends.
+        dev = h.device.type
+        w_c = w.detach().to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else w.detach()
+        with torch.autocast(dev, enabled=False):
+            total, grad_h, grad_w = _chunk_loop(h, w_c, mask, labels, teacher, cfg, normalizer, need_h, need_w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return total
@@ -244,6 +206,58 @@ class _ChunkedLoss(torch.autograd.Function):
         gh = grad_h.mul_(grad_out) if grad_h is not None else None
         gw = grad_w.mul_(grad_out).to(ctx.w_dtype) if grad_w is not None else None
         return gh, gw, None, None, None, None, None
+
+
+def _chunk_loop(h, w, mask, labels, teacher, cfg: LossConfig, normalizer, need_h: bool, need_w: bool):
+    """_ChunkedLoss's forward, chunk by chunk: (loss, grad_h [N, C] | None, grad_w fp32 [V, C] | None).
+
+    h [N, C]; w [V, C] detached, already in the dtype the matmuls run in; the other inputs as forward's.
+    """
+    grad_h = torch.zeros_like(h) if need_h else None
+    grad_w = None  # fp32 [V, C], the first chunk's gradient, then accumulated in place
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], cfg.chunk_size):
+        sl = slice(start, start + cfg.chunk_size)
+        m = mask[sl]
+        if not bool(m.any()):
+            continue
+        hc = h[sl].detach().to(w.dtype).requires_grad_(need_h)
+        wc = w.detach().requires_grad_(need_w)
+        t_logits = t_topk = None
+        if teacher is not None and teacher[0] == "hidden":
+            with torch.no_grad():
+                t_logits = (teacher[1][sl].to(teacher[2].dtype) @ teacher[2].T).float()  # [n, V]
+        elif teacher is not None:
+            t_topk = (teacher[1][sl], teacher[2][sl])
+        lab = labels[sl] if labels is not None else None
+        if cfg.loss == "fkl" or not cfg.kd_weight:
+            # fast path (the default): closed-form logit gradient, a few [n, V] buffers reused in place
+            with torch.no_grad():
+                s_logits = (hc @ wc.T).float()                                  # [n, V]
+                per_token, g_logits = fkl_ce_and_grad(s_logits, t_logits, cfg, lab, t_topk)
+                del s_logits, t_logits
+                chunk = (per_token * m).sum() / normalizer
+                g_logits.mul_((m / normalizer)[:, None])                        # d chunk / d logits
+                grads = []
+                if need_h:
+                    grads.append((g_logits @ wc.to(g_logits.dtype)).to(h.dtype))  # [n, C]
+                if need_w:
+                    grads.append(g_logits.T @ hc.to(g_logits.dtype))            # [V, C]
+        else:
+            with torch.enable_grad():
+                s_logits = (hc @ wc.T).float()                                  # [n, V]
+                chunk = (token_loss(s_logits, cfg, lab, t_logits, t_topk) * m).sum() / normalizer
+                inputs = [t for t, need in ((hc, need_h), (wc, need_w)) if need]
+                grads = list(torch.autograd.grad(chunk, inputs)) if inputs else []
+        if need_h:
+            grad_h[sl] = grads.pop(0)
+        if need_w:
+            g = grads.pop(0).float()
+            grad_w = g if grad_w is None else grad_w.add_(g)
+        total += chunk.detach()
+    if need_w and grad_w is None:  # every token masked
+        grad_w = torch.zeros_like(w, dtype=torch.float32)
+    return total, grad_h, grad_w
 
 
 def chunked_distill_loss(h: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, cfg: LossConfig,
