@@ -1,14 +1,14 @@
 """Text corpora -> packed token blocks [N, T]; deterministic train/validation split; calibration samples.
 
-Sources: a text file (.txt/.rst/.md/... read as UTF-8), a .jsonl file (field `text`), a .parquet file
-(column `text`, needs pyarrow), a folder of such files (recursive, sorted), a name under the data dir
-(`$MINITRON_DATA_DIR` or --data-dir; e.g. `wikitext-2-raw/wiki.valid.raw`), `default` (the Python
-documentation corpus that scripts/setup.sh installs offline), or a Hugging Face `datasets` name when online.
+Sources: a text file (.txt/.rst/.md/... read as UTF-8), a .jsonl/.json/.parquet/.arrow file (field `text`),
+a folder of such files (recursive, sorted), a glob, a name under the data dir (`$MINITRON_DATA_DIR` or
+--data-dir; e.g. `wikitext-2-raw/wiki.valid.raw`), `default` (the Python documentation corpus that
+scripts/setup.sh installs offline), a `datasets.save_to_disk` folder, or a Hugging Face `datasets` name.
+Reading and tokenizing live in minitron.store (a token store, built once per corpus and tokenizer).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -78,26 +78,6 @@ def fetch_default_corpus(force: bool = False) -> Path:
     return out
 
 
-def _read_file(path: Path) -> list[str]:
-    """One file -> documents."""
-    if path.suffix == ".jsonl":
-        docs = []
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    if "text" not in row:
-                        raise DataError(f"{path}: jsonl rows need a 'text' field (got keys {sorted(row)})")
-                    docs.append(row["text"])
-        return docs
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # optional dependency: pip install 'minitron[data]'
-
-        table = pq.read_table(path, columns=["text"])
-        return [t for t in table.column("text").to_pylist() if t]
-    return [path.read_text(encoding="utf-8", errors="replace")]
-
-
 def resolve_source(source: str, data_root: str | os.PathLike | None = None) -> Path | str:
     """Map a --data value to a local path (checked) or, failing that, a `datasets` name."""
     if source == DEFAULT_CORPUS:
@@ -112,34 +92,18 @@ def resolve_source(source: str, data_root: str | os.PathLike | None = None) -> P
     root = data_dir(data_root)
     if root is not None and (root / source).exists():
         return root / source
-    if source.startswith(("/", "./", "../", "~")) or path.suffix in TEXT_SUFFIXES | {".jsonl", ".parquet", ".json"}:
+    if source.startswith(("/", "./", "../", "~")) or path.suffix in TEXT_SUFFIXES | {".jsonl", ".parquet", ".json", ".arrow"}:
         raise DataError(f"corpus {source!r} does not exist (nor under the data dir {root}); check the path given "
                         "to --data / --calib-data / data.corpus")
     return source
 
 
-def read_texts(source: str, data_root: str | os.PathLike | None = None) -> list[str]:
-    """Read documents from a file, folder, data-dir name, `default`, or `datasets` name."""
-    path = resolve_source(source, data_root)
-    if isinstance(path, str):
-        try:
-            import datasets  # optional, online only
-        except ImportError as e:
-            raise DataError(f"{source!r} is neither a file nor a folder (looked in the data dir "
-                            f"{data_dir(data_root)}), and `datasets` is not installed to fetch it") from e
-        name, _, split = source.partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
-        return [t for t in ds["text"] if t]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and (p.suffix in TEXT_SUFFIXES | {".jsonl", ".parquet"} or p.name.endswith(".rst.txt")))
-        docs = [d for f in files for d in _read_file(f)]
-    else:
-        docs = _read_file(path)
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise DataError(f"corpus {source!r} ({path}) holds no text; point --data at text, jsonl or parquet files")
-    return docs
+def read_texts(source: str, data_root: str | os.PathLike | None = None, field: str = "text") -> list[str]:
+    """Read the non-blank documents of a file, folder, glob, data-dir name, `default`, saved dataset or
+    `datasets` name (`name` or `name:split`) into a list (minitron.store reads the same documents, streamed)."""
+    from minitron.store import Source, read_documents
+
+    return read_documents(Source(source, field=field), data_root)
 
 
 def encode_document(tokenizer, doc: str) -> list[int]:
@@ -207,12 +171,21 @@ def shuffle_docs(docs: list[str], seed: int) -> list[str]:
 
 def load_splits(source: str, tokenizer, seq_len: int, val_fraction: float = 0.05, seed: int = 0,
                 max_blocks: int | None = None, data_root: str | os.PathLike | None = None) -> Splits:
-    """read_texts -> documents shuffled with `seed` -> pack (up to max_blocks) -> split_blocks.
+    """The corpus' token store (built once, then reused: minitron.store) -> documents in the order `seed`
+    shuffles them -> packed blocks (up to max_blocks) -> split_blocks.
 
-    So max_blocks takes documents from across the corpus (not its first files), and validation holds
-    out whole documents."""
-    docs = shuffle_docs(read_texts(source, data_root), seed)
-    return split_blocks(pack(docs, tokenizer, seq_len, max_blocks), val_fraction, seed)
+    The same blocks as pack(shuffle_docs(read_texts(source), seed), ...): max_blocks takes documents from
+    across the corpus (not its first files), and validation holds out whole documents."""
+    from minitron.store import ensure_store, n_blocks, stream_blocks
+
+    if seq_len < 2:
+        raise DataError(f"seq_len must be >= 2, got {seq_len}")
+    store = ensure_store(source, tokenizer, data_root=data_root)
+    n = n_blocks(store, seq_len) if max_blocks is None else min(max_blocks, n_blocks(store, seq_len))
+    if n == 0:
+        raise DataError(f"corpus too short: {store.n_tokens} tokens do not fill one block of {seq_len}; "
+                        "give more text or a smaller --seq-len")
+    return split_blocks(stream_blocks(store, seq_len, seed, 0, n), val_fraction, seed)
 
 
 def calibration_sample(blocks: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,298 @@
+"""Token store: every source kind, uint16/uint32, resume after a failure, reuse, blends, rank slices across 2
+gloo processes, bad input, and the same blocks as the old read_texts + pack path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_text
+from minitron import store as st
+from minitron.data import (
+    DataError,
+    encode_document,
+    load_splits,
+    pack,
+    read_texts,
+    shuffle_docs,
+    split_blocks,
+)
+from minitron.store import Source, StoreError, ensure_store, open_store, stream_blocks
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+USER_CACHE = os.environ.get("MINITRON_CACHE")
+QUIET = dict(progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINITRON_CACHE", str(tmp_path / "cache"))  # stores of load_splits stay in the test
+
+
+def texts(n=12, words=40, seed=0):
+    return [make_text(words, seed=seed + i) for i in range(n)]
+
+
+def stored_docs(store) -> list[list[int]]:
+    return [store.document(d).tolist() for d in range(store.n_docs)]
+
+
+def expect(tokenizer, docs):
+    return [encode_document(tokenizer, d) for d in docs]
+
+
+def test_text_folder_glob_and_same_blocks_as_pack(tmp_path, tokenizer):
+    docs = texts(20)
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for i, d in enumerate(docs):
+        (corpus / ("sub" if i % 2 else "") / f"d{i:02d}.txt").write_text(d)
+    (corpus / "blank.txt").write_text("  \n")
+    (corpus / "model.bin").write_bytes(b"\x00")
+    s = ensure_store(str(corpus), tokenizer, tmp_path / "s", shard_docs=5, batch_docs=2, **QUIET)
+    ordered = read_texts(str(corpus))
+    assert len(ordered) == 20 and stored_docs(s) == expect(tokenizer, ordered)
+    assert s.tokens.dtype == np.uint16 and s.meta["stats"]["empty_docs"] == 1
+    for seed in (0, 3):
+        assert torch.equal(stream_blocks(s, 16, seed), pack(shuffle_docs(ordered, seed), tokenizer, 16))
+    assert torch.equal(stream_blocks(s, 16, 3, 7, 19), stream_blocks(s, 16, 3)[7:19])  # a slice reads the same
+    splits = load_splits(str(corpus), tokenizer, 16, 0.2, seed=1, max_blocks=30)
+    old = split_blocks(pack(shuffle_docs(ordered, 1), tokenizer, 16, 30), 0.2, 1)
+    assert torch.equal(splits.train, old.train) and torch.equal(splits.validation, old.validation)
+    g = ensure_store(str(corpus / "**" / "d0*.txt"), tokenizer, tmp_path / "g", **QUIET)
+    assert stored_docs(g) == expect(tokenizer, [docs[i] for i in (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)])  # path order
+
+
+def test_table_formats_and_field(tmp_path, tokenizer):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    docs = texts(6, seed=50)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs[:2])))
+    (tmp_path / "b.json").write_text(json.dumps([{"body": d} for d in docs[2:4]]))
+    pq.write_table(pa.table({"body": [docs[4], None]}), tmp_path / "c.parquet")
+    table = pa.table({"body": [docs[5]]})
+    with pa.ipc.new_stream(str(tmp_path / "d.arrow"), table.schema) as w:
+        w.write_table(table)
+    s = ensure_store(Source(str(tmp_path), field="body"), tokenizer, tmp_path.parent / "tf", **QUIET)
+    assert stored_docs(s) == expect(tokenizer, docs) and s.meta["stats"]["empty_docs"] == 1  # the null row
+    with pytest.raises(DataError, match="'text' field.*--field"):
+        ensure_store(str(tmp_path / "a.jsonl"), tokenizer, tmp_path.parent / "tf2", **QUIET)
+    with pytest.raises(DataError, match="no column 'text'.*--field"):
+        ensure_store(str(tmp_path / "c.parquet"), tokenizer, tmp_path.parent / "tf3", **QUIET)
+
+
+def test_saved_dataset_and_offline_hub(tmp_path, tokenizer, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    docs = texts(5, seed=70)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": docs}),
+                          "test": datasets.Dataset.from_dict({"content": docs[:2]})}).save_to_disk(tmp_path / "ds")
+    s = ensure_store(Source(str(tmp_path / "ds"), field="content", split="test"), tokenizer, tmp_path / "s", **QUIET)
+    assert stored_docs(s) == expect(tokenizer, docs[:2])
+    with pytest.raises(DataError, match="splits.*'validation'.*--split"):
+        ensure_store(Source(str(tmp_path / "ds"), field="content", split="validation"), tokenizer, tmp_path / "v",
+                     **QUIET)
+    with pytest.raises(DataError, match="no field 'text'.*--field"):
+        ensure_store(Source(str(tmp_path / "ds")), tokenizer, tmp_path / "f", **QUIET)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="network is off"):
+        ensure_store(Source("someone/no-such-dataset-xyz", config="c", streaming=True), tokenizer, tmp_path / "h",
+                     **QUIET)
+
+
+def test_default_corpus_resolves(monkeypatch):
+    from minitron.data import default_corpus_dir
+
+    if USER_CACHE is None:
+        monkeypatch.delenv("MINITRON_CACHE")
+    else:
+        monkeypatch.setenv("MINITRON_CACHE", USER_CACHE)
+    if not (default_corpus_dir() / ".complete").is_file():
+        pytest.skip("the default corpus is not installed (scripts/setup.sh)")
+    kind, files = st.resolve(Source("default"))
+    assert kind == "files" and len(files) > 100 and all(p.is_relative_to(default_corpus_dir()) for p in files)
+
+
+def test_uint32_and_dtype_choice(tmp_path, tokenizer):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text(make_text(200))
+    a = ensure_store(str(tmp_path / "c"), tokenizer, tmp_path / "a", **QUIET)
+    b = ensure_store(str(tmp_path / "c"), tokenizer, tmp_path / "b", dtype="uint32", **QUIET)
+    assert a.tokens.dtype == np.uint16 and b.tokens.dtype == np.uint32
+    assert (tmp_path / "b" / "tokens.bin").stat().st_size == 2 * (tmp_path / "a" / "tokens.bin").stat().st_size
+    assert torch.equal(stream_blocks(a, 8), stream_blocks(b, 8))
+    assert st.token_dtype(65536) == "uint16" and st.token_dtype(65537) == "uint32" and st.token_dtype(151_936) == "uint32"
+
+
+def test_resume_after_failure_and_reuse(tmp_path, tokenizer, monkeypatch):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    docs = texts(23, seed=90)
+    for i, d in enumerate(docs):
+        (corpus / f"{i:02d}.txt").write_text(d)
+    clean = ensure_store(str(corpus), tokenizer, tmp_path / "clean", shard_docs=5, batch_docs=2, **QUIET)
+    real, calls = st.encode_batch, []
+
+    def dying(tok, batch, dtype):
+        calls.append(len(batch))
+        if len(calls) == 8:  # mid-way through shard 3 (shards of 5 documents, batches of 2)
+            raise KeyboardInterrupt("killed")
+        return real(tok, batch, dtype)
+
+    monkeypatch.setattr(st, "encode_batch", dying)
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt):
+        ensure_store(str(corpus), tokenizer, out, shard_docs=5, batch_docs=2, **QUIET)
+    manifest = json.loads((tmp_path / "s.partial" / "manifest.json").read_text())
+    assert not out.exists() and manifest["shards"] == 2 and manifest["docs_read"] == 10
+    calls.clear()
+    monkeypatch.setattr(st, "encode_batch", lambda *a: (calls.append(len(a[1])), real(*a))[1])
+    s = ensure_store(str(corpus), tokenizer, out, shard_docs=5, batch_docs=2, **QUIET)
+    assert sum(calls) == 13  # only the 13 documents after the 2 committed shards were tokenized again
+    assert stored_docs(s) == stored_docs(clean) and not (tmp_path / "s.partial").exists()
+    monkeypatch.setattr(st, "_build", lambda *a, **k: pytest.fail("a finished store was rebuilt"))
+    again = ensure_store(str(corpus), tokenizer, out, **QUIET)
+    assert again.meta["fingerprint"] == s.meta["fingerprint"]
+
+
+def test_kill_subprocess_mid_write_then_resume(tmp_path, tokenizer):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"{i:02d}.txt").write_text(make_text(60, seed=i))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    script = tmp_path / "kill.py"
+    script.write_text(
+        "import os, signal, sys\nfrom transformers import AutoTokenizer\nfrom minitron import store as st\n"
+        "real, n = st.encode_batch, [0]\n"
+        "def enc(*a):\n    n[0] += 1\n    if n[0] == 12: os.kill(os.getpid(), signal.SIGKILL)\n    return real(*a)\n"
+        "st.encode_batch = enc\n"
+        f"st.ensure_store({str(corpus)!r}, AutoTokenizer.from_pretrained({str(tmp_path / 'tok')!r}), "
+        f"{str(tmp_path / 's')!r}, shard_docs=8, batch_docs=2, progress=False)\n")
+    proc = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": SRC}, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert json.loads((tmp_path / "s.partial" / "manifest.json").read_text())["shards"] == 2
+    s = ensure_store(str(corpus), tokenizer, tmp_path / "s", shard_docs=8, batch_docs=2, **QUIET)
+    assert stored_docs(s) == expect(tokenizer, read_texts(str(corpus)))
+
+
+def test_parallel_workers_same_store(tmp_path, tokenizer):
+    (tmp_path / "c").mkdir()
+    for i in range(15):
+        (tmp_path / "c" / f"{i:02d}.txt").write_text(make_text(30, seed=200 + i))
+    one = ensure_store(str(tmp_path / "c"), tokenizer, tmp_path / "one", batch_docs=2, **QUIET)
+    two = ensure_store(str(tmp_path / "c"), tokenizer, tmp_path / "two", batch_docs=2, num_proc=2, **QUIET)
+    assert np.array_equal(one.tokens, two.tokens) and np.array_equal(one.offsets, two.offsets)
+
+
+def test_bad_input(tmp_path, tokenizer):
+    c = tmp_path / "c"
+    c.mkdir()
+    (c / "good.txt").write_text(make_text(50, seed=1))
+    (c / "bad.txt").write_bytes(make_text(20, seed=2).encode() + b"\xff\xfe tail")
+    (c / "empty.jsonl").write_text("")
+    (c / "rows.jsonl").write_bytes(json.dumps({"text": "ok row"}).encode() + b"\n" + b'{"text": "bad \xff"}\n')
+    s = ensure_store(str(c), tokenizer, tmp_path / "replace", **QUIET)
+    stats = s.meta["stats"]
+    assert s.n_docs == 4 and stats["decode_errors"] == 2 and stats["empty_files"] == 1
+    assert any("empty.jsonl" in e for e in stats["examples"]) and any("bad.txt" in e for e in stats["examples"])
+    assert "\ufffd" in tokenizer.decode(s.document(0).tolist())  # bad.txt sorts first; kept with U+FFFD
+    skip = ensure_store(str(c), tokenizer, tmp_path / "skip", errors="skip", **QUIET)
+    assert skip.n_docs == 2 and skip.meta["stats"]["decode_skipped"] == 2
+    with pytest.raises(DataError, match="bad.txt: bytes that are not UTF-8 at offset"):
+        ensure_store(str(c), tokenizer, tmp_path / "strict", errors="strict", **QUIET)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "only.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="holds no text"):
+        ensure_store(str(tmp_path / "e"), tokenizer, tmp_path / "none", **QUIET)
+    assert not (tmp_path / "none.partial").exists()
+    with pytest.raises(DataError, match="does not exist"):
+        ensure_store(str(tmp_path / "missing.jsonl"), tokenizer, tmp_path / "m", **QUIET)
+    (tmp_path / "x.jsonl").write_text("{not json\n")
+    with pytest.raises(DataError, match="x.jsonl:1: not a JSON line"):
+        ensure_store(str(tmp_path / "x.jsonl"), tokenizer, tmp_path / "x", **QUIET)
+
+
+def test_other_tokenizer_refused(tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text(make_text(100))
+    ensure_store(str(tmp_path / "c"), tokenizer, tmp_path / "s", **QUIET)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    same = AutoTokenizer.from_pretrained(tmp_path / "tok")  # the same tokenizer loaded from elsewhere is accepted
+    open_store(tmp_path / "s", same)
+    other = AutoTokenizer.from_pretrained(tmp_path / "tok", bos_token="<|endoftext|>")
+    other.add_tokens(["newtoken"])
+    with pytest.raises(StoreError, match="made by another tokenizer"):
+        open_store(tmp_path / "s", other)
+    with pytest.raises(StoreError, match="made by another tokenizer"):
+        ensure_store(str(tmp_path / "c"), other, tmp_path / "s", **QUIET)
+    (tmp_path / "c" / "b.txt").write_text(make_text(10))
+    with pytest.raises(StoreError, match="another source.*--overwrite"):
+        ensure_store(str(tmp_path / "c"), tokenizer, tmp_path / "s", **QUIET)
+    assert ensure_store(str(tmp_path / "c"), tokenizer, tmp_path / "s", overwrite=True, **QUIET).n_docs == 2
+
+
+def test_blend_weights_and_seed(tmp_path, tokenizer):
+    stores = []
+    for name, seed in (("web", 300), ("code", 400)):
+        (tmp_path / name).mkdir()
+        for i in range(10):
+            (tmp_path / name / f"{i}.txt").write_text(make_text(400, seed=seed + i))
+        stores.append((name, ensure_store(str(tmp_path / name), tokenizer, tmp_path / f"s-{name}", **QUIET)))
+    parts = [(stores[0][0], stores[0][1], 0.7), (stores[1][0], stores[1][1], 0.3)]
+    a = st.blend_blocks(parts, 8, seed=5, max_blocks=1000)
+    b = st.blend_blocks(parts, 8, seed=5, max_blocks=1000)
+    c = st.blend_blocks(parts, 8, seed=6, max_blocks=1000)
+    assert a.blocks.shape == (1000, 8) and torch.equal(a.blocks, b.blocks) and not torch.equal(a.blocks, c.blocks)
+    share = {d["source"]: d["share"] for d in a.drawn}
+    assert abs(share["web"] - 0.7) < 0.05 and sum(d["blocks"] for d in a.drawn) == 1000
+    web = {tuple(r) for r in stream_blocks(stores[0][1], 8, 5).tolist()}
+    assert sum(tuple(r) in web for r in a.blocks.tolist()) == a.drawn[0]["blocks"]  # each block from its source
+    st.write_blend(a, tmp_path / "blend.json")
+    assert json.loads((tmp_path / "blend.json").read_text())["sources"][1]["source"] == "code"
+    full = st.blend_blocks(parts, 8, seed=5)  # no cap: stops when a drawn source runs out
+    assert any(d["blocks"] == d["available_blocks"] for d in full.drawn)
+
+
+RANK_SCRIPT = """
+import json, sys
+import torch, torch.distributed as dist
+from transformers import AutoTokenizer
+from minitron.store import ensure_store, rank_blocks
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+s = ensure_store(sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[2]), sys.argv[3], progress=False)
+mine = rank_blocks(s, 16, rank, world, seed=2, max_blocks=int(sys.argv[4]))
+got = [None] * world
+dist.all_gather_object(got, mine.tolist())
+if rank == 0:
+    json.dump(got, open(sys.argv[5], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_rank_slices_two_gloo_processes(tmp_path, tokenizer):
+    (tmp_path / "c").mkdir()
+    for i in range(12):
+        (tmp_path / "c" / f"{i}.txt").write_text(make_text(80, seed=500 + i))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "r.py").write_text(RANK_SCRIPT)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*torchrun, str(tmp_path / "r.py"), str(tmp_path / "c"), str(tmp_path / "tok"),
+                           str(tmp_path / "s"), "41", str(tmp_path / "got.json")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("tokenizing") == 1  # one process tokenized, the other waited
+    got = json.loads((tmp_path / "got.json").read_text())
+    assert [len(g) for g in got] == [21, 20]
+    full = stream_blocks(open_store(tmp_path / "s"), 16, 2, 0, 41).tolist()
+    assert got[0] + got[1] == full  # disjoint, and together exactly the first 41 blocks
+    assert st.rank_range(5, 1, 2) == (3, 5) and st.rank_range(1, 1, 2) == (1, 1)
