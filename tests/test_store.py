@@ -296,3 +296,15 @@ def test_rank_slices_two_gloo_processes(tmp_path, tokenizer):
     full = stream_blocks(open_store(tmp_path / "s"), 16, 2, 0, 41).tolist()
     assert got[0] + got[1] == full  # disjoint, and together exactly the first 41 blocks
     assert st.rank_range(5, 1, 2) == (3, 5) and st.rank_range(1, 1, 2) == (1, 1)
+
+
+def test_cli_data(tmp_path, tokenizer, capsys):
+    from minitron.cli import main
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in texts(4, seed=600)))
+    args = ["data", str(tmp_path / "rows.jsonl"), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "s")]
+    assert main([*args, "--field", "body", "--num-proc", "2"]) == 0
+    assert "4 documents" in capsys.readouterr().out and open_store(tmp_path / "s", tokenizer).n_docs == 4
+    assert main([*args, "--field", "content", "--out", str(tmp_path / "s2")]) == 2
+    assert "rows need a 'content' field" in capsys.readouterr().err

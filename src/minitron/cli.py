@@ -180,6 +180,40 @@ def _run_fetch(args) -> None:
     print(f"[minitron] default corpus in {fetch_default_corpus(args.force)}")
 
 
+def _data_parser(sub) -> None:
+    p = sub.add_parser("data", help="tokenize a corpus once into a token store that every stage reuses",
+                       description="Turn a source into a memory-mapped token store (tokens.bin + offsets.npy + "
+                                   "meta.json), resumable if killed; see docs/data.md.")
+    p.add_argument("source", help="text/jsonl/json/parquet/arrow file, folder, glob ('data/*.jsonl'), data-dir name, "
+                                  "`default`, a datasets.save_to_disk folder, or a Hugging Face dataset id")
+    p.add_argument("--out", help="store dir (default: the cache, keyed by source + tokenizer, as `run` uses)")
+    p.add_argument("--field", default="text", help="text field of jsonl/json/parquet/arrow rows and datasets")
+    p.add_argument("--tokenizer", default="default", help="model (dir, hub id, `default`) or tokenizer dir whose tokenizer to use")
+    p.add_argument("--num-proc", type=int, default=1, help="tokenizer worker processes")
+    p.add_argument("--config", help="datasets config name")
+    p.add_argument("--split", default="train", help="datasets split")
+    p.add_argument("--streaming", action="store_true", help="datasets: stream rows instead of downloading the split")
+    p.add_argument("--errors", default="replace", choices=["replace", "skip", "strict"],
+                   help="bytes that are not UTF-8: keep the text with U+FFFD (counted), skip the document, or stop")
+    p.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype (default: uint16 when the vocab fits)")
+    p.add_argument("--shard-docs", type=int, default=4096, help="documents per committed shard (resume granularity)")
+    p.add_argument("--data-dir", help="folder laid out like shared/data (default: $MINITRON_DATA_DIR)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild an --out that holds another store")
+    p.set_defaults(func=_run_data)
+
+
+def _run_data(args) -> None:
+    from minitron.store import Source, ensure_store, load_tokenizer
+
+    source = Source(args.source, field=args.field, config=args.config, split=args.split, streaming=args.streaming)
+    store = ensure_store(source, load_tokenizer(args.tokenizer), args.out, data_root=args.data_dir,
+                         num_proc=args.num_proc, shard_docs=args.shard_docs, dtype=args.dtype, errors=args.errors,
+                         overwrite=args.overwrite)
+    stats = {k: v for k, v in store.meta["stats"].items() if k not in ("docs", "tokens", "examples") and v}
+    print(f"[minitron] token store {store.path}: {store.n_docs} documents, {store.n_tokens} tokens "
+          f"({store.meta['dtype']}){'; skipped or repaired ' + str(stats) if stats else ''}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from minitron.distill import add_distill_parsers
     from minitron.evaluate import add_eval_parser
@@ -194,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_parser(sub)
     _export_parser(sub)
     _fetch_parser(sub)
+    _data_parser(sub)
     return parser
 
 

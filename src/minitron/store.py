@@ -316,6 +316,18 @@ def tokenizer_identity(tokenizer) -> dict:
                               list(tokenizer("a b")["input_ids"])])}
 
 
+def load_tokenizer(name: str):
+    """A tokenizer dir (tokenizer.json, no model), or the tokenizer of a model name/dir (models.load_tokenizer)."""
+    from minitron import models
+
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    return models.load_tokenizer(name)
+
+
 def token_dtype(vocab_size: int) -> str:
     """uint16 when every id fits in 16 bits, else uint32."""
     return "uint16" if vocab_size <= 2**16 else "uint32"
