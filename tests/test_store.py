@@ -261,6 +261,17 @@ def test_blend_weights_and_seed(tmp_path, tokenizer):
     full = st.blend_blocks(parts, 8, seed=5)  # no cap: stops when a drawn source runs out
     assert any(d["blocks"] == d["available_blocks"] for d in full.drawn)
 
+    spec = tmp_path / "mix.blend.yaml"  # a blend file is a corpus like any other (load_splits, every stage)
+    spec.write_text("sources:\n  - {corpus: web, weight: 7}\n  - {corpus: code, weight: 3}\n")
+    splits = load_splits(str(spec), tokenizer, 8, val_fraction=0.1, seed=5, max_blocks=1000)
+    assert sorted(torch.cat([splits.train, splits.validation]).tolist()) == sorted(a.blocks.tolist())
+    drawn = json.loads((tmp_path / "mix.blend.drawn.json").read_text())
+    assert [d["blocks"] for d in drawn["sources"]] == [d["blocks"] for d in a.drawn] and drawn["blocks"] == 1000
+    assert st.blend_identity(spec)["blend"][1][1] == 3.0
+    spec.write_text("sources:\n  - {corpus: web, wieght: 7}\n")
+    with pytest.raises(DataError, match="unknown keys"):
+        load_splits(str(spec), tokenizer, 8)
+
 
 RANK_SCRIPT = """
 import json, sys

@@ -175,11 +175,18 @@ def load_splits(source: str, tokenizer, seq_len: int, val_fraction: float = 0.05
     shuffles them -> packed blocks (up to max_blocks) -> split_blocks.
 
     The same blocks as pack(shuffle_docs(read_texts(source), seed), ...): max_blocks takes documents from
-    across the corpus (not its first files), and validation holds out whole documents."""
-    from minitron.store import ensure_store, n_blocks, stream_blocks
+    across the corpus (not its first files), and validation holds out whole documents. A blend file
+    (`*.blend.yaml`, minitron.store.read_blend) draws blocks from several corpora by weight; its tail blocks
+    are validation (each source's later documents)."""
+    from minitron.store import ensure_store, is_blend, load_blend, n_blocks, stream_blocks
 
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
+    if is_blend(source):
+        blocks = load_blend(source, tokenizer, seq_len, seed, max_blocks, data_root).blocks  # [N, T]
+        if blocks.shape[0] == 0:
+            raise DataError(f"the blend {source} gives no block of {seq_len} tokens; add text or lower --seq-len")
+        return split_blocks(blocks, val_fraction, seed)
     store = ensure_store(source, tokenizer, data_root=data_root)
     n = n_blocks(store, seq_len) if max_blocks is None else min(max_blocks, n_blocks(store, seq_len))
     if n == 0:

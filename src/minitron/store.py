@@ -420,7 +420,7 @@ def _lock(out: Path):
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
 
@@ -692,3 +692,65 @@ def write_blend(blend: Blend, path: str | os.PathLike) -> None:
     """The blend actually drawn, as json (the report shows it)."""
     _write_json(Path(path), {"blocks": int(blend.blocks.shape[0]), "seq_len": int(blend.blocks.shape[1]),
                              "sources": blend.drawn})
+
+
+BLEND_SUFFIXES = (".blend.json", ".blend.yaml", ".blend.yml")
+
+
+def is_blend(source: str) -> bool:
+    """Whether a corpus names a blend file (`*.blend.yaml` / `*.blend.json`)."""
+    return str(source).endswith(BLEND_SUFFIXES)
+
+
+def read_blend(path: str | os.PathLike) -> list[tuple[Source, float]]:
+    """A blend file -> [(Source, weight)]. The file:
+
+        sources:
+          - {corpus: default, weight: 0.7}
+          - {corpus: code/*.jsonl, field: content, weight: 0.3}   # paths relative to the file's folder
+
+    (json with the same keys also works; optional keys per source: field, config, split, streaming)."""
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"the blend file {path} does not exist")
+    spec = yaml.safe_load(path.read_text())
+    rows = spec.get("sources") if isinstance(spec, dict) else None
+    if not rows or not all(isinstance(r, dict) and "corpus" in r for r in rows):
+        raise DataError(f"{path}: a blend file needs `sources:`, a list of {{corpus: ..., weight: ...}} entries")
+    out = []
+    for r in rows:
+        unknown = set(r) - {"corpus", "weight", "field", "config", "split", "streaming"}
+        if unknown:
+            raise DataError(f"{path}: unknown keys {sorted(unknown)} in blend entry {r}")
+        corpus = str(r["corpus"])
+        local = path.parent / corpus
+        if not Path(corpus).is_absolute() and (local.exists() or glob.glob(str(local))):
+            corpus = str(local)
+        out.append((Source(corpus, field=r.get("field", "text"), config=r.get("config"),
+                           split=r.get("split", "train"), streaming=bool(r.get("streaming", False))),
+                    float(r.get("weight", 1.0))))
+    return out
+
+
+def blend_identity(path: str | os.PathLike, data_root=None) -> dict:
+    """A blend by the identity of each source and its weight."""
+    return {"blend": [[source_identity(s, data_root), w] for s, w in read_blend(path)]}
+
+
+def load_blend(path: str | os.PathLike, tokenizer, seq_len: int, seed: int = 0, max_blocks: int | None = None,
+               data_root=None) -> Blend:
+    """Each source of a blend file in its store (built or reused) -> blend_blocks; the blend drawn is written
+    beside the file as `<name>.drawn.json` (and logged)."""
+    parts = [(s.path, ensure_store(s, tokenizer, data_root=data_root), w) for s, w in read_blend(path)]
+    blend = blend_blocks(parts, seq_len, seed, max_blocks)
+    drawn = Path(str(path)[: -len(Path(path).suffix)] + ".drawn.json")
+    try:
+        write_blend(blend, drawn)
+    except OSError as e:
+        log.warning("could not write the blend drawn to %s: %s", drawn, e)
+    print("[minitron] blend drawn: " + ", ".join(f"{d['source']} {d['share']:.1%} ({d['blocks']} blocks, asked "
+                                                 f"{d['weight']:.1%})" for d in blend.drawn))
+    return blend
+
