@@ -319,3 +319,17 @@ def test_cli_data(tmp_path, tokenizer, capsys):
     assert "4 documents" in capsys.readouterr().out and open_store(tmp_path / "s", tokenizer).n_docs == 4
     assert main([*args, "--field", "content", "--out", str(tmp_path / "s2")]) == 2
     assert "rows need a 'content' field" in capsys.readouterr().err
+
+
+def test_run_records_a_blend_by_its_sources(tmp_path):
+    from minitron.pipeline import DataSection, RunConfig, _corpus
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.txt").write_text(make_text(20))
+    spec = tmp_path / "m.blend.yaml"
+    spec.write_text("sources:\n  - {corpus: a, weight: 1}\n  - {corpus: b, weight: 2}\n")
+    cfg = RunConfig(data=DataSection(corpus=str(spec)))
+    before = _corpus(cfg)
+    (tmp_path / "b" / "y.txt").write_text(make_text(20))  # a source changed, the blend file did not
+    assert _corpus(cfg) != before and _corpus(cfg)["blend"][0] == before["blend"][0]

@@ -177,6 +177,11 @@ def _data(cfg: RunConfig) -> dict:
 
 
 def _corpus(cfg: RunConfig) -> dict:
+    """The corpus' identity; a blend file (minitron.store.read_blend) by each source's identity and weight."""
+    from minitron.store import blend_identity, is_blend
+
+    if is_blend(cfg.data.corpus):
+        return {"corpus": cfg.data.corpus, **blend_identity(cfg.data.corpus, cfg.data.data_dir)}
     return corpus_identity(cfg.data.corpus, cfg.data.data_dir)
 
 
