@@ -22,6 +22,23 @@ GATED_MLP_IN: tuple[tuple[str, Segments], ...] = (("gate_proj", ("ffn",)), ("up_
 
 
 @dataclass(frozen=True)
+class MoeArch:
+    """A sparse MoE block in place of the MLP (transformers 5 layout, see minitron.moe): a top-k router
+    `router.weight` [E, C] and fused experts `experts.gate_up_proj` [E, 2F, C] (gate rows then up rows) and
+    `experts.down_proj` [E, C, F]; optionally a shared expert (a gated MLP of its own width) whose output is
+    scaled by sigmoid(shared_gate(x)), shared_gate a Linear [1, C]."""
+
+    n_experts_key: str = "num_experts"           # config key of E
+    width_key: str = "moe_intermediate_size"     # config key of each expert's width F (Dims.ffn)
+    top_k_key: str = "num_experts_per_tok"
+    router: str = "gate"
+    experts: str = "experts"
+    shared: str | None = None                    # Qwen2-MoE: "shared_expert"
+    shared_gate: str | None = None               # Qwen2-MoE: "shared_expert_gate"
+    shared_width_key: str | None = None          # Qwen2-MoE: "shared_expert_intermediate_size"
+
+
+@dataclass(frozen=True)
 class Arch:
     """Where the parts of one decoder-only family live, and which optional parts it has."""
 
@@ -36,10 +53,20 @@ class Arch:
     mlp: str = "mlp"
     mlp_in: tuple[tuple[str, Segments], ...] = GATED_MLP_IN
     down_proj: str = "down_proj"               # its input (all neurons) is hooked for neuron importance
-    pre_attn_norm: str = "input_layernorm"     # its output feeds q/k/v: hooked for channel importance
-    pre_mlp_norm: str = "post_attention_layernorm"  # its output feeds the MLP: hooked likewise
+    # its output feeds q/k/v: hooked for channel importance. None: no pre-norm (OLMo2 normalizes after
+    # attention and MLP), the attention's input (the residual stream) is hooked instead
+    pre_attn_norm: str | None = "input_layernorm"
+    pre_mlp_norm: str | None = "post_attention_layernorm"  # its output feeds the MLP: hooked likewise
     other_hidden_norms: tuple[str, ...] = ()   # further per-layer norms over the hidden axis (sliced only)
     head_norms: tuple[str, ...] = ()           # per-head norms over head_dim (q_norm/k_norm): untouched
+    # attention norms over a whole projection's output (OLMo2, OLMoE: q_norm [H*D], k_norm [K*D]): name and
+    # the segment ("q" or "kv") whose kept rows slice them
+    proj_norms: tuple[tuple[str, str], ...] = ()
+    moe: MoeArch | None = None                 # a sparse MoE block in place of the MLP (Mixtral, Qwen-MoE, OLMoE)
+    # OLMoE builds q_norm over config.hidden_size although it normalizes q [H*D]: hidden must equal heads*head_dim
+    hidden_is_q_width: bool = False
+    final_softcap: bool = False                # logits = cap * tanh(raw / cap), cap = config.final_logit_softcapping
+    logits_scaling: bool = False               # logits = raw / config.logits_scaling (Granite)
     has_layer_types: bool = False              # config.layer_types: one entry per layer
     layer_has_idx: bool = False                # the decoder layer itself stores layer_idx
     scaled_embedding: bool = False             # embeddings multiplied by sqrt(hidden_size)
@@ -66,6 +93,22 @@ FAMILIES: dict[str, Arch] = {
                         scaled_embedding=True, hidden_divisible_by_heads=True, norm_weight_offset=1.0),
     "phi3": Arch("phi3", attn_in=(("qkv_proj", ("q", "kv", "kv")),), mlp_in=(("gate_up_proj", ("ffn", "ffn")),),
                  attn_attrs=("num_key_value_groups", "num_key_value_heads"), mlp_attrs=()),
+    "gemma2": Arch("gemma2", pre_mlp_norm="pre_feedforward_layernorm",  # soft-capped logits and attention
+                   other_hidden_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+                   has_layer_types=True, scaled_embedding=True, hidden_divisible_by_heads=True,
+                   norm_weight_offset=1.0, final_softcap=True),
+    "olmo2": Arch("olmo2", pre_attn_norm=None, pre_mlp_norm=None,  # norms after attention and MLP only
+                  other_hidden_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+                  proj_norms=(("q_norm", "q"), ("k_norm", "kv"))),
+    "granite": Arch("granite", logits_scaling=True),  # embedding / residual / attention multipliers: scalars
+    "mixtral": Arch("mixtral", moe=MoeArch(n_experts_key="num_local_experts", width_key="intermediate_size"),
+                    mlp_attrs=()),
+    "qwen2_moe": Arch("qwen2_moe", has_layer_types=True, mlp_attrs=(),
+                      moe=MoeArch(shared="shared_expert", shared_gate="shared_expert_gate",
+                                  shared_width_key="shared_expert_intermediate_size")),
+    "qwen3_moe": Arch("qwen3_moe", head_norms=("q_norm", "k_norm"), mlp_attrs=(), moe=MoeArch()),
+    "olmoe": Arch("olmoe", proj_norms=(("q_norm", "q"), ("k_norm", "kv")), mlp_attrs=(), hidden_is_q_width=True,
+                  moe=MoeArch(n_experts_key="num_experts", width_key="intermediate_size")),
     "nemotron": Arch("nemotron", mlp_in=(("up_proj", ("ffn",)),),  # relu^2 MLP without a gate; LayerNorm1P
                      attn_attrs=("hidden_size", "num_heads", "num_key_value_heads", "num_key_value_groups"),
                      norm_weight_offset=1.0),
@@ -101,9 +144,13 @@ class Dims:
     head_dim: int
     vocab: int
     tied: bool
+    experts: int = 0      # MoE: experts per layer (0: a dense model); ffn is then each expert's width
+    top_k: int = 0        # MoE: experts each token is routed to
+    shared_ffn: int = 0   # MoE: the shared expert's width (0: none)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        """Every field, less the MoE ones of a dense model (so dense dims read as before MoE existed)."""
+        return {k: v for k, v in self.__dict__.items() if v or k not in ("experts", "top_k", "shared_ffn")}
 
 
 def head_dim_of(config) -> int:
@@ -114,11 +161,28 @@ def head_dim_of(config) -> int:
 
 def dims_of(config) -> Dims:
     """Read Dims from an HF config of a supported family."""
-    get_arch(config)
+    a = get_arch(config)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return Dims(hidden=config.hidden_size, ffn=config.intermediate_size, heads=config.num_attention_heads,
-                kv_heads=kv, layers=config.num_hidden_layers, head_dim=head_dim_of(config),
-                vocab=config.vocab_size, tied=bool(config.tie_word_embeddings))
+    d = Dims(hidden=config.hidden_size, ffn=config.intermediate_size, heads=config.num_attention_heads,
+             kv_heads=kv, layers=config.num_hidden_layers, head_dim=head_dim_of(config),
+             vocab=config.vocab_size, tied=bool(config.tie_word_embeddings))
+    if a.moe is not None:
+        check_all_layers_sparse(config)
+        m = a.moe
+        d.ffn, d.experts, d.top_k = getattr(config, m.width_key), getattr(config, m.n_experts_key), getattr(config, m.top_k_key)
+        d.shared_ffn = getattr(config, m.shared_width_key) if m.shared_width_key else 0
+    return d
+
+
+def check_all_layers_sparse(config) -> None:
+    """Refuse MoE configs that mix dense MLP layers in (Qwen-MoE's mlp_only_layers / decoder_sparse_step):
+    minitron's MoE axes assume every layer holds the sparse block."""
+    only, step = getattr(config, "mlp_only_layers", None) or [], getattr(config, "decoder_sparse_step", None) or 1
+    if only or step != 1:
+        raise UnsupportedArchitecture(
+            f"{config.model_type} with dense MLP layers among the MoE ones (mlp_only_layers={only}, "
+            f"decoder_sparse_step={step}) is not supported yet: minitron prunes MoE models whose every layer is "
+            "sparse (mlp_only_layers=[] and decoder_sparse_step=1)")
 
 
 def hidden_step(config, heads: int, round_to: int = 1) -> int:
@@ -131,14 +195,21 @@ def write_dims(config, dims: Dims, kept_layers: list[int] | None = None) -> None
     """Write pruned dims into a config in place (head_dim explicitly; layer_types subset to kept layers)."""
     arch = get_arch(config)
     config.hidden_size = dims.hidden
-    config.intermediate_size = dims.ffn
+    if arch.moe is None:
+        config.intermediate_size = dims.ffn
+    else:
+        setattr(config, arch.moe.width_key, dims.ffn)
+        setattr(config, arch.moe.n_experts_key, dims.experts)
+        setattr(config, arch.moe.top_k_key, dims.top_k)
+        if arch.moe.shared_width_key:
+            setattr(config, arch.moe.shared_width_key, dims.shared_ffn)
     config.num_attention_heads = dims.heads
     config.num_key_value_heads = dims.kv_heads
     config.head_dim = dims.head_dim
     if kept_layers is not None:
         if arch.has_layer_types and getattr(config, "layer_types", None) is not None:
             config.layer_types = [config.layer_types[i] for i in kept_layers]
-        if arch.family in ("qwen2", "qwen3") and getattr(config, "max_window_layers", None) is not None:
+        if arch.family.startswith(("qwen2", "qwen3")) and getattr(config, "max_window_layers", None) is not None:
             config.max_window_layers = min(config.max_window_layers, len(kept_layers))
     config.num_hidden_layers = dims.layers
 
@@ -200,16 +271,74 @@ def mlp_output(model: nn.Module, layer: nn.Module) -> nn.Linear:
     return getattr(getattr(layer, arch.mlp), arch.down_proj)
 
 
-def channel_norms(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(pre-attention norm, pre-MLP norm): their outputs are the hidden-channel activations hooked."""
+def channel_norms(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
+    """The pre-attention and pre-MLP norms a family has (none in OLMo2): their outputs feed q/k/v and the MLP."""
     arch = get_arch(model)
-    return getattr(layer, arch.pre_attn_norm), getattr(layer, arch.pre_mlp_norm)
+    return [getattr(layer, n) for n in (arch.pre_attn_norm, arch.pre_mlp_norm) if n is not None]
+
+
+def channel_taps(model: nn.Module, layer: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The two hidden-channel activations [B, T, C] of a layer that channel importance scores, as
+    (module, "output" | "input"): the outputs of the pre-attention and pre-MLP norms, or, where a family
+    has no pre-norm (OLMo2), the input of the attention / the MLP (the residual stream they read)."""
+    arch = get_arch(model)
+    return [(getattr(layer, norm), "output") if norm is not None else (getattr(layer, part), "input")
+            for norm, part in ((arch.pre_attn_norm, arch.attn), (arch.pre_mlp_norm, arch.mlp))]
+
+
+def proj_norms(model: nn.Module, layer: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Attention norms over a whole projection (OLMo2 / OLMoE q_norm [H*D], k_norm [K*D]) with the segment
+    ("q" | "kv") whose kept rows slice their weight."""
+    arch = get_arch(model)
+    attn = getattr(layer, arch.attn)
+    return [(getattr(attn, name), seg) for name, seg in arch.proj_norms]
 
 
 def hidden_norms(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
     """Every per-layer norm whose weight spans the hidden axis (sliced when hidden shrinks)."""
     arch = get_arch(model)
     return [*channel_norms(model, layer), *(getattr(layer, n) for n in arch.other_hidden_norms)]
+
+
+# ---- MoE blocks (layout: MoeArch; the pruning and scoring of experts: minitron.moe) -------------------
+
+def is_moe(model_or_config) -> bool:
+    """Whether the family's MLP is a sparse MoE block."""
+    return get_arch(model_or_config).moe is not None
+
+
+@dataclass
+class MoeParts:
+    """The modules of one layer's MoE block."""
+
+    block: nn.Module
+    router: nn.Module              # .weight [E, C]
+    experts: nn.Module             # .gate_up_proj [E, 2F, C], .down_proj [E, C, F], .act_fn
+    shared: nn.Module | None       # a gated MLP (gate_proj, up_proj [Fs, C], down_proj [C, Fs]) or None
+    shared_gate: nn.Linear | None  # [1, C]
+
+
+def moe_parts(model: nn.Module, layer: nn.Module) -> MoeParts:
+    arch = get_arch(model)
+    m = arch.moe
+    if m is None:
+        raise ValueError(f"{arch.family} has no MoE block")
+    block = getattr(layer, arch.mlp)
+    return MoeParts(block, getattr(block, m.router), getattr(block, m.experts),
+                    getattr(block, m.shared) if m.shared else None, getattr(block, m.shared_gate) if m.shared_gate else None)
+
+
+def set_moe_widths(model: nn.Module, layer: nn.Module, dims: Dims) -> None:
+    """Fix the widths an MoE block's modules cache (experts and router: E, C, F, top-k; shared expert: C, Fs)
+    and the CausalLM's own copies of E and top-k (read by its load-balancing loss)."""
+    p = moe_parts(model, layer)
+    p.experts.num_experts, p.experts.hidden_dim, p.experts.intermediate_dim = dims.experts, dims.hidden, dims.ffn
+    p.router.num_experts, p.router.hidden_dim, p.router.top_k = dims.experts, dims.hidden, dims.top_k
+    if "top_k" in vars(p.block):  # Mixtral's block keeps its own copy
+        p.block.top_k = dims.top_k
+    if p.shared is not None:
+        p.shared.hidden_size, p.shared.intermediate_size = dims.hidden, dims.shared_ffn
+    model.num_experts, model.num_experts_per_tok = dims.experts, dims.top_k
 
 
 def set_layer_index(model: nn.Module, layer: nn.Module, idx: int) -> None:
@@ -303,9 +432,12 @@ def backbone(model: nn.Module) -> nn.Module:
 
 def final_logits(model: nn.Module, raw: torch.Tensor) -> torch.Tensor:
     """Raw lm_head outputs [..., V] -> the model's logits [..., V], in the same dtype, as its forward computes
-    them. Gemma3 soft-caps them when config.final_logit_softcapping is set: cap * tanh(raw / cap); every
-    other family here returns lm_head's output unchanged."""
-    cap = getattr(model.config, "final_logit_softcapping", None) if get_arch(model).family == "gemma3_text" else None
+    them. Gemma2 / Gemma3 soft-cap them when config.final_logit_softcapping is set: cap * tanh(raw / cap);
+    Granite divides them by config.logits_scaling; every other family returns lm_head's output unchanged."""
+    a = get_arch(model)
+    if a.logits_scaling:
+        raw = raw / model.config.logits_scaling
+    cap = getattr(model.config, "final_logit_softcapping", None) if a.final_softcap or a.family == "gemma3_text" else None
     if cap is None:
         return raw
     return torch.tanh(raw / cap) * cap

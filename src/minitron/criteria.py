@@ -21,6 +21,9 @@ def _unit_sums(model, elem: dict[torch.nn.Parameter, torch.Tensor]) -> dict[str,
     rows in the MLP input projections and its down_proj column; a hidden channel its column of every
     input projection, its row of every output projection, its embedding / lm_head column, norm weights.
     """
+    if arch.is_moe(model):
+        raise ValueError(f"the magnitude and taylor criteria are not implemented for MoE models "
+                         f"({model.config.model_type}); use --criterion activation (or random)")
     d = arch.dims_of(model.config)
     hd, group = d.head_dim, d.heads // d.kv_heads
     seg_size = {"q": d.heads * hd, "kv": d.kv_heads * hd, "ffn": d.ffn}

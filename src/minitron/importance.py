@@ -52,9 +52,10 @@ class ImportanceConfig:
 
 
 def seq_aggregate(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Per-sample aggregation over valid tokens: x [B, T, C] (fp32), mask [B, T] bool -> [B, C]."""
-    m = mask[..., None].to(x.dtype)  # [B, T, 1]
-    n = m.sum(1).clamp_min(1.0)  # [B, 1]
+    """Per-sample aggregation over valid tokens: x [B, T, C] (fp32), mask [B, T] bool (or [B, T, C]: a mask per
+    channel, e.g. the tokens routed to each expert) -> [B, C]."""
+    m = (mask if mask.dim() == 3 else mask[..., None]).to(x.dtype)  # [B, T, 1] or [B, T, C]
+    n = m.sum(1).clamp_min(1.0)  # [B, 1] or [B, C]
     if how == "mean":
         return (x.abs() * m).sum(1) / n
     if how == "l2":
@@ -140,14 +141,23 @@ class _Collector:
         layers = arch.decoder_layers(model)
         dims, device = arch.dims_of(model.config), next(model.parameters()).device
         self.attn = [BatchStat(dims.heads * dims.head_dim, device) for _ in layers]
-        self.mlp = [BatchStat(dims.ffn, device) for _ in layers]
+        self.mlp = [] if arch.is_moe(model) else [BatchStat(dims.ffn, device) for _ in layers]
         self.norms = [BatchStat(dims.hidden, device) for _ in range(2 * len(layers))]
         self.bi = BlockBI(len(layers), bi_sizes, device)
+        self.moe = None
+        if arch.is_moe(model):  # expert, expert-neuron, shared-expert and router statistics
+            from minitron.moe import MoeCollector
+
+            self.moe = MoeCollector(model, lambda n: BatchStat(n, device),
+                                    lambda x, m: seq_aggregate(x, m, cfg.seq_agg), device)
         for i, layer in enumerate(layers):
             self._pre(arch.attn_output(model, layer), self.attn[i])
-            self._pre(arch.mlp_output(model, layer), self.mlp[i])
-            for j, norm in enumerate(arch.channel_norms(model, layer)):
-                self.handles.append(norm.register_forward_hook(self._norm_hook(self.norms[2 * i + j])))
+            if self.mlp:
+                self._pre(arch.mlp_output(model, layer), self.mlp[i])
+            for j, (module, where) in enumerate(arch.channel_taps(model, layer)):
+                stat = self.norms[2 * i + j]
+                self.handles.append(module.register_forward_hook(self._norm_hook(stat)) if where == "output" else
+                                    module.register_forward_pre_hook(self._input_hook(stat), with_kwargs=True))
             self.handles.append(layer.register_forward_pre_hook(self._layer_in(i), with_kwargs=True))
         self.handles.append(layers[-1].register_forward_hook(self._layer_out(len(layers))))
 
@@ -155,6 +165,8 @@ class _Collector:
         """Valid tokens [B, T] (bool) of the next forward."""
         self.mask = mask
         self.bi.start(mask)
+        if self.moe is not None:
+            self.moe.start(mask)
 
     def _add(self, stat: BatchStat, x: torch.Tensor) -> None:
         stat.add(seq_aggregate(x.float(), self.mask, self.cfg.seq_agg))
@@ -164,6 +176,11 @@ class _Collector:
 
     def _norm_hook(self, stat):
         return lambda m, args, out: self._add(stat, out)
+
+    def _input_hook(self, stat):
+        def hook(m, args, kwargs):
+            self._add(stat, args[0] if args else kwargs["hidden_states"])
+        return hook
 
     def _layer_in(self, i):
         def hook(m, args, kwargs):
@@ -179,17 +196,20 @@ class _Collector:
         """Sum (max for max) every statistic over the ranks of torch.distributed, on the model's device."""
         import torch.distributed as dist
 
-        stats = [*self.attn, *self.mlp, *self.norms]
+        stats = [*self.attn, *self.mlp, *self.norms, *(self.moe.stats() if self.moe else [])]
         counts = torch.tensor([float(s.n) for s in stats], dtype=torch.float64, device=self.bi.tokens.device)
         _all_reduce_flat([t for s in stats for t in (s.sum, s.sumsq)], dist.ReduceOp.SUM)
         _all_reduce_flat([s.max for s in stats], dist.ReduceOp.MAX)
-        _all_reduce_flat([counts, self.bi.tokens, *self.bi.sums.values()], dist.ReduceOp.SUM)
+        _all_reduce_flat([counts, self.bi.tokens, *self.bi.sums.values(), *(self.moe.sums() if self.moe else [])],
+                         dist.ReduceOp.SUM)
         for s, n in zip(stats, counts.tolist(), strict=True):
             s.n = int(n)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        if self.moe is not None:
+            self.moe.remove()
 
 
 def _all_reduce_flat(tensors: list[torch.Tensor], op) -> None:
@@ -254,9 +274,12 @@ def compute_importance(model, calib: torch.Tensor, cfg: ImportanceConfig | None 
     scores = {
         "heads": heads.cpu(),  # [L, H]
         "kv_groups": heads.view(dims.layers, dims.kv_heads, -1).norm(dim=-1).cpu(),  # [L, K, H/K] -> [L, K]
-        "neurons": torch.stack([s.result(how) for s in col.mlp]).cpu(),  # [L, F]
         "channels": torch.stack([s.result(how) for s in col.norms]).sum(0).cpu(),  # [2L, C] -> [C]
     }
+    if col.moe is not None:  # experts [L, E], neurons [L, E*F], router_tokens / router_prob [L, E], shared_neurons
+        scores.update(col.moe.scores(how))
+    else:
+        scores["neurons"] = torch.stack([s.result(how) for s in col.mlp]).cpu()  # [L, F]
     for n, s in col.bi.result().items():
         scores[f"block_bi.{n}"] = s
     scores["layer_bi"] = scores["block_bi.1"]
@@ -326,6 +349,9 @@ def save_scores(scores: dict[str, torch.Tensor], out_dir: Path, meta: dict) -> P
     summary["heads_per_layer_mean"] = [round(float(x), 6) for x in scores["heads"].mean(1)]
     summary["neurons_per_layer_mean"] = [round(float(x), 6) for x in scores["neurons"].mean(1)]
     summary["channels_top10"] = scores["channels"].topk(min(10, scores["channels"].numel())).indices.tolist()
+    if "router_tokens" in scores:  # MoE: share of tokens routed to each expert, per layer
+        summary["router_tokens"] = [[round(float(x), 6) for x in row] for row in scores["router_tokens"]]
+        summary["experts_per_layer_ranking"] = scores["experts"].argsort(dim=1, descending=True).tolist()
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=1))
     return path
 
@@ -353,14 +379,14 @@ def config_meta(cfg: ImportanceConfig, calib: torch.Tensor, dims: arch.Dims) -> 
             "dims": dims.to_dict()}
 
 
-WIDTH_AXES = ("heads", "kv_groups", "neurons", "channels")
+WIDTH_AXES = ("heads", "kv_groups", "neurons", "channels", "experts", "shared_neurons")  # the last two: MoE only
 CRITERIA = ("activation", "magnitude", "taylor", "random")
 
 
 def random_scores(scores: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
     """The random-importance baseline: width scores replaced by seeded uniform noise of the same shape."""
     gen = torch.Generator().manual_seed(seed)
-    return {k: torch.rand(scores[k].shape, generator=gen) for k in WIDTH_AXES}
+    return {k: torch.rand(scores[k].shape, generator=gen) for k in WIDTH_AXES if k in scores}
 
 
 def score_model(model, calib: torch.Tensor, select: torch.Tensor, cfg: ImportanceConfig, criterion: str = "activation",

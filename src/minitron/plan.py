@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from minitron import arch
+from minitron.moe import plan_layer
 
 
 class PlanError(ValueError):
@@ -27,8 +28,11 @@ class Target:
     kv_heads: int | None = None      # KV groups per layer (pruning whole groups)
     layers: int | None = None        # keep this many layers
     drop_layers: list[int] | None = None  # or drop exactly these (0-based)
+    experts: int | None = None       # MoE: experts kept per layer (ffn is then each expert's width)
+    top_k: int | None = None         # MoE: experts per token (default: the source's, capped at experts)
+    shared_ffn: int | None = None    # MoE: the shared expert's width (Qwen2-MoE)
     params: float | str | None = None  # parameter budget (e.g. 70e6 or "70M")
-    params_kind: str = "total"       # what the budget counts: total | non_embedding
+    params_kind: str = "total"       # what the budget counts: total | non_embedding | active (per token, MoE)
     layer_metric: str = "lm-loss"    # bi | lm-loss | task:NAME: ranks layers / blocks for depth pruning
     contiguous: bool = True          # drop one contiguous block (paper's best) or scattered layers
     round_to: int = 8                # budget search rounds hidden and ffn to multiples of this
@@ -53,6 +57,10 @@ class PrunePlan:
     ffn: dict[int, list[int]]        # source layer -> kept neurons
     heads: dict[int, list[int]]      # source layer -> kept query heads (grouped by KV group)
     kv_heads: dict[int, list[int]]   # source layer -> kept KV heads
+    experts: dict[int, list[int]] = field(default_factory=dict)  # MoE: source layer -> kept experts
+    # MoE: source layer -> each kept expert's kept neurons (in the order of experts[layer]); ffn stays empty
+    expert_ffn: dict[int, list[list[int]]] = field(default_factory=dict)
+    shared_ffn: dict[int, list[int]] = field(default_factory=dict)  # MoE: source layer -> shared expert's neurons
     params_before: dict = field(default_factory=dict)
     params_after: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # the resulting HF config
@@ -64,8 +72,8 @@ class PrunePlan:
     @classmethod
     def load(cls, path: Path) -> PrunePlan:
         raw = json.loads(Path(path).read_text())
-        for key in ("ffn", "heads", "kv_heads"):
-            raw[key] = {int(k): v for k, v in raw[key].items()}
+        for key in ("ffn", "heads", "kv_heads", "experts", "expert_ffn", "shared_ffn"):
+            raw[key] = {int(k): v for k, v in raw.get(key, {}).items()}
         return cls(**raw)
 
 
@@ -119,16 +127,22 @@ def source_config(name: str, trust_remote_code: bool = False):
     return config
 
 
+PARAMS_KINDS = ("total", "non_embedding", "active")
+
+
 def count_params(config) -> dict:
-    """Exact parameter counts of a config (model built on the meta device): total and non-embedding."""
+    """Exact parameter counts of a config (model built on the meta device): total, non-embedding and active
+    (what one token uses: total less the experts it is not routed to; = total for a dense model)."""
     from transformers import AutoModelForCausalLM
+
+    from minitron.moe import inactive_params
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     d = arch.dims_of(config)
     embed = d.vocab * d.hidden * (1 if d.tied else 2)
-    return {"total": int(total), "non_embedding": int(total - embed)}
+    return {"total": int(total), "non_embedding": int(total - embed), "active": int(total - inactive_params(model))}
 
 
 def _round(x: float, to: int) -> int:
@@ -143,10 +157,16 @@ def resolve_dims(config, target: Target) -> arch.Dims:
     def pick(value, default):
         return default if value is None else value
 
-    dims = arch.Dims(hidden=pick(target.hidden, src.hidden), ffn=pick(target.ffn, src.ffn),
-                     heads=pick(target.heads, src.heads), kv_heads=pick(target.kv_heads, src.kv_heads),
-                     layers=pick(target.layers, src.layers - n_drop), head_dim=src.head_dim,
-                     vocab=src.vocab, tied=src.tied)
+    if not arch.is_moe(config) and (target.experts or target.top_k or target.shared_ffn):
+        raise PlanError(f"experts / top_k / shared_ffn are MoE axes, but {config.model_type} is a dense model; "
+                        "drop them (--ffn prunes its MLP)")
+    heads = pick(target.heads, src.heads)
+    hidden = pick(target.hidden, heads * src.head_dim if arch.get_arch(config).hidden_is_q_width else src.hidden)
+    experts = pick(target.experts, src.experts)
+    dims = arch.Dims(hidden=hidden, ffn=pick(target.ffn, src.ffn), heads=heads,
+                     kv_heads=pick(target.kv_heads, src.kv_heads), layers=pick(target.layers, src.layers - n_drop),
+                     head_dim=src.head_dim, vocab=src.vocab, tied=src.tied, experts=experts,
+                     top_k=pick(target.top_k, min(src.top_k, experts)), shared_ffn=pick(target.shared_ffn, src.shared_ffn))
     if target.params is not None:
         dims = _fit_budget(config, dims, target)
     _check(config, src, dims, target)
@@ -157,20 +177,24 @@ def _fit_budget(config, dims: arch.Dims, target: Target) -> arch.Dims:
     """The paper's recommended shape: keep heads and depth, shrink hidden and MLP by one common ratio,
     then give the MLP whatever budget the rounding of hidden left over."""
     budget = target.params
-    fixed_hidden, fixed_ffn = target.hidden is not None, target.ffn is not None
+    fixed_ffn = target.ffn is not None
+    fixed_hidden = target.hidden is not None or arch.get_arch(config).hidden_is_q_width  # OLMoE: hidden = heads*D
+    fixed_shared = target.shared_ffn is not None
     if fixed_hidden and fixed_ffn:
         raise PlanError("--params with both --hidden and --ffn leaves nothing to fit; drop one of them")
     if target.split not in ("loss", "ratio"):
         raise PlanError(f"split {target.split!r} unknown; choose loss or ratio")
-    if target.params_kind not in ("total", "non_embedding"):
-        raise PlanError(f"params_kind {target.params_kind!r} unknown; choose total or non_embedding")
+    if target.params_kind not in PARAMS_KINDS:
+        raise PlanError(f"params_kind {target.params_kind!r} unknown; choose {', '.join(PARAMS_KINDS)}")
     step = arch.hidden_step(config, dims.heads, target.round_to)
 
     def at(ratio: float, ffn: int | None = None) -> arch.Dims:
         hidden = dims.hidden if fixed_hidden else min(dims.hidden, _round(dims.hidden * ratio, step))
         if ffn is None:
             ffn = dims.ffn if fixed_ffn else min(dims.ffn, _round(dims.ffn * ratio, target.round_to))
-        return arch.Dims(**{**dims.to_dict(), "hidden": hidden, "ffn": ffn})
+        shared = dims.shared_ffn if fixed_shared or not dims.shared_ffn else min(
+            dims.shared_ffn, _round(dims.shared_ffn * ratio, target.round_to))
+        return arch.Dims(**{**dims.to_dict(), "hidden": hidden, "ffn": ffn, "shared_ffn": shared})
 
     def params(d: arch.Dims) -> int:
         return count_params(config_with_dims(config, d))[target.params_kind]
@@ -214,12 +238,22 @@ def budget_splits(config, target: Target, max_splits: int = 8) -> list[Target]:
 
 
 def _check(config, src: arch.Dims, d: arch.Dims, target: Target) -> None:
-    for name in ("hidden", "ffn", "heads", "kv_heads", "layers"):
+    moe = ("experts", "top_k") + (("shared_ffn",) if src.shared_ffn else ()) if src.experts else ()
+    for name in ("hidden", "ffn", "heads", "kv_heads", "layers", *moe):
         new, old = getattr(d, name), getattr(src, name)
         if new <= 0:
             raise PlanError(f"target {name}={new} must be positive")
         if new > old:
             raise PlanError(f"target {name}={new} is larger than the source's {old}; pruning only shrinks")
+    if src.experts and d.top_k > d.experts:
+        raise PlanError(f"top_k={d.top_k} routes each token to more experts than the {d.experts} kept; "
+                        f"choose top_k <= experts")
+    if not src.shared_ffn and d.shared_ffn:
+        raise PlanError(f"{config.model_type} has no shared expert; drop shared_ffn")
+    if arch.get_arch(config).hidden_is_q_width and d.hidden != d.heads * d.head_dim:
+        raise PlanError(f"{config.model_type} sizes q_norm by hidden_size, so hidden must equal heads x head_dim "
+                        f"({d.heads} x {d.head_dim} = {d.heads * d.head_dim}), not {d.hidden}: set hidden by --heads "
+                        "alone (drop --hidden)")
     if d.heads % d.kv_heads:
         raise PlanError(f"{d.heads} query heads cannot be split evenly over {d.kv_heads} KV groups; "
                         f"choose heads as a multiple of kv_heads")
@@ -272,15 +306,19 @@ def make_plan(config, scores: dict[str, torch.Tensor], target: Target) -> PruneP
     dropped, layer_choice = choose_layers(scores, src.layers, src.layers - dims.layers, target)
     kept_layers = [i for i in range(src.layers) if i not in set(dropped)]
     group, new_group = src.heads // src.kv_heads, dims.heads // dims.kv_heads
-    heads, kv_heads, ffn = {}, {}, {}
+    heads, kv_heads, ffn, experts, expert_ffn, shared_ffn = {}, {}, {}, {}, {}, {}
     for i in kept_layers:
         kv = _topk_sorted(scores["kv_groups"][i], dims.kv_heads)
         kv_heads[i] = kv
         # query heads ranked within their KV group; every group keeps the same count (GQA-consistent)
         heads[i] = [g * group + h for g in kv for h in _topk_sorted(scores["heads"][i, g * group:(g + 1) * group], new_group)]
-        ffn[i] = _topk_sorted(scores["neurons"][i], dims.ffn)
+        if arch.is_moe(config):  # experts by their output norm; each kept expert ranks its own neurons
+            experts[i], expert_ffn[i], shared_ffn[i] = plan_layer(scores, i, src, dims)
+        else:
+            ffn[i] = _topk_sorted(scores["neurons"][i], dims.ffn)
     new_config = config_with_dims(config, dims, kept_layers)
     return PrunePlan(source=src.to_dict(), target=dims.to_dict(), kept_layers=kept_layers, dropped_layers=dropped,
                      hidden=_topk_sorted(scores["channels"], dims.hidden), ffn=ffn, heads=heads, kv_heads=kv_heads,
+                     experts=experts, expert_ffn=expert_ffn, shared_ffn=shared_ffn,
                      params_before=count_params(config), params_after=count_params(new_config),
                      config=new_config.to_dict(), layer_choice=layer_choice)

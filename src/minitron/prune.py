@@ -25,6 +25,7 @@ from minitron.importance import (
     score_model,
 )
 from minitron.models import lm_loss, load_model
+from minitron.moe import slice_experts
 from minitron.plan import PrunePlan, Target, budget_splits, make_plan, resolve_dims, source_config
 from minitron.report import plot_blocks, plot_importance
 
@@ -65,18 +66,26 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     hidden = torch.tensor(plan.hidden)
     layers = arch.decoder_layers(model)
     kept = nn.ModuleList([layers[i] for i in plan.kept_layers])
+    moe = arch.is_moe(model)
     for old_i, layer in zip(plan.kept_layers, kept, strict=True):
         rows = {"q": _rows(plan.heads[old_i], hd), "kv": _rows(plan.kv_heads[old_i], hd),
-                "ffn": torch.tensor(plan.ffn[old_i])}
-        for lin, segs in arch.attn_inputs(model, layer) + arch.mlp_inputs(model, layer):
+                "ffn": torch.tensor(plan.ffn.get(old_i, []), dtype=torch.long)}
+        for lin, segs in arch.attn_inputs(model, layer) + ([] if moe else arch.mlp_inputs(model, layer)):
             offsets = [sum(seg_size[s] for s in segs[:j]) for j in range(len(segs))]
             slice_linear(lin, out_idx=torch.cat([rows[s] + off for s, off in zip(segs, offsets, strict=True)]),
                          in_idx=hidden)
         slice_linear(arch.attn_output(model, layer), out_idx=hidden, in_idx=rows["q"])
-        slice_linear(arch.mlp_output(model, layer), out_idx=hidden, in_idx=rows["ffn"])
+        for norm, seg in arch.proj_norms(model, layer):  # OLMo2 / OLMoE q_norm, k_norm over whole projections
+            slice_norm(norm, rows[seg])
+        if moe:
+            _slice_moe(model, layer, hidden, plan, old_i)
+        else:
+            slice_linear(arch.mlp_output(model, layer), out_idx=hidden, in_idx=rows["ffn"])
         for norm in arch.hidden_norms(model, layer):
             slice_norm(norm, hidden)
         arch.set_module_widths(model, layer, dims)
+        if moe:
+            arch.set_moe_widths(model, layer, dims)
     arch.set_decoder_layers(model, kept)
     arch.write_dims(model.config, dims, plan.kept_layers)
     for new_i, layer in enumerate(kept):
@@ -93,6 +102,19 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     else:
         slice_linear(head, in_idx=hidden)
     return model
+
+
+def _slice_moe(model: nn.Module, layer: nn.Module, hidden: torch.Tensor, plan: PrunePlan, old_i: int) -> None:
+    """The MoE block of source layer old_i: router and fused experts (minitron.moe), the shared expert
+    (a gated MLP) and its gate [1, C]."""
+    slice_experts(model, layer, hidden, plan.experts[old_i], plan.expert_ffn[old_i])
+    p = arch.moe_parts(model, layer)
+    if p.shared is not None:
+        keep = torch.tensor(plan.shared_ffn[old_i], dtype=torch.long)
+        slice_linear(p.shared.gate_proj, out_idx=keep, in_idx=hidden)
+        slice_linear(p.shared.up_proj, out_idx=keep, in_idx=hidden)
+        slice_linear(p.shared.down_proj, out_idx=hidden, in_idx=keep)
+        slice_linear(p.shared_gate, in_idx=hidden)
 
 
 def _snapshot(model: nn.Module) -> tuple[list, list, dict]:
@@ -254,9 +276,7 @@ def prune(cfg: PruneConfig) -> Path:
         print("[minitron] hidden/MLP split by held-out loss after pruning (selection blocks): " + ", ".join(
             f"{r['hidden']}/{r['ffn']} {r['loss_pruned']:.3f}" for r in splits_table))
     plan = make_plan(model.config, scores, target)
-    print(f"[minitron] dims {src.hidden=} {src.ffn=} {src.heads=} {src.kv_heads=} {src.layers=} -> "
-          f"hidden={plan.target['hidden']} ffn={plan.target['ffn']} heads={plan.target['heads']} "
-          f"kv_heads={plan.target['kv_heads']} layers={plan.target['layers']} dropped={plan.dropped_layers}")
+    print(f"[minitron] dims {src.to_dict()} -> {plan.target} dropped={plan.dropped_layers}")
     loss_before = lm_loss(model, report, cfg.batch_size)
     apply_plan(model, plan)
     loss_after = lm_loss(model, report, cfg.batch_size)
@@ -265,9 +285,11 @@ def prune(cfg: PruneConfig) -> Path:
                "heldout_tokens": int(report.numel()), "heldout_blocks": "report (disjoint from selection)",
                "selection_tokens": int(select.numel()), "criterion": meta.get("criterion", "activation"),
                "budget_splits": splits_table}
+    active = (f", active per token {plan.params_before['active'] / 1e6:.2f}M -> {plan.params_after['active'] / 1e6:.2f}M"
+              if arch.is_moe(model) else "")
     print(f"[minitron] params {plan.params_before['total'] / 1e6:.2f}M -> {plan.params_after['total'] / 1e6:.2f}M "
           f"(non-embedding {plan.params_before['non_embedding'] / 1e6:.2f}M -> "
-          f"{plan.params_after['non_embedding'] / 1e6:.2f}M); held-out loss {loss_before:.4f} -> {loss_after:.4f}")
+          f"{plan.params_after['non_embedding'] / 1e6:.2f}M{active}); held-out loss {loss_before:.4f} -> {loss_after:.4f}")
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

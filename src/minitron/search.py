@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -75,8 +75,7 @@ def candidates(config, cfg: SearchConfig) -> list[arch.Dims]:
     for h, f, nh, nl in itertools.product(hidden, ffn, heads, layers):
         if arch.get_arch(config).hidden_divisible_by_heads and h % nh:
             continue  # transformers would refuse to load this config
-        dims = arch.Dims(hidden=h, ffn=f, heads=nh, kv_heads=src.kv_heads, layers=nl, head_dim=src.head_dim,
-                         vocab=src.vocab, tied=src.tied)
+        dims = replace(src, hidden=h, ffn=f, heads=nh, layers=nl)  # MoE: experts, top-k, shared width kept
         if lo <= count_params(config_with_dims(config, dims))["total"] <= hi:
             out.append(dims)
     if not out:
@@ -95,8 +94,9 @@ def depth_block_sizes(config, cfg: SearchConfig) -> list[int]:
 
 
 def _target(d: arch.Dims, cfg: SearchConfig) -> Target:
+    moe = dict(experts=d.experts, top_k=d.top_k, shared_ffn=d.shared_ffn or None) if d.experts else {}
     return Target(hidden=d.hidden, ffn=d.ffn, heads=d.heads, kv_heads=d.kv_heads, layers=d.layers,
-                  layer_metric=cfg.layer_metric)
+                  layer_metric=cfg.layer_metric, **moe)
 
 
 def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg: SearchConfig,

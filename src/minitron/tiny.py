@@ -1,5 +1,6 @@
-"""Tiny random models (every supported family, hidden 64, 4 heads / 2 KV heads) and a tiny trained
-tokenizer, built in code: for the test suite and the smoke preset of benchmarks/ablations.py."""
+"""Tiny random models (every supported family, hidden 64, 4 heads / 2 KV heads; MoE: 4 experts of width 32,
+top-2) and a tiny trained tokenizer, built in code: for the test suite and the smoke preset of
+benchmarks/ablations.py."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
 def make_config(family: str, vocab: int = 384, layers: int = 4, **over):
     """A tiny config of a family: hidden 64, 4 query heads / 2 KV heads of dim 16, MLP 128."""
     from transformers import AutoConfig
@@ -46,15 +50,26 @@ def make_config(family: str, vocab: int = 384, layers: int = 4, **over):
               bos_token_id=None)
     if family == "llama":
         kw.update(attention_bias=False)
-    if family == "gemma3_text":  # alternating sliding / full attention, tied, scaled embeddings
+    if family in ("gemma3_text", "gemma2"):  # alternating sliding / full attention, tied, scaled embeddings
         kw.update(query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True,
                   layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2))
+    if family == "gemma2":  # soft-caps low enough to bend the tiny model's logits and attention scores
+        kw.update(final_logit_softcapping=3.0, attn_logit_softcapping=5.0)
+    if family == "granite":  # every multiplier away from 1
+        kw.update(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0)
+    if family in MOE_FAMILIES:  # 4 experts of width 32, 2 per token (the key names differ per family)
+        width = "intermediate_size" if family in ("mixtral", "olmoe") else "moe_intermediate_size"
+        kw.update({width: 32, "num_experts_per_tok": 2,
+                   ("num_local_experts" if family == "mixtral" else "num_experts"): 4})
+        if family == "qwen2_moe":
+            kw.update(shared_expert_intermediate_size=48)
     kw.update(over)
     return AutoConfig.for_model(family, **kw)
 
 
 def make_model(family: str, seed: int = 0, **over):
-    """A tiny random model in eval mode, with non-trivial norm weights so channel scores differ."""
+    """A tiny random model in eval mode, with non-trivial norm weights so channel scores differ (and, in MoE
+    families, experts and router weights large enough that the experts and the routing matter)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -65,4 +80,8 @@ def make_model(family: str, seed: int = 0, **over):
                 p.copy_(1.0 + 0.5 * torch.randn_like(p))
             elif p.ndim == 1:  # biases
                 p.copy_(0.1 * torch.randn_like(p))
+            elif p.ndim == 3:  # fused MoE experts [E, 2F, C] / [E, C, F]: outputs that matter next to attention
+                p.normal_(0.0, 0.1)
+            elif name.endswith("mlp.gate.weight"):  # MoE router [E, C]: routing that depends on the token
+                p.normal_(0.0, 0.3)
     return model.eval()
