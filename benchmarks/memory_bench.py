@@ -19,6 +19,9 @@ Cases:
   1b-distill          that teacher in bf16 -> student hidden 1536 / MLP 6144 (fp32 master), 1 x 512, 2 steps,
                       fp32 compute (this CPU has no bf16 matmul units: bf16 backward runs at ~0.4 GFLOPS)
   1b-distill-bf16     the same with autocast bf16 compute, 1 x 128 tokens
+  1b-importance-wide  the 1B teacher in fp32 weights (fast matmuls here), 2 x 2048 tokens per forward
+  1b-importance-wide-old  the same on the code before bounded memory (OLD_COMMIT: every layer's hidden
+                      states kept, Block Importance stacked as fp32 [L+1, N, C]); its source is taken from git
 Two distillation steps, so that the second runs with AdamW's states allocated (the steady state the
 estimate models; the first step peaks lower). Evaluation inside distill uses one validation block.
 
@@ -64,7 +67,11 @@ CASES = {
                        autocast="none", teacher_dtype="bfloat16", batch=1, seq=512, ckpt=False),
     "1b-distill-bf16": dict(kind="distill", teacher="llama1b", student="llama1b-student", dtype="float32",
                             autocast="bf16", teacher_dtype="bfloat16", batch=1, seq=128, ckpt=False),
+    "1b-importance-wide": dict(kind="importance", teacher="llama1b", dtype="float32", batch=2, seq=2048),
+    "1b-importance-wide-old": dict(kind="importance", teacher="llama1b", dtype="float32", batch=2, seq=2048,
+                                   code="old"),
 }
+OLD_COMMIT = "8e30923"  # the last commit before bounded memory (Block Importance streamed, chunked LM loss)
 GROUPS = {"smol": [c for c in CASES if c.startswith("smol")], "1b": [c for c in CASES if c.startswith("1b")],
           "all": list(CASES)}
 
@@ -74,6 +81,17 @@ def model_path(name: str) -> str:
 
 
 # ---- preparing models and corpus (in their own processes) ---------------------------------------------
+
+def old_source() -> Path:
+    """OLD_COMMIT's src/ (git archive), for the cases with code="old"."""
+    old = WORK / f"old-{OLD_COMMIT}"
+    if not (old / "src" / "minitron").is_dir():
+        old.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_COMMIT, "src"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    return old / "src"
+
 
 def prepare(names: list[str]) -> None:
     """Write the corpus and the random-weight models the cases need (once)."""
@@ -194,11 +212,27 @@ def estimate_case(name: str):
     return next(e for e in estimate_run(run_config(name), CASES[name].get("world", 1)) if e.stage == stage)
 
 
+def old_vs_new(saved: dict) -> str:
+    """The cases measured on both codes: peak of the pass (weights resident) next to the weights."""
+    lines = ["| case | weights | old code: pass peak | new code: pass peak | new / old | new peak / weights |",
+             "|---|---|---|---|---|---|"]
+    for name in CASES:
+        old = saved.get(name + "-old")
+        if old is None or name not in saved:
+            continue
+        new, w = saved[name], saved[name]["load_peak"]
+        lines.append(f"| {name} | {w / GiB:.2f} GiB | {old['measured'] / GiB:.2f} GiB | {new['measured'] / GiB:.2f} GiB "
+                     f"| {new['measured'] / old['measured']:.2f} | {new['measured'] / w:.2f} |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     lines = ["| case | settings | estimate | measured | estimate / measured | largest estimated terms |",
              "|---|---|---|---|---|---|"]
     for r in results:
         case = CASES[r["case"]]
+        if case.get("code") == "old":
+            continue
         est = estimate_case(r["case"])
         settings = (f"{case['dtype']} weights" if case["kind"] == "importance" else
                     f"fp32 master, {'autocast bf16' if case['autocast'] == 'bf16' else 'fp32'} compute, teacher "
@@ -229,6 +263,8 @@ def main() -> None:
     if not args.table:
         names = GROUPS.get(args.cases) or args.cases.split(",")
         prepare(names)
+        if any(CASES[n].get("code") == "old" for n in names):
+            old_source()
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
         for name in names:
             log = WORK / f"{name}.log"  # the child's output, kept if it dies
@@ -248,8 +284,12 @@ def main() -> None:
             print(f"[memory_bench] {name}: {saved[name]['measured'] / GiB:.2f} GiB in {saved[name]['seconds']:.0f} s",
                   flush=True)
     print(table([saved[c] for c in CASES if c in saved]))
+    print()
+    print(old_vs_new(saved))
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "src"))
+    child = sys.argv[sys.argv.index("--child") + 1] if "--child" in sys.argv else None
+    old = child is not None and CASES[child].get("code") == "old"
+    sys.path.insert(0, str(WORK / f"old-{OLD_COMMIT}" / "src" if old else ROOT / "src"))
     main()

@@ -158,11 +158,12 @@ def master_states(s: Shape, world: int, mode: str) -> dict[str, int]:
 
 
 def optimizer_transient(s: Shape, world: int, mode: str, cuda: bool) -> int:
-    """AdamW.step temporaries: on CUDA (foreach) sqrt(exp_avg_sq) for every parameter at once, 4P; on CPU (one
-    tensor at a time) sqrt and its quotient for the largest tensor, 8 x its elements; / W under FSDP (shards)."""
+    """AdamW.step temporaries: on CUDA under FSDP (foreach) sqrt(exp_avg_sq) for every parameter shard at once,
+    4P / W; on CUDA otherwise none (distill uses the fused kernel); on CPU (one tensor at a time) sqrt and its
+    quotient for the largest tensor, 8 x its elements (/ W under FSDP: shards)."""
     shard = world if mode == "fsdp" else 1
     if cuda:
-        return 4 * s.params // shard
+        return 4 * s.params // shard if mode == "fsdp" else 0
     return 8 * s.largest_tensor // shard
 
 
