@@ -79,7 +79,7 @@ def test_prune_stage_output_reloads_and_generates(dense_family, tokenizer, corpu
     src = tmp_path / "src"
     make_model(dense_family).save_pretrained(src)
     tokenizer.save_pretrained(src)
-    target = Target(hidden=48, ffn=96, heads=2, kv_heads=1, layers=3)
+    target = Target(hidden=48, ffn=96, heads=2, kv_heads=1, layers=3, layer_metric="bi")
     out = prune(PruneConfig(model=str(src), out=str(tmp_path / "out"), calib_data=str(corpus_dir), calib_samples=8,
                             heldout_samples=2, seq_len=32, batch_size=4, device="cpu", target=target))
     plan = PrunePlan.load(out / "plan.json")
@@ -134,10 +134,10 @@ def test_distill_a_pruned_student(dense_family, tokenizer, corpus_dir, tmp_path)
     student.save_pretrained(tmp_path / "student")
     tokenizer.save_pretrained(tmp_path / "student")
     out = distill(DistillConfig(teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"),
-                                data=str(corpus_dir), out=str(tmp_path / "kd"), steps=8, seq_len=32, batch_size=4,
-                                eval_every=8, eval_batches=2, save_every=8, lr=1e-3, min_lr=1e-4, warmup_steps=1,
+                                data=str(corpus_dir), out=str(tmp_path / "kd"), steps=6, seq_len=32, batch_size=4,
+                                eval_every=6, eval_batches=2, save_every=6, lr=1e-3, min_lr=1e-4, warmup_steps=1,
                                 progress=False))
     info = json.loads((out / "minitron_distill.json").read_text())
-    assert info["finished"] and info["steps"] == 8
+    assert info["finished"] and info["steps"] == 6
     assert info["final_eval"]["val_kl"] < info["first_eval"]["val_kl"]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2

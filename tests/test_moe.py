@@ -142,7 +142,7 @@ def test_prune_stage_output_reloads_and_generates(moe_family, tokenizer, corpus_
     make_model(moe_family).save_pretrained(src)
     tokenizer.save_pretrained(src)
     hidden = 32 if moe_family == "olmoe" else 48  # OLMoE: hidden = heads x head_dim
-    target = Target(experts=3, ffn=24, heads=2, kv_heads=1, layers=3, hidden=hidden,
+    target = Target(experts=3, ffn=24, heads=2, kv_heads=1, layers=3, hidden=hidden, layer_metric="bi",
                     shared_ffn=40 if moe_family == "qwen2_moe" else None)
     out = prune(PruneConfig(model=str(src), out=str(tmp_path / "out"), calib_data=str(corpus_dir), calib_samples=8,
                             heldout_samples=2, seq_len=32, batch_size=4, device="cpu", target=target))
@@ -227,11 +227,11 @@ def test_distill_a_pruned_moe_student(tokenizer, corpus_dir, tmp_path):
     student.save_pretrained(tmp_path / "student")
     tokenizer.save_pretrained(tmp_path / "student")
     out = distill(DistillConfig(teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"),
-                                data=str(corpus_dir), out=str(tmp_path / "kd"), steps=8, seq_len=32, batch_size=4,
-                                eval_every=8, eval_batches=2, save_every=8, lr=1e-3, min_lr=1e-4, warmup_steps=1,
+                                data=str(corpus_dir), out=str(tmp_path / "kd"), steps=6, seq_len=32, batch_size=4,
+                                eval_every=6, eval_batches=2, save_every=6, lr=1e-3, min_lr=1e-4, warmup_steps=1,
                                 progress=False))
     info = json.loads((out / "minitron_distill.json").read_text())
-    assert info["finished"] and info["steps"] == 8
+    assert info["finished"] and info["steps"] == 6
     assert info["first_eval"]["val_kl"] > 0.05  # pruning moved the student away from the teacher
     assert info["final_eval"]["val_kl"] < info["first_eval"]["val_kl"]
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -248,3 +248,40 @@ def test_search_candidates_keep_the_moe_axes():
     cands = candidates(config, SearchConfig(params=0.8 * total, tolerance=0.1))
     assert cands and all((c.experts, c.top_k, c.shared_ffn) == (4, 2, 48) for c in cands)
     assert resolve_dims(config, _target(cands[0], SearchConfig())) == cands[0]
+
+
+@pytest.mark.parametrize("how", ["mean", "l2", "max", "var"])
+def test_routed_aggregate_equals_the_masked_sequence_aggregate(how):
+    """An expert's neurons are aggregated from its routed tokens alone, as seq_aggregate would over a mask."""
+    from minitron.importance import seq_aggregate
+    from minitron.moe import routed_aggregate
+
+    torch.manual_seed(0)
+    B, T, F = 3, 7, 5
+    mask = torch.rand(B, T) < 0.4
+    mask[1] = False  # a sample with no routed token
+    x = torch.randn(B, T, F)
+    rows = mask.flatten().nonzero().flatten()
+    got = routed_aggregate(x.view(B * T, F)[rows], rows // T, B, how)
+    torch.testing.assert_close(got, seq_aggregate(x, mask, how))
+
+
+def test_weight_criteria_score_experts(tokenizer):
+    """magnitude and taylor give every MoE axis (experts, per-expert neurons, shared-expert neurons) in the
+    activation scores' shapes; an expert whose weights are all zero scores 0 by both and is the one dropped."""
+    from minitron.criteria import magnitude_scores, taylor_scores
+
+    model = make_model("qwen2_moe")
+    with torch.no_grad():
+        for layer in arch.decoder_layers(model):
+            p = arch.moe_parts(model, layer)
+            p.experts.gate_up_proj[1] = 0
+            p.experts.down_proj[1] = 0
+            p.router.weight[1] = 0
+    d = arch.dims_of(model.config)
+    for scores in (magnitude_scores(model), taylor_scores(model, _calib(tokenizer)[:4], batch_size=4)):
+        assert {k: tuple(v.shape) for k, v in scores.items()} == {
+            "heads": (d.layers, 4), "kv_groups": (d.layers, 2), "channels": (d.hidden,), "experts": (d.layers, 4),
+            "neurons": (d.layers, 4 * d.ffn), "shared_neurons": (d.layers, d.shared_ffn)}
+        assert torch.all(scores["experts"][:, 1] == 0) and torch.all(scores["experts"][:, [0, 2, 3]] > 0)
+        assert all(kept == [0, 2, 3] for kept in make_plan(model.config, scores, Target(experts=3)).experts.values())

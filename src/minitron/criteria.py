@@ -3,7 +3,8 @@
 magnitude: L2 norm of the weights that belong to a unit (Torch-Pruning / LLM-Pruner's data-free baseline).
 taylor:    first-order |w * dL/dw| on the calibration LM loss, summed over a unit's weights (LLM-Pruner).
 random:    seeded uniform noise (importance.random_scores).
-Each returns {"heads" [L, H], "kv_groups" [L, K], "neurons" [L, F], "channels" [C]}.
+Each returns {"heads" [L, H], "kv_groups" [L, K], "neurons" [L, F], "channels" [C]}; on MoE models neurons
+[L, E*F] (expert-major) and also "experts" [L, E] and, with a shared expert, "shared_neurons" [L, Fs].
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minitron import arch
+from minitron.moe import weight_unit_sums
 
 
 def _unit_sums(model, elem: dict[torch.nn.Parameter, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -21,17 +23,17 @@ def _unit_sums(model, elem: dict[torch.nn.Parameter, torch.Tensor]) -> dict[str,
     rows in the MLP input projections and its down_proj column; a hidden channel its column of every
     input projection, its row of every output projection, its embedding / lm_head column, norm weights.
     """
-    if arch.is_moe(model):
-        raise ValueError(f"the magnitude and taylor criteria are not implemented for MoE models "
-                         f"({model.config.model_type}); use --criterion activation (or random)")
     d = arch.dims_of(model.config)
+    moe = arch.is_moe(model)
     hd, group = d.head_dim, d.heads // d.kv_heads
     seg_size = {"q": d.heads * hd, "kv": d.kv_heads * hd, "ffn": d.ffn}
     channels = torch.zeros(d.hidden, dtype=torch.float64)
-    heads, kv, neurons = [], [], []
+    heads, kv, neurons, experts, shared = [], [], [], [], []
     for layer in arch.decoder_layers(model):
         q_sum, kv_sum, ffn_sum = (torch.zeros(seg_size[s], dtype=torch.float64) for s in ("q", "kv", "ffn"))
-        for lin, segs in arch.attn_inputs(model, layer) + arch.mlp_inputs(model, layer):
+        for norm, seg in arch.proj_norms(model, layer):  # OLMo2 / OLMoE q_norm [H*D], k_norm [K*D]
+            {"q": q_sum, "kv": kv_sum}[seg].add_(elem[norm.weight].double())
+        for lin, segs in arch.attn_inputs(model, layer) + ([] if moe else arch.mlp_inputs(model, layer)):
             e = elem[lin.weight].double()  # [out, in]
             channels += e.sum(0)
             rows = e.sum(1)
@@ -39,10 +41,20 @@ def _unit_sums(model, elem: dict[torch.nn.Parameter, torch.Tensor]) -> dict[str,
                 rows = rows + elem[lin.bias].double()
             for s, part in zip(segs, rows.split([seg_size[s] for s in segs]), strict=True):
                 {"q": q_sum, "kv": kv_sum, "ffn": ffn_sum}[s].add_(part)
-        o, down = arch.attn_output(model, layer), arch.mlp_output(model, layer)
-        channels += elem[o.weight].double().sum(1) + elem[down.weight].double().sum(1)
+        o = arch.attn_output(model, layer)
+        channels += elem[o.weight].double().sum(1)
         q_sum += elem[o.weight].double().sum(0)
-        ffn_sum += elem[down.weight].double().sum(0)
+        if moe:  # experts [E], neurons [E*F], shared_neurons [Fs]
+            sums = weight_unit_sums(arch.moe_parts(model, layer), elem)
+            channels += sums["channels"]
+            ffn_sum = sums["neurons"]
+            experts.append(sums["experts"])
+            if "shared_neurons" in sums:
+                shared.append(sums["shared_neurons"])
+        else:
+            down = arch.mlp_output(model, layer)
+            channels += elem[down.weight].double().sum(1)
+            ffn_sum += elem[down.weight].double().sum(0)
         for norm in arch.hidden_norms(model, layer):
             channels += elem[norm.weight].double()
         h = q_sum.view(d.heads, hd).sum(1)  # [H*D] -> [H, D] -> [H]
@@ -55,8 +67,13 @@ def _unit_sums(model, elem: dict[torch.nn.Parameter, torch.Tensor]) -> dict[str,
     if head is not emb:
         channels += elem[head].double().sum(0)
     channels += elem[arch.final_norm(model).weight].double()
-    return {"heads": torch.stack(heads).float(), "kv_groups": torch.stack(kv).float(),
-            "neurons": torch.stack(neurons).float(), "channels": channels.float()}
+    out = {"heads": torch.stack(heads).float(), "kv_groups": torch.stack(kv).float(),
+           "neurons": torch.stack(neurons).float(), "channels": channels.float()}  # MoE neurons: [L, E*F]
+    if experts:
+        out["experts"] = torch.stack(experts).float()  # [L, E]
+    if shared:
+        out["shared_neurons"] = torch.stack(shared).float()  # [L, Fs]
+    return out
 
 
 @torch.no_grad()

@@ -149,7 +149,7 @@ class _Collector:
             from minitron.moe import MoeCollector
 
             self.moe = MoeCollector(model, lambda n: BatchStat(n, device),
-                                    lambda x, m: seq_aggregate(x, m, cfg.seq_agg), device)
+                                    lambda x, m: seq_aggregate(x, m, cfg.seq_agg), cfg.seq_agg, device)
         for i, layer in enumerate(layers):
             self._pre(arch.attn_output(model, layer), self.attn[i])
             if self.mlp:

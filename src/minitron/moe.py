@@ -25,11 +25,12 @@ from minitron import arch
 class MoeCollector:
     """Forward hooks gathering the MoE statistics of every layer of `model`; `stat(size)` makes one running
     per-channel statistic (importance.BatchStat) and `seq_agg(x [B, T, C], mask [B, T(, C)]) -> [B, C]`
-    aggregates one batch over the sequence. `start(mask)` before each forward (valid tokens [B, T])."""
+    aggregates one batch over the sequence by the aggregation named `how` (importance.SEQ_AGGS).
+    `start(mask)` before each forward (valid tokens [B, T])."""
 
-    def __init__(self, model: nn.Module, stat, seq_agg, device):
+    def __init__(self, model: nn.Module, stat, seq_agg, how: str, device):
         d = arch.dims_of(model.config)
-        self.d, self.seq_agg, self._mask = d, seq_agg, None
+        self.d, self.seq_agg, self.how, self._mask = d, seq_agg, how, None
         layers = arch.decoder_layers(model)
         self.experts = [stat(d.experts) for _ in layers]
         self.neurons = [stat(d.experts * d.ffn) for _ in layers]
@@ -77,9 +78,7 @@ class MoeCollector:
                 rows = routed[:, e].nonzero().flatten()  # tokens routed to expert e
                 act, out = expert_forward(p.experts, e, x[rows])  # [n, F], [n, C]
                 out_norm[rows, e] = out.float().norm(dim=-1)
-                a = torch.zeros(x.shape[0], self.d.ffn, device=x.device)  # [N, F]
-                a[rows] = act.float()
-                neurons[:, e] = self.seq_agg(a.view(B, T, -1), routed[:, e].view(B, T))  # [N, F] -> [B, T, F]
+                neurons[:, e] = routed_aggregate(act.float(), rows // T, B, self.how)  # [B, F]
             self.experts[i].add(self.seq_agg(out_norm.view(B, T, -1), routed.view(B, T, -1)))  # [B, T, E] -> [B, E]
             self.neurons[i].add(neurons.flatten(1))  # [B, E, F] -> [B, E*F]
         return hook
@@ -104,6 +103,23 @@ class MoeCollector:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def routed_aggregate(x: torch.Tensor, sample: torch.Tensor, n_samples: int, how: str) -> torch.Tensor:
+    """importance.seq_aggregate over only the tokens routed to one expert, from those tokens alone: x [n, C]
+    (fp32) the expert's activations on them, sample [n] the sample each token belongs to -> [n_samples, C]
+    (a sample with none of them gives 0). Never scatters them back into a [B, T, C] tensor."""
+    zeros = torch.zeros(n_samples, x.shape[1], device=x.device)  # [B, C]
+    count = torch.zeros(n_samples, device=x.device).index_add_(0, sample, torch.ones_like(sample, dtype=x.dtype))
+    count = count.clamp_min(1.0)[:, None]  # [B, 1]
+    if how == "mean":
+        return zeros.index_add_(0, sample, x.abs()) / count
+    if how == "l2":
+        return zeros.index_add_(0, sample, x.square()).sqrt()
+    if how == "max":  # |x| >= 0, so the zero start is the masked max's too
+        return zeros.scatter_reduce_(0, sample[:, None].expand_as(x), x.abs(), "amax")
+    mean = zeros.clone().index_add_(0, sample, x) / count  # var: [B, C]
+    return zeros.index_add_(0, sample, (x - mean[sample]).square()) / count
 
 
 def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +172,27 @@ def slice_experts(model: nn.Module, layer: nn.Module, hidden: torch.Tensor, expe
     ex.down_proj = nn.Parameter(down.gather(2, n_idx[:, None, :].expand(-1, down.shape[1], -1)).contiguous())  # [E', C', F']
     w = p.router.weight.data  # [E, C]
     p.router.weight = nn.Parameter(w.index_select(0, e_idx).index_select(1, hidden).contiguous())  # [E', C']
+
+
+# ---- weight-based criteria (minitron.criteria) ------------------------------------------------------
+
+def weight_unit_sums(p: arch.MoeParts, elem: dict) -> dict[str, torch.Tensor]:
+    """An element-wise score (elem: parameter -> tensor of its shape) summed over the weights of each unit of
+    one MoE block (fp64): channels [C] (router and expert columns / rows, shared expert and its gate), experts
+    [E] (all of an expert's weights and its router row), neurons [E*F] (a neuron's gate and up rows and down
+    column, expert-major) and shared_neurons [Fs]."""
+    gu = elem[p.experts.gate_up_proj].double()  # [E, 2F, C]
+    down = elem[p.experts.down_proj].double()  # [E, C, F]
+    router = elem[p.router.weight].double()  # [E, C]
+    gate, up = gu.sum(2).chunk(2, dim=1)  # [E, 2F] -> 2 x [E, F]
+    neurons = gate + up + down.sum(1)  # [E, F]
+    out = {"channels": gu.sum((0, 1)) + down.sum((0, 2)) + router.sum(0), "experts": neurons.sum(1) + router.sum(1),
+           "neurons": neurons.flatten()}  # [E, F] -> [E*F]
+    if p.shared is not None:
+        g, u, dn = (elem[m.weight].double() for m in (p.shared.gate_proj, p.shared.up_proj, p.shared.down_proj))
+        out["channels"] += g.sum(0) + u.sum(0) + dn.sum(1) + elem[p.shared_gate.weight].double().sum(0)
+        out["shared_neurons"] = g.sum(1) + u.sum(1) + dn.sum(0)  # [Fs]
+    return out
 
 
 # ---- parameters ----------------------------------------------------------------------------------
