@@ -166,6 +166,15 @@ def test_prune_stage_output_reloads_and_generates(moe_family, tokenizer, corpus_
     assert len(summary["router_tokens"]) == 4 and len(summary["experts_per_layer_ranking"][0]) == 4
     metrics = json.loads((out / "prune_metrics.json").read_text())
     assert {"total", "non_embedding", "active"} <= set(metrics["params_after"])
+    assert (out / "importance.png").stat().st_size > 1000  # with the expert and router panels
+
+
+def test_report_line_shows_total_and_active_parameters():
+    from minitron.report import _params_line
+
+    assert _params_line({"total": 3e6, "non_embedding": 2e6, "active": 1e6}) == (
+        "3.00M total, 2.00M non-embedding, 1.00M active per token")
+    assert "active" not in _params_line({"total": 3e6, "non_embedding": 2e6, "active": 3e6})  # dense
 
 
 def test_active_parameter_budget():

@@ -18,9 +18,11 @@ def _plt():
 
 
 def plot_importance(scores: dict[str, torch.Tensor], path: Path, title: str = "") -> Path:
-    """One figure: head and neuron heatmaps per layer, sorted channel scores, layer-importance curves."""
+    """One figure: head and neuron heatmaps per layer, sorted channel scores, layer-importance curves; for an
+    MoE model also expert importance and the router statistics (share of tokens routed to each expert)."""
     plt = _plt()
-    fig, ax = plt.subplots(2, 2, figsize=(13, 9))
+    moe = "router_tokens" in scores
+    fig, ax = plt.subplots(3 if moe else 2, 2, figsize=(13, 13 if moe else 9))
     im = ax[0, 0].imshow(scores["heads"].T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     ax[0, 0].set(title="attention head importance", xlabel="layer", ylabel="head")
     fig.colorbar(im, ax=ax[0, 0])
@@ -28,8 +30,15 @@ def plot_importance(scores: dict[str, torch.Tensor], path: Path, title: str = ""
 
     neurons = scores["neurons"].T.clamp_min(1e-6 * float(scores["neurons"].max().clamp_min(1e-12)))
     im = ax[0, 1].imshow(neurons.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", norm=LogNorm())
-    ax[0, 1].set(title="MLP neuron importance (log scale)", xlabel="layer", ylabel="neuron")
+    ax[0, 1].set(title="MLP neuron importance (log scale)", xlabel="layer",
+                 ylabel="expert x neuron (expert-major)" if moe else "neuron")
     fig.colorbar(im, ax=ax[0, 1])
+    if moe:
+        for a, key, name in ((ax[2, 0], "experts", "expert importance (output norm)"),
+                             (ax[2, 1], "router_tokens", "router: share of tokens routed to each expert")):
+            im = a.imshow(scores[key].T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+            a.set(title=name, xlabel="layer", ylabel="expert")
+            fig.colorbar(im, ax=a)
     ax[1, 0].plot(scores["channels"].sort(descending=True).values.numpy())
     ax[1, 0].set(title="embedding channel importance (sorted)", xlabel="rank", ylabel="score", yscale="log")
     layers = range(scores["layer_bi"].numel())
@@ -97,7 +106,10 @@ def plot_search(rows: list[dict], path: Path) -> Path:
 
 
 def _params_line(p: dict) -> str:
-    return f"{p['total'] / 1e6:.2f}M total, {p['non_embedding'] / 1e6:.2f}M non-embedding"
+    line = f"{p['total'] / 1e6:.2f}M total, {p['non_embedding'] / 1e6:.2f}M non-embedding"
+    if p.get("active", p["total"]) != p["total"]:  # MoE: what one token uses
+        line += f", {p['active'] / 1e6:.2f}M active per token"
+    return line
 
 
 def _eval_table(results: dict) -> str:
