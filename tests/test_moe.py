@@ -294,3 +294,31 @@ def test_weight_criteria_score_experts(tokenizer):
             "neurons": (d.layers, 4 * d.ffn), "shared_neurons": (d.layers, d.shared_ffn)}
         assert torch.all(scores["experts"][:, 1] == 0) and torch.all(scores["experts"][:, [0, 2, 3]] > 0)
         assert all(kept == [0, 2, 3] for kept in make_plan(model.config, scores, Target(experts=3)).experts.values())
+
+
+def test_expert_scores_by_hand(tokenizer):
+    """experts [L, E] and neurons [L, E*F] of layer 0 recomputed by hand from the tokens the router sent to each
+    expert: per sample the mean over its routed tokens of ||y_e(x)|| (and of |act(gate) * up|), then L2 over
+    samples (the paper's default aggregation, as for every other axis)."""
+    model = make_model("mixtral")
+    calib = _calib(tokenizer)[:6]  # [B, T]
+    seen = {}
+    p = arch.moe_parts(model, arch.decoder_layers(model)[0])
+    handle = p.experts.register_forward_pre_hook(lambda m, args: seen.update(x=args[0], idx=args[1]))
+    with torch.no_grad():
+        model(calib)
+    handle.remove()
+    scores = compute_importance(model, calib, ImportanceConfig(batch_size=6))
+    B, T = calib.shape
+    F = arch.dims_of(model.config).ffn
+    x, idx = seen["x"].view(B, T, -1), seen["idx"].view(B, T, -1)  # [B*T, C] -> [B, T, C]; [B, T, k]
+    for e in range(4):
+        W = p.experts.gate_up_proj[e].detach()  # [2F, C]
+        act = torch.nn.functional.silu(x @ W[:F].T) * (x @ W[F:].T)  # [B, T, F]
+        y = act @ p.experts.down_proj[e].detach().T  # [B, T, C]
+        routed = (idx == e).any(-1).float()  # [B, T]
+        n = routed.sum(1).clamp_min(1)  # [B]
+        per_sample = (y.norm(dim=-1) * routed).sum(1) / n  # [B]
+        torch.testing.assert_close(scores["experts"][0, e], per_sample.norm(), rtol=1e-4, atol=1e-6)
+        neurons = (act.abs() * routed[..., None]).sum(1) / n[:, None]  # [B, F]
+        torch.testing.assert_close(scores["neurons"][0, e * F:(e + 1) * F], neurons.norm(dim=0), rtol=1e-4, atol=1e-6)
