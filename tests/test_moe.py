@@ -257,6 +257,12 @@ def test_search_candidates_keep_the_moe_axes():
     cands = candidates(config, SearchConfig(params=0.8 * total, tolerance=0.1))
     assert cands and all((c.experts, c.top_k, c.shared_ffn) == (4, 2, 48) for c in cands)
     assert resolve_dims(config, _target(cands[0], SearchConfig())) == cands[0]
+    # with the experts axis free: fewer experts per layer (never below top-k), the rest of the shape kept
+    cands = candidates(config, SearchConfig(params=0.7 * total, tolerance=0.1, axes=["experts", "ffn"]))
+    assert {c.experts for c in cands} == {2, 3} and all(c.hidden == 64 and c.top_k == 2 for c in cands)
+    assert resolve_dims(config, _target(cands[0], SearchConfig())) == cands[0]
+    with pytest.raises(PlanError, match="dense model"):
+        candidates(make_config("llama"), SearchConfig(params=1e5, axes=["experts"]))
 
 
 @pytest.mark.parametrize("how", ["mean", "l2", "max", "var"])

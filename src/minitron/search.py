@@ -38,6 +38,8 @@ class SearchConfig:
     width_fractions: list[float] = field(default_factory=lambda: [0.5, 0.5625, 0.625, 0.6875, 0.75, 0.8125,
                                                                    0.875, 0.9375, 1.0])
     layer_fractions: list[float] = field(default_factory=lambda: [0.75, 0.875, 1.0])
+    # MoE, with "experts" in axes: fractions of the experts kept per layer (never below top-k)
+    expert_fractions: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])
     round_to: int = 8
     max_candidates: int = 6             # distill at most this many (best by loss after pruning)
     layer_metric: str = "lm-loss"       # how depth candidates choose their dropped block
@@ -47,9 +49,10 @@ class SearchConfig:
             self.params = parse_count(self.params)
 
     def check(self) -> None:
-        unknown = set(self.axes) - {"hidden", "ffn", "heads", "layers"}
+        unknown = set(self.axes) - {"hidden", "ffn", "heads", "layers", "experts"}
         if unknown:
-            raise ValueError(f"search.axes: unknown axes {sorted(unknown)}; choose from hidden, ffn, heads, layers")
+            raise ValueError(f"search.axes: unknown axes {sorted(unknown)}; choose from hidden, ffn, heads, layers, "
+                             "experts (MoE)")
         if self.params < 0 or not 0 <= self.tolerance < 1:
             raise ValueError("search.params must be >= 0 and search.tolerance in [0, 1)")
 
@@ -70,12 +73,17 @@ def candidates(config, cfg: SearchConfig) -> list[arch.Dims]:
     ffn = grid("ffn", src.ffn, cfg.width_fractions, cfg.round_to)
     heads = ([src.kv_heads * g for g in range(1, group + 1)] if "heads" in cfg.axes else [src.heads])
     layers = sorted({max(1, round(src.layers * f)) for f in cfg.layer_fractions}) if "layers" in cfg.axes else [src.layers]
+    if "experts" in cfg.axes and not src.experts:
+        raise PlanError(f"search.axes names experts, but {config.model_type} is a dense model; drop it")
+    experts = (sorted({max(src.top_k, round(src.experts * f)) for f in cfg.expert_fractions})
+               if "experts" in cfg.axes else [src.experts])
+    a = arch.get_arch(config)
     lo, hi = cfg.params * (1 - cfg.tolerance), cfg.params * (1 + cfg.tolerance)
     out = []
-    for h, f, nh, nl in itertools.product(hidden, ffn, heads, layers):
-        if arch.get_arch(config).hidden_divisible_by_heads and h % nh:
+    for h, f, nh, nl, ne in itertools.product(hidden, ffn, heads, layers, experts):
+        if (a.hidden_divisible_by_heads and h % nh) or (a.hidden_is_q_width and h != nh * src.head_dim):
             continue  # transformers would refuse to load this config
-        dims = replace(src, hidden=h, ffn=f, heads=nh, layers=nl)  # MoE: experts, top-k, shared width kept
+        dims = replace(src, hidden=h, ffn=f, heads=nh, layers=nl, experts=ne)  # MoE: top-k, shared width kept
         if lo <= count_params(config_with_dims(config, dims))["total"] <= hi:
             out.append(dims)
     if not out:
