@@ -15,6 +15,7 @@ from conftest import make_text
 from minitron import store as st
 from minitron.data import (
     DataError,
+    corpus_blocks,
     encode_document,
     load_splits,
     pack,
@@ -61,6 +62,7 @@ def test_text_folder_glob_and_same_blocks_as_pack(tmp_path, tokenizer):
     for seed in (0, 3):
         assert torch.equal(stream_blocks(s, 16, seed), pack(shuffle_docs(ordered, seed), tokenizer, 16))
     assert torch.equal(stream_blocks(s, 16, 3, 7, 19), stream_blocks(s, 16, 3)[7:19])  # a slice reads the same
+    assert torch.equal(corpus_blocks(str(corpus), tokenizer, 16, 9), pack(ordered, tokenizer, 16, 9))  # source order
     splits = load_splits(str(corpus), tokenizer, 16, 0.2, seed=1, max_blocks=30)
     old = split_blocks(pack(shuffle_docs(ordered, 1), tokenizer, 16, 30), 0.2, 1)
     assert torch.equal(splits.train, old.train) and torch.equal(splits.validation, old.validation)
@@ -333,3 +335,36 @@ def test_run_records_a_blend_by_its_sources(tmp_path):
     before = _corpus(cfg)
     (tmp_path / "b" / "y.txt").write_text(make_text(20))  # a source changed, the blend file did not
     assert _corpus(cfg) != before and _corpus(cfg)["blend"][0] == before["blend"][0]
+
+
+def test_lazy_splits_read_the_same_blocks(tmp_path, tokenizer):
+    (tmp_path / "c").mkdir()
+    for i in range(10):
+        (tmp_path / "c" / f"{i}.txt").write_text(make_text(120, seed=700 + i))
+    eager = load_splits(str(tmp_path / "c"), tokenizer, 16, 0.1, seed=4, max_blocks=150)
+    lazy = load_splits(str(tmp_path / "c"), tokenizer, 16, 0.1, seed=4, max_blocks=150, lazy=True)
+    assert isinstance(lazy.train, st.BlockView) and lazy.train.shape == eager.train.shape
+    assert torch.equal(lazy.validation, eager.validation)
+    idx = torch.tensor([5, 0, 77, 134])
+    assert torch.equal(lazy.train[idx], eager.train[idx]) and torch.equal(lazy.train[3], eager.train[3])
+    assert torch.equal(lazy.train[:], eager.train)
+
+
+def test_hub_dataset_config_split_streaming(tmp_path, tokenizer, monkeypatch):
+    """The hub path passes name, config, split and streaming to datasets.load_dataset and reads the rows it
+    streams (load_dataset stubbed with a local IterableDataset: the suite never reaches the network)."""
+    datasets = pytest.importorskip("datasets")
+    docs, seen = texts(4, seed=800), {}
+
+    def fake_load(name, config=None, split=None, streaming=False):
+        seen.update(name=name, config=config, split=split, streaming=streaming)
+        ds = datasets.Dataset.from_dict({"text": docs, "id": list(range(4))})
+        return ds.to_iterable_dataset() if streaming else ds
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    s = ensure_store(Source("org/corpus", config="en", split="validation", streaming=True), tokenizer,
+                     tmp_path / "s", **QUIET)
+    assert seen == {"name": "org/corpus", "config": "en", "split": "validation", "streaming": True}
+    assert stored_docs(s) == expect(tokenizer, docs) and s.meta["source"]["dataset"] == "org/corpus"
+    ensure_store(Source("org/corpus:test"), tokenizer, tmp_path / "t", **QUIET)  # name:split
+    assert seen["split"] == "test" and seen["streaming"] is False

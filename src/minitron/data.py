@@ -143,8 +143,17 @@ def pack(docs: list[str], tokenizer, seq_len: int, max_blocks: int | None = None
 class Splits:
     """Packed blocks split deterministically: train [N_train, T], validation [N_val, T]."""
 
-    train: torch.Tensor
+    train: torch.Tensor                   # or a minitron.store.BlockView (load_splits(lazy=True)): same rows
     validation: torch.Tensor
+
+
+def split_order(n: int, val_fraction: float = 0.05, seed: int = 0, min_val: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train block indices, validation block indices) of split_blocks for n blocks, in their seeded order."""
+    n_val = max(min_val, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise DataError(f"corpus too short: {n} blocks cannot give {n_val} validation blocks and a train split")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[order < n - n_val], order[order >= n - n_val]
 
 
 def split_blocks(blocks: torch.Tensor, val_fraction: float = 0.05, seed: int = 0, min_val: int = 1) -> Splits:
@@ -154,12 +163,7 @@ def split_blocks(blocks: torch.Tensor, val_fraction: float = 0.05, seed: int = 0
     The tail, not a random subset: blocks packed from documents in shuffled order (load_splits) then
     hold out whole documents, so validation is text that training never saw rather than the neighbours
     of training blocks in the same document (at most one document straddles the boundary)."""
-    n = blocks.shape[0]
-    n_val = max(min_val, int(round(n * val_fraction)))
-    if n_val >= n:
-        raise DataError(f"corpus too short: {n} blocks cannot give {n_val} validation blocks and a train split")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    train_order, val_order = order[order < n - n_val], order[order >= n - n_val]
+    train_order, val_order = split_order(blocks.shape[0], val_fraction, seed, min_val)
     return Splits(train=blocks[train_order], validation=blocks[val_order])
 
 
@@ -170,15 +174,17 @@ def shuffle_docs(docs: list[str], seed: int) -> list[str]:
 
 
 def load_splits(source: str, tokenizer, seq_len: int, val_fraction: float = 0.05, seed: int = 0,
-                max_blocks: int | None = None, data_root: str | os.PathLike | None = None) -> Splits:
+                max_blocks: int | None = None, data_root: str | os.PathLike | None = None,
+                lazy: bool = False) -> Splits:
     """The corpus' token store (built once, then reused: minitron.store) -> documents in the order `seed`
     shuffles them -> packed blocks (up to max_blocks) -> split_blocks.
 
     The same blocks as pack(shuffle_docs(read_texts(source), seed), ...): max_blocks takes documents from
     across the corpus (not its first files), and validation holds out whole documents. A blend file
     (`*.blend.yaml`, minitron.store.read_blend) draws blocks from several corpora by weight; its tail blocks
-    are validation (each source's later documents)."""
-    from minitron.store import ensure_store, is_blend, load_blend, n_blocks, stream_blocks
+    are validation (each source's later documents). lazy: train is a store.BlockView that reads the blocks a
+    loop indexes (same rows), so a large corpus is never held in memory."""
+    from minitron.store import ensure_store, is_blend, load_blend, n_blocks, store_splits, stream_blocks
 
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
@@ -192,7 +198,23 @@ def load_splits(source: str, tokenizer, seq_len: int, val_fraction: float = 0.05
     if n == 0:
         raise DataError(f"corpus too short: {store.n_tokens} tokens do not fill one block of {seq_len}; "
                         "give more text or a smaller --seq-len")
+    if lazy:
+        return store_splits(store, seq_len, val_fraction, seed, n)
     return split_blocks(stream_blocks(store, seq_len, seed, 0, n), val_fraction, seed)
+
+
+def corpus_blocks(source: str, tokenizer, seq_len: int, max_blocks: int | None = None,
+                  data_root: str | os.PathLike | None = None) -> torch.Tensor:
+    """The corpus' first blocks in source order -> [<=max_blocks, T], from its token store: the blocks of
+    pack(read_texts(source), tokenizer, seq_len, max_blocks), tokenized once and reused."""
+    from minitron.store import ensure_store, n_blocks, stream_blocks
+
+    store = ensure_store(source, tokenizer, data_root=data_root)
+    n = n_blocks(store, seq_len) if max_blocks is None else min(max_blocks, n_blocks(store, seq_len))
+    if n == 0:
+        raise DataError(f"corpus too short: {store.n_tokens} tokens do not fill one block of {seq_len}; "
+                        "give more text or a smaller --seq-len")
+    return stream_blocks(store, seq_len, None, 0, n)  # [N, T]
 
 
 def calibration_sample(blocks: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:

@@ -141,8 +141,8 @@ def resolve(source: Source, data_root: str | os.PathLike | None = None) -> tuple
 
 
 def source_identity(source: Source, data_root: str | os.PathLike | None = None) -> dict:
-    """What identifies a source's content cheaply: files by relative path, size and mtime; a hub dataset by
-    name, config, split (and its fingerprint when loaded from the local cache)."""
+    """What identifies a source's content cheaply: files by path, size and mtime (a saved dataset: its files);
+    a hub dataset by name, config and split (a new upstream revision is not noticed: pass another --out)."""
     kind, where = resolve(source, data_root)
     ident = {"source": source.path, "field": source.field}
     if kind == "hub":
@@ -367,10 +367,14 @@ def _work(texts: list[str], dtype: str):
 COUNTED = ("empty_docs", "empty_files", "decode_errors", "decode_skipped")
 
 
+BATCH_CHARS = 1 << 20  # a batch also ends at ~1M characters (~250k tokens): long documents keep workers busy
+
+
 def _batches(docs: Iterator, stats: Stats, start_doc: int, shard_docs: int, batch_docs: int):
-    """Raw documents from index start_doc -> (shard, last_of_shard, texts, counts) per batch; counts: the
-    documents read and what `stats` gained (blank, undecodable, empty files) while reading them."""
-    shard, in_shard, texts, n_read = start_doc // shard_docs, 0, [], 0
+    """Raw documents from index start_doc -> (shard, last_of_shard, texts, counts) per batch of at most
+    batch_docs documents or ~BATCH_CHARS characters; counts: the documents read and what `stats` gained
+    (blank, undecodable, empty files) while reading them."""
+    shard, in_shard, texts, n_read, chars = start_doc // shard_docs, 0, [], 0, 0
     seen = {k: getattr(stats, k) for k in COUNTED}
 
     def counts() -> dict:
@@ -389,12 +393,13 @@ def _batches(docs: Iterator, stats: Stats, start_doc: int, shard_docs: int, batc
             stats.empty_docs += 1
         else:
             texts.append(doc)
+            chars += len(doc)
         if in_shard == shard_docs:
             yield shard, True, texts, counts()
-            shard, in_shard, texts, n_read = shard + 1, 0, [], 0
-        elif len(texts) >= batch_docs:
+            shard, in_shard, texts, n_read, chars = shard + 1, 0, [], 0, 0
+        elif len(texts) >= batch_docs or chars >= BATCH_CHARS:
             yield shard, False, texts, counts()
-            texts, n_read = [], 0
+            texts, n_read, chars = [], 0, 0
     if in_shard:
         yield shard, True, texts, counts()
 
@@ -584,7 +589,7 @@ def ensure_store(source: Source | str, tokenizer, out: str | os.PathLike | None 
 
 # -------------------------------------------------------------------------------------------------- reading
 @functools.lru_cache(maxsize=8)
-def _order(path: str, n_docs: int, seed: int | None, lengths_key: int) -> tuple[np.ndarray, np.ndarray]:
+def _order(path: str, fingerprint: str, n_docs: int, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(document order [D], end position of each in the stream [D]) for a seed (None: source order)."""
     offsets = np.load(Path(path) / "offsets.npy", mmap_mode="r")
     lengths = np.diff(offsets)
@@ -608,7 +613,7 @@ def stream_blocks(store: Store, seq_len: int, seed: int | None = 0, start: int =
     stop = total if stop is None else min(stop, total)
     if not 0 <= start <= stop:
         raise DataError(f"blocks [{start}, {stop}) are outside the {total} blocks of {store.path}")
-    order, ends = _order(str(store.path), store.n_docs, seed, store.n_tokens)
+    order, ends = _order(str(store.path), store.meta["fingerprint"], store.n_docs, seed)
     a, b = start * seq_len, stop * seq_len
     out = np.empty(b - a, np.int64)
     i = int(np.searchsorted(ends, a, side="right"))
@@ -622,6 +627,47 @@ def stream_blocks(store: Store, seq_len: int, seed: int | None = 0, start: int =
         pos += take
         i += 1
     return torch.from_numpy(out).view(stop - start, seq_len)  # [N, T]
+
+
+@dataclass
+class BlockView:
+    """Blocks of a store read on demand: row i is block rows[i] of stream_blocks(store, seq_len, seed).
+    Indexing (int, slice, list or LongTensor) -> LongTensor [n, T]; `shape` as a tensor's, so a training loop
+    that samples block indices reads only the blocks it uses (memory does not grow with the corpus)."""
+
+    store: Store
+    seq_len: int
+    seed: int | None
+    rows: np.ndarray                      # int64 [N]: block numbers in the seeded stream
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size([len(self.rows), self.seq_len])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, torch.Tensor):
+            idx = idx.numpy()
+        picked = np.atleast_1d(self.rows[idx])
+        out = torch.empty(len(picked), self.seq_len, dtype=torch.long)                       # [n, T]
+        for j, b in enumerate(picked.tolist()):
+            out[j] = stream_blocks(self.store, self.seq_len, self.seed, b, b + 1)[0]
+        return out[0] if np.ndim(self.rows[idx]) == 0 else out
+
+
+def store_splits(store: Store, seq_len: int, val_fraction: float = 0.05, seed: int = 0,
+                 max_blocks: int | None = None):
+    """data.split_blocks of the first max_blocks blocks without reading them: train a BlockView [N_train, T]
+    (rows in the same order as split_blocks gives), validation a LongTensor [N_val, T] (the same blocks)."""
+    from minitron.data import Splits, split_order
+
+    n = n_blocks(store, seq_len) if max_blocks is None else min(max_blocks, n_blocks(store, seq_len))
+    train_order, val_order = split_order(n, val_fraction, seed)
+    first_val = n - len(val_order)
+    validation = stream_blocks(store, seq_len, seed, first_val, n)[val_order - first_val]  # [N_val, T]
+    return Splits(train=BlockView(store, seq_len, seed, train_order.numpy()), validation=validation)
 
 
 def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from minitron.arch import dims_of
-from minitron.data import DataError, load_splits, pack, read_texts, report_blocks, resolve_source
+from minitron.data import DataError, corpus_blocks, load_splits, report_blocks, resolve_source
 from minitron.distill.checkpoint import full_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from minitron.distill.config import (
     FINISHED,
@@ -127,10 +127,12 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.teacher is not None:
         teacher = load_model(cfg.teacher, device, prec["teacher"], with_tokenizer=False)[0]
         teacher.requires_grad_(False).eval()
+    # the corpus' token store (built once, one process per machine); train blocks read as each step indexes them
+    # (the top-k cache fingerprints every train block, so it gets them in memory)
     splits = load_splits(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.split_seed, cfg.max_blocks,
-                         cfg.data_root)
+                         cfg.data_root, lazy=not cfg.topk_cache)
     n_val = cfg.eval_batches * cfg.batch_size * d.world
-    extra_val = {src: pack(read_texts(src, cfg.data_root), tokenizer, cfg.seq_len, n_val) for src in cfg.heldout or []}
+    extra_val = {src: corpus_blocks(src, tokenizer, cfg.seq_len, n_val, cfg.data_root) for src in cfg.heldout or []}
     per_step = cfg.batch_size * cfg.grad_accum * d.world
     if splits.train.shape[0] < per_step:
         raise DataError(f"corpus too short for one batch: {splits.train.shape[0]} training blocks of {cfg.seq_len} "
