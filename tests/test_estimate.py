@@ -55,7 +55,8 @@ def test_terms_of_tiny_llama_by_hand():
     weight_grad = 4 * 512 * 384 + 4 * 384 * 64 + 2 * 512 * 384 + 4 * 384 * 64  # g, fp32 [V, C], bf16 copies
     assert E.logit_loss(s, 1024, 512, "topk", "autocast")["chunk"] == max(divergence, weight_grad) + 4 * 384 * 64
     assert E.autocast_cache(s) == 2 * s.linear_params
-    assert E.optimizer_transient(s, 1, "none", cuda=True) == 4 * P
+    assert E.optimizer_transient(s, 1, "none", cuda=True) == 0  # fused AdamW on one device / DDP
+    assert E.optimizer_transient(s, 4, "fsdp", cuda=True) == 4 * P // 4  # foreach on shards
     assert E.optimizer_transient(s, 1, "none", cuda=False) == 8 * 384 * 64
     assert E.kv_cache(s, 8, 160, 2) == 2 * 2 * 32 * 2 * 8 * 160
 
