@@ -252,7 +252,7 @@ def stage_importance(cfg: RunConfig, folder: Path, model_name: str, target: Targ
         return folder / "scores.safetensors"
     model, tok = load_model(model_name, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
     splits = load_splits(cfg.data.corpus, tok, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed,
-                         data_root=cfg.data.data_dir)
+                         data_root=cfg.data.data_dir, lazy=True)  # the token store; blocks read as used
     calib = calibration_sample(splits.train, cfg.importance.calib_samples, cfg.data.seed)
     n_drop, metric, contiguous = depth["n_drop"], depth["layer_metric"], depth["contiguous"]
     lm = n_drop > 0 and metric == "lm-loss"
@@ -286,7 +286,7 @@ def stage_search(cfg: RunConfig, out: Path, teacher: str, scores_path: Path) -> 
         shutil.rmtree(work, ignore_errors=True)  # candidates distilled for another search
         model, tok = load_model(teacher, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
         splits = load_splits(cfg.data.corpus, tok, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed,
-                             data_root=cfg.data.data_dir)
+                             data_root=cfg.data.data_dir, lazy=True)  # the token store; blocks read as used
         validation = selection_blocks(splits.validation, cfg.importance.heldout_samples)
         train = _short_distiller(cfg, teacher, tok, work) if cfg.search.train_tokens > 0 else None
         rows = search(model, load_scores(scores_path)[0], validation, cfg.search, train=train,
@@ -572,7 +572,7 @@ def _ensure_block_scores(cfg: RunConfig, folder: Path, teacher: str, target: Tar
         return path
     model, tok = load_model(teacher, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
     splits = load_splits(cfg.data.corpus, tok, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed,
-                         data_root=cfg.data.data_dir)
+                         data_root=cfg.data.data_dir, lazy=True)  # the token store; blocks read as used
     scores.update(layer_lm_loss(model, selection_blocks(splits.validation, cfg.importance.heldout_samples),
                                 [1, n_drop], cfg.importance.batch_size))
     save_scores(scores, folder, meta)
