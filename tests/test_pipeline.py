@@ -217,3 +217,51 @@ def test_unsupported_architecture_fails_before_loading_weights(tmp_path, monkeyp
     assert "not supported" in capsys.readouterr().err
     assert main(["run", f"out={tmp_path / 'o2'}", "model.teacher=" + str(bad.parent / "missing"),
                  "target.params=1000", "eval.tasks=speed"]) == 2
+
+
+RUN_SCRIPT = """
+import json, sys
+from minitron.config import load_config
+from minitron.pipeline import RunConfig, run
+run(load_config(RunConfig, None, json.loads(sys.argv[1])))
+"""
+
+
+def test_run_under_torchrun_matches_one_process(setup, tmp_path):
+    """`torchrun --nproc_per_node 2 ... run` (gloo): calibration split over the ranks, pruning on rank 0, DDP
+    distillation, evaluation and export on rank 0; the same scores, plan and student as one process with the
+    same global batch (2 ranks x batch 2 = batch 4). A search that has not run yet is refused under torchrun
+    with the two-step command (`minitron search` first, in one process)."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    root, teacher, corpus = setup
+    one = tmp_path / "one"
+    run(load_config(RunConfig, None, tiny_overrides(root, teacher, corpus, one)))
+    two = tmp_path / "two"
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    args = tiny_overrides(root, teacher, corpus, two, **{"distill.batch_size": 2})
+    proc = subprocess.run([*torchrun, str(script), json.dumps(args)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    s1, s2 = load_file(one / "importance" / "scores.safetensors"), load_file(two / "importance" / "scores.safetensors")
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], rtol=1e-4, atol=1e-6)
+    plan = lambda d: {k: v for k, v in json.loads((d / "prune" / "plan.json").read_text()).items() if "loss" not in k}  # noqa: E731
+    assert plan(two) == plan(one)
+    w1, w2 = load_file(one / "export" / "model.safetensors"), load_file(two / "export" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    assert (two / "report.md").is_file() and (two / "eval" / "results.json").is_file()
+    assert proc.stdout.count("[minitron] done") == 1  # rank 0 alone evaluates, exports and reports
+
+    searched = tiny_overrides(root, teacher, corpus, tmp_path / "search", **{"search.enabled": "true"})
+    proc = subprocess.run([*torchrun, str(script), json.dumps(searched)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0 and "run `minitron search RECIPE` first" in proc.stderr

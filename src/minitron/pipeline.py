@@ -19,7 +19,7 @@ import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from minitron import arch
+from minitron import arch, ranks
 from minitron.config import ConfigError, default_of, save_config
 from minitron.data import calibration_sample, load_splits, selection_blocks
 from minitron.files import atomic_dir
@@ -188,7 +188,11 @@ def _corpus(cfg: RunConfig) -> dict:
 def up_to_date(folder: Path, record: dict, marker: str) -> bool:
     """True when `folder` holds this stage, finished (`marker` exists), made from `record`: skip it.
     A folder made from another record is removed, with a message naming what changed; an unfinished
-    folder with the same record is left for the stage to resume."""
+    folder with the same record is left for the stage to resume. Decided by rank 0 under torchrun."""
+    return ranks.main_only(lambda: _up_to_date(folder, record, marker))
+
+
+def _up_to_date(folder: Path, record: dict, marker: str) -> bool:
     if not folder.exists():
         return False
     reason = stale_reason(folder, record)
@@ -215,7 +219,7 @@ def stage_correction(cfg: RunConfig, out: Path) -> str:
                                         "dtype": cfg.model.dtype},
                          {"teacher": model_identity(cfg.model.teacher), "corpus": _corpus(cfg)})
     if not up_to_date(folder, record, FINISHED):
-        write_record(folder, record)
+        ranks.main_only(lambda: write_record(folder, record))
         distill(DistillConfig(student=cfg.model.teacher, teacher=None, out=str(folder), data=cfg.data.corpus,
                               tokens=cfg.correction.tokens, lr=cfg.correction.lr, min_lr=cfg.correction.lr / 10,
                               kd_weight=0.0, ce_weight=1.0, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
@@ -264,14 +268,18 @@ def stage_importance(cfg: RunConfig, folder: Path, model_name: str, target: Targ
             if n_drop and metric.startswith("task:") else None)
     scores, meta = score_model(model, calib, selection_blocks(splits.validation, imp.heldout_samples), icfg,
                                imp.criterion, cfg.data.seed, task)
+    ranks.main_only(lambda: _write_importance(folder, scores, meta, model_name, imp.criterion, record))
+    return folder / "scores.safetensors"
+
+
+def _write_importance(folder: Path, scores: dict, meta: dict, model_name: str, criterion: str, record: dict):
     from minitron.report import plot_blocks, plot_importance
 
     with atomic_dir(folder) as tmp:
         save_scores(scores, tmp, {**meta, "model": model_name})
-        plot_importance(scores, tmp / "importance.png", title=f"{imp.criterion} importance of {model_name}")
+        plot_importance(scores, tmp / "importance.png", title=f"{criterion} importance of {model_name}")
         plot_blocks(scores, tmp / "blocks.png")
         write_record(tmp, record)
-    return folder / "scores.safetensors"
 
 
 def stage_search(cfg: RunConfig, out: Path, teacher: str, scores_path: Path) -> Target:
@@ -283,6 +291,9 @@ def stage_search(cfg: RunConfig, out: Path, teacher: str, scores_path: Path) -> 
                                     "distill": asdict(cfg.distill), "data": _data(cfg), "dtype": cfg.model.dtype},
                          {"importance": dir_identity(scores_path.parent), "teacher": model_identity(teacher)})
     if not up_to_date(folder, record, "search.json"):
+        if ranks.size() > 1:
+            raise ConfigError("the architecture search runs in one process: run `minitron search RECIPE` first "
+                              "(no torchrun), then this torchrun command again; it reuses the finished search")
         shutil.rmtree(work, ignore_errors=True)  # candidates distilled for another search
         model, tok = load_model(teacher, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
         splits = load_splits(cfg.data.corpus, tok, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed,
@@ -328,6 +339,12 @@ def stage_prune(cfg: RunConfig, folder: Path, model_name: str, scores_path: Path
                          {"model": model_identity(model_name), "importance": dir_identity(scores_path.parent)})
     if up_to_date(folder, record, "plan.json"):
         return folder
+    ranks.main_only(lambda: _prune(cfg, folder, model_name, scores_path, target, record))
+    return folder
+
+
+def _prune(cfg: RunConfig, folder: Path, model_name: str, scores_path: Path, target: Target, record: dict):
+    imp = cfg.importance
     prune(PruneConfig(model=model_name, out=str(folder), target=target, calib_data=cfg.data.corpus,
                       calib_samples=imp.calib_samples, heldout_samples=imp.heldout_samples,
                       seq_len=cfg.data.seq_len, val_fraction=cfg.data.val_fraction, batch_size=imp.batch_size,
@@ -335,7 +352,6 @@ def stage_prune(cfg: RunConfig, folder: Path, model_name: str, scores_path: Path
                       scores=str(scores_path), seed=cfg.data.seed, device=cfg.model.device, dtype=cfg.model.dtype,
                       data_dir=cfg.data.data_dir, overwrite=True, trust_remote_code=cfg.model.trust_remote_code))
     write_record(folder, record)
-    return folder
 
 
 def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, tokens: int, **over):
@@ -364,7 +380,7 @@ def stage_distill(cfg: RunConfig, folder: Path, teacher: str, student: Path, tok
                           "corpus": _corpus(cfg)})
     if up_to_date(folder, record, FINISHED):
         return folder
-    write_record(folder, record)
+    ranks.main_only(lambda: write_record(folder, record))
     return distill(_distill_config(cfg, teacher, str(student), folder, tokens))
 
 
@@ -509,12 +525,8 @@ def run(cfg: RunConfig, from_stage: str | None = None) -> Path:
     check_out(out)
     check_eval_inputs(cfg)
     check_target(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    if from_stage:
-        clear_from(out, from_stage)
-    remove_unused(out, cfg)
-    (out / "report.md").unlink(missing_ok=True)  # rewritten at the end: never describes another run
-    save_config(cfg, out / "config.yaml")
+    ranks.join(cfg.model.device)  # under torchrun: training and calibration use every rank (ranks.py)
+    ranks.main_only(lambda: _prepare(cfg, out, from_stage))
     teacher = stage_correction(cfg, out)
     if cfg.iterative.budgets:
         student = run_iterative(cfg, out, teacher)
@@ -525,6 +537,8 @@ def run(cfg: RunConfig, from_stage: str | None = None) -> Path:
             scores = _ensure_block_scores(cfg, out / "importance", teacher, target)
         pruned = stage_prune(cfg, out / "prune", teacher, scores, target)
         student = stage_distill(cfg, out / "distill", teacher, pruned, cfg.distill.tokens)
+    if not ranks.leave():  # rank 0 evaluates and exports alone
+        return out
     results = stage_eval(cfg, out / "eval", {"teacher": teacher, "student": str(student)})
     stage_export(cfg, out / "export", student, _card(cfg, out, teacher, results))
     from minitron.report import write_report
@@ -532,6 +546,16 @@ def run(cfg: RunConfig, from_stage: str | None = None) -> Path:
     write_report(out)
     print(f"[minitron] done: student in {out / 'export'}, report in {out / 'report.md'}")
     return out
+
+
+def _prepare(cfg: RunConfig, out: Path, from_stage: str | None) -> None:
+    """The run's folder before the first stage: --from clears, unused stage folders go, recipe saved."""
+    out.mkdir(parents=True, exist_ok=True)
+    if from_stage:
+        clear_from(out, from_stage)
+    remove_unused(out, cfg)
+    (out / "report.md").unlink(missing_ok=True)  # rewritten at the end: never describes another run
+    save_config(cfg, out / "config.yaml")
 
 
 def run_iterative(cfg: RunConfig, out: Path, teacher: str) -> Path:

@@ -154,8 +154,11 @@ def distill(cfg: DistillConfig) -> Path:
         student_model.activation_checkpointing_enable({"use_reentrant": False})
     module.train()
     model = wrap(module, d, device, prec["compute"] if prec["compute"] != torch.float32 else None)
+    # fused on CUDA (one kernel, no per-parameter temporaries; foreach would allocate sqrt(exp_avg_sq) for
+    # every parameter at once); FSDP2's sharded parameters keep the default
+    fused = True if device.type == "cuda" and d.mode != "fsdp" else None  # None: torch's default (foreach)
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                              weight_decay=cfg.weight_decay)
+                              weight_decay=cfg.weight_decay, fused=fused)
 
     cache = None
     if cfg.topk_cache:
