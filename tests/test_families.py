@@ -141,3 +141,27 @@ def test_distill_a_pruned_student(dense_family, tokenizer, corpus_dir, tmp_path)
     assert info["finished"] and info["steps"] == 6
     assert info["final_eval"]["val_kl"] < info["first_eval"]["val_kl"]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_distillation_loss_goes_through_the_logit_transform(family, tokenizer):
+    """Distillation compares the logits the models give: the student's cross-entropy in the training loss equals
+    models.lm_loss, and its KL to a top-k cache (k = V) of itself is 0, with Gemma2's soft-cap and Granite's
+    scaling applied to student, teacher and cache alike."""
+    from minitron.distill.student import Student, teacher_pass
+    from minitron.losses import LossConfig
+    from minitron.topk_cache import teacher_topk
+
+    model = make_model(family).eval()
+    ids = _ids(tokenizer)
+    att = torch.ones_like(ids)
+    n = ids.shape[1] - 1
+    with torch.no_grad():
+        arch.lm_head(model).weight.mul_(20.0)  # logits large enough for the soft-cap to bend them
+        student = Student(model, None, None, "none")
+        ce = student(ids, att, LossConfig(kd_weight=0.0, ce_weight=1.0), n)[1]
+        assert abs(ce.item() - lm_loss(model, ids)) < 1e-5
+        idx, lp = teacher_topk(model, ids, model.config.vocab_size, 1.0)  # [1, T-1, V]
+        kl = student(ids, att, LossConfig(), n, teacher_topk=(idx[0], lp[0]))[1]
+        kl_hidden = student(ids, att, LossConfig(), n, teacher_hidden=teacher_pass(model, None, ids, att)[0])[1]
+    assert abs(kl.item()) < 1e-5 and abs(kl_hidden.item()) < 1e-5

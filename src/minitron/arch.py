@@ -430,17 +430,23 @@ def backbone(model: nn.Module) -> nn.Module:
     return get_module(model, get_arch(model).layers.rpartition(".")[0])
 
 
+def logit_map(model: nn.Module) -> tuple[float, float | None]:
+    """(scale, cap): the model's logits are raw / scale, then cap * tanh(x / cap) when cap is set. Gemma2 /
+    Gemma3 soft-cap them when config.final_logit_softcapping is set; Granite divides them by
+    config.logits_scaling; every other family is (1.0, None): lm_head's output unchanged."""
+    a = get_arch(model)
+    scale = float(model.config.logits_scaling) if a.logits_scaling else 1.0
+    cap = getattr(model.config, "final_logit_softcapping", None) if a.final_softcap or a.family == "gemma3_text" else None
+    return scale, (float(cap) if cap else None)
+
+
 def final_logits(model: nn.Module, raw: torch.Tensor) -> torch.Tensor:
     """Raw lm_head outputs [..., V] -> the model's logits [..., V], in the same dtype, as its forward computes
-    them. Gemma2 / Gemma3 soft-cap them when config.final_logit_softcapping is set: cap * tanh(raw / cap);
-    Granite divides them by config.logits_scaling; every other family returns lm_head's output unchanged."""
-    a = get_arch(model)
-    if a.logits_scaling:
-        raw = raw / model.config.logits_scaling
-    cap = getattr(model.config, "final_logit_softcapping", None) if a.final_softcap or a.family == "gemma3_text" else None
-    if cap is None:
-        return raw
-    return torch.tanh(raw / cap) * cap
+    them (logit_map)."""
+    scale, cap = logit_map(model)
+    if scale != 1.0:
+        raw = raw / scale
+    return raw if cap is None else torch.tanh(raw / cap) * cap
 
 
 def logits_of_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 LOSSES = ("fkl", "rkl", "jsd")
+NO_MAP = (1.0, None)  # arch.logit_map of a model whose logits are lm_head's output
 HIDDEN_LOSSES = ("none", "cosine", "mse")
 
 
@@ -181,20 +182,33 @@ def fkl_ce_and_grad(s_logits: torch.Tensor, t_logits: torch.Tensor | None, cfg: 
     return loss, grad
 
 
+def map_logits(raw: torch.Tensor, logit_map: tuple[float, float | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw lm_head outputs [n, V] -> the model's logits [n, V] (arch.logit_map: divided by scale, then
+    soft-capped: cap * tanh(x / cap)), and tanh(x / cap) [n, V] (None without a cap) for the gradient:
+    d logits / d raw = (1 - tanh^2) / scale."""
+    scale, cap = logit_map
+    x = raw / scale if scale != 1.0 else raw
+    if cap is None:
+        return x, None
+    th = torch.tanh(x / cap)
+    return th * cap, th
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """sum over tokens of token_loss(h @ W.T) * mask / normalizer, gradients computed chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, h, w, mask, labels, teacher, cfg, normalizer):
-        # h [N, C], w [V, C], mask [N] (float), labels [N] or None
-        # teacher: ("hidden", h_t [N, Ct], w_t [V, Ct]) | ("topk", idx [N, k], logp [N, k]) | None
+    def forward(ctx, h, w, mask, labels, teacher, cfg, normalizer, s_map):
+        # h [N, C], w [V, C], mask [N] (float), labels [N] or None, s_map the student's (scale, cap)
+        # teacher: ("hidden", h_t [N, Ct], w_t [V, Ct], (scale, cap)) | ("topk", idx [N, k], logp [N, k]) | None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Under autocast the matmuls run in its dtype, but w is cast here once: autocast itself would cache
         # a new [V, C] copy of w for every chunk (each chunk's w is a fresh leaf) until its region ends.
         dev = h.device.type
         w_c = w.detach().to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else w.detach()
         with torch.autocast(dev, enabled=False):
-            total, grad_h, grad_w = _chunk_loop(h, w_c, mask, labels, teacher, cfg, normalizer, need_h, need_w)
+            total, grad_h, grad_w = _chunk_loop(h, w_c, mask, labels, teacher, cfg, normalizer, need_h, need_w,
+                                                s_map)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return total
@@ -205,10 +219,11 @@ class _ChunkedLoss(torch.autograd.Function):
         # the saved gradients are used once (no retain_graph): scale them in place
         gh = grad_h.mul_(grad_out) if grad_h is not None else None
         gw = grad_w.mul_(grad_out).to(ctx.w_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
-def _chunk_loop(h, w, mask, labels, teacher, cfg: LossConfig, normalizer, need_h: bool, need_w: bool):
+def _chunk_loop(h, w, mask, labels, teacher, cfg: LossConfig, normalizer, need_h: bool, need_w: bool,
+                s_map: tuple[float, float | None] = NO_MAP):
     """_ChunkedLoss's forward, chunk by chunk: (loss, grad_h [N, C] | None, grad_w fp32 [V, C] | None).
 
     h [N, C]; w [V, C] detached, already in the dtype the matmuls run in; the other inputs as forward's.
@@ -226,18 +241,24 @@ def _chunk_loop(h, w, mask, labels, teacher, cfg: LossConfig, normalizer, need_h
         t_logits = t_topk = None
         if teacher is not None and teacher[0] == "hidden":
             with torch.no_grad():
-                t_logits = (teacher[1][sl].to(teacher[2].dtype) @ teacher[2].T).float()  # [n, V]
+                t_raw = (teacher[1][sl].to(teacher[2].dtype) @ teacher[2].T).float()  # [n, V]
+                t_logits = map_logits(t_raw, teacher[3])[0]
+                del t_raw
         elif teacher is not None:
             t_topk = (teacher[1][sl], teacher[2][sl])
         lab = labels[sl] if labels is not None else None
         if cfg.loss == "fkl" or not cfg.kd_weight:
             # fast path (the default): closed-form logit gradient, a few [n, V] buffers reused in place
             with torch.no_grad():
-                s_logits = (hc @ wc.T).float()                                  # [n, V]
+                s_logits, th = map_logits((hc @ wc.T).float(), s_map)          # [n, V]
                 per_token, g_logits = fkl_ce_and_grad(s_logits, t_logits, cfg, lab, t_topk)
                 del s_logits, t_logits
                 chunk = (per_token * m).sum() / normalizer
                 g_logits.mul_((m / normalizer)[:, None])                        # d chunk / d logits
+                if th is not None:                                              # through the soft-cap
+                    g_logits.mul_(th.square_().neg_().add_(1.0))
+                if s_map[0] != 1.0:                                             # through the scaling
+                    g_logits.div_(s_map[0])
                 grads = []
                 if need_h:
                     grads.append((g_logits @ wc.to(g_logits.dtype)).to(h.dtype))  # [n, C]
@@ -245,7 +266,7 @@ def _chunk_loop(h, w, mask, labels, teacher, cfg: LossConfig, normalizer, need_h
                     grads.append(g_logits.T @ hc.to(g_logits.dtype))            # [V, C]
         else:
             with torch.enable_grad():
-                s_logits = (hc @ wc.T).float()                                  # [n, V]
+                s_logits = map_logits((hc @ wc.T).float(), s_map)[0]            # [n, V]
                 chunk = (token_loss(s_logits, cfg, lab, t_logits, t_topk) * m).sum() / normalizer
                 inputs = [t for t, need in ((hc, need_h), (wc, need_w)) if need]
                 grads = list(torch.autograd.grad(chunk, inputs)) if inputs else []
@@ -263,27 +284,31 @@ def _chunk_loop(h, w, mask, labels, teacher, cfg: LossConfig, normalizer, need_h
 def chunked_distill_loss(h: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, cfg: LossConfig,
                          normalizer: float | torch.Tensor, labels: torch.Tensor | None = None,
                          teacher_hidden: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                         teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         logit_map: tuple[float, float | None] = NO_MAP) -> torch.Tensor:
     """Memory-bounded logit loss -> scalar (fp32): sum of per-token losses over valid tokens / normalizer.
 
     h: student final hidden states [N, C]; w: student lm_head weight [V, C] (no bias in the supported
     families); mask: [N] 1 for tokens that count; labels: next tokens [N] (for ce_weight);
-    teacher_hidden: (teacher final hidden states [N, Ct], teacher lm_head weight [V, Ct]) or
+    teacher_hidden: (teacher final hidden states [N, Ct], teacher lm_head weight [V, Ct][, its logit map]) or
     teacher_topk: (indices [N, k], log-probs at temperature T [N, k]).
+    logit_map: the student's (scale, cap) (arch.logit_map): Gemma2's soft-cap and Granite's logit scaling are
+    part of the model, so the loss compares the logits the models' forwards give.
     Gradients flow to h and w and equal those of the naive loss on full logits.
     """
     if teacher_hidden is not None and teacher_topk is not None:
         raise ValueError("give the teacher as hidden states or as a top-k cache, not both")
     teacher = None
     if teacher_hidden is not None:
-        teacher = ("hidden", teacher_hidden[0], teacher_hidden[1])
+        teacher = ("hidden", teacher_hidden[0], teacher_hidden[1],
+                   teacher_hidden[2] if len(teacher_hidden) > 2 else NO_MAP)
         if teacher_hidden[1].shape[0] != w.shape[0]:
             raise ValueError(f"teacher vocabulary {teacher_hidden[1].shape[0]} != student vocabulary {w.shape[0]}")
     elif teacher_topk is not None:
         teacher = ("topk", teacher_topk[0], teacher_topk[1])
     mask = mask.to(torch.float32)
     normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=h.device).clamp(min=1.0)
-    return _ChunkedLoss.apply(h, w, mask, labels, teacher, cfg, normalizer)
+    return _ChunkedLoss.apply(h, w, mask, labels, teacher, cfg, normalizer, logit_map)
 
 
 def naive_distill_loss(s_logits: torch.Tensor, mask: torch.Tensor, cfg: LossConfig, normalizer,

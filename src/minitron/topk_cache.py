@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minitron.arch import lm_head
+from minitron.arch import final_logits, lm_head
 from minitron.files import atomic_dir
 from minitron.losses import topk_logprobs
 
@@ -60,7 +60,7 @@ def teacher_topk(teacher, input_ids: torch.Tensor, k: int, temperature: float, c
     w = lm_head(teacher).weight
     idx, lp = [], []
     for s in range(0, h.shape[0], chunk_size):
-        i, v = topk_logprobs((h[s:s + chunk_size] @ w.T).float(), k, temperature)    # [n, k] each
+        i, v = topk_logprobs(final_logits(teacher, (h[s:s + chunk_size] @ w.T).float()), k, temperature)  # [n, k]
         idx.append(i.cpu())
         lp.append(v.cpu())
     return torch.cat(idx).view(B, Tm1, k), torch.cat(lp).view(B, Tm1, k)           # [B, T-1, k]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minitron.arch import decoder_layers, dims_of, layer_output, lm_head
+from minitron.arch import decoder_layers, dims_of, layer_output, lm_head, logit_map
 from minitron.distill.config import DistillConfig
 from minitron.distill.parallel import Dist
 from minitron.losses import (
@@ -61,7 +61,7 @@ class Student(nn.Module):
         labels = input_ids[:, 1:].reshape(-1)                                        # [B*(T-1)]
         mask = (attention_mask[:, :-1] * attention_mask[:, 1:]).reshape(-1)          # [B*(T-1)]
         logit = chunked_distill_loss(h, lm_head(self.model).weight, mask, loss_cfg, normalizer, labels,
-                                     teacher_hidden, teacher_topk)
+                                     teacher_hidden, teacher_topk, logit_map(self.model))
         hid = torch.zeros((), device=h.device)
         if self.tap is not None and teacher_layers is not None:
             for s_idx, t_idx in enumerate(self.layer_map):
@@ -79,13 +79,13 @@ class Student(nn.Module):
 
 @torch.no_grad()
 def teacher_pass(teacher, tap: LayerTap | None, input_ids, attention_mask):
-    """Teacher final hidden states [B*(T-1), Ct] and lm_head weight [V, Ct]; tapped layers if any."""
+    """Teacher final hidden states [B*(T-1), Ct], lm_head weight [V, Ct] and logit map; tapped layers if any."""
     out = teacher.base_model(input_ids=input_ids, attention_mask=attention_mask)
     h = out.last_hidden_state[:, :-1]                                                # [B, T-1, Ct]
     layers = dict(tap.outputs) if tap is not None else None
     if tap is not None:
         tap.outputs.clear()
-    return (h.reshape(-1, h.shape[-1]), lm_head(teacher).weight), layers             # [B*(T-1), Ct]
+    return (h.reshape(-1, h.shape[-1]), lm_head(teacher).weight, logit_map(teacher)), layers  # [B*(T-1), Ct]
 
 
 
