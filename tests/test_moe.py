@@ -328,3 +328,14 @@ def test_expert_scores_by_hand(tokenizer):
         torch.testing.assert_close(scores["experts"][0, e], per_sample.norm(), rtol=1e-4, atol=1e-6)
         neurons = (act.abs() * routed[..., None]).sum(1) / n[:, None]  # [B, F]
         torch.testing.assert_close(scores["neurons"][0, e * F:(e + 1) * F], neurons.norm(dim=0), rtol=1e-4, atol=1e-6)
+
+
+def test_search_pick_keeps_the_moe_axes():
+    """A search row's dims (as search.json stores them) become a Target with experts, top-k and shared width:
+    the pick `minitron run` prunes to is the candidate that was ranked."""
+    from minitron.search import SearchConfig, target_of
+
+    d = arch.Dims(hidden=64, ffn=32, heads=4, kv_heads=2, layers=2, head_dim=16, vocab=100, tied=False,
+                  experts=4, top_k=2, shared_ffn=16)
+    t = target_of(arch.Dims(**json.loads(json.dumps(d.to_dict()))), SearchConfig())
+    assert (t.hidden, t.ffn, t.experts, t.top_k, t.shared_ffn) == (64, 32, 4, 2, 16)

@@ -35,7 +35,7 @@ from minitron.importance import ImportanceConfig, load_scores, save_scores, scor
 from minitron.models import hub_id, load_model
 from minitron.plan import PlanError, Target, parse_count, resolve_dims, source_config
 from minitron.prune import PruneConfig, prune
-from minitron.search import SearchConfig, save_table, search
+from minitron.search import SearchConfig, save_table, search, target_of
 
 STAGES = ("correction", "importance", "search", "prune", "distill", "eval", "export", "report")
 
@@ -307,8 +307,7 @@ def stage_search(cfg: RunConfig, out: Path, teacher: str, scores_path: Path) -> 
             write_record(tmp, record)
     best = json.loads((folder / "search.json").read_text())["rows"][0]["dims"]
     print(f"[minitron] search picked {best}")
-    return Target(hidden=best["hidden"], ffn=best["ffn"], heads=best["heads"], kv_heads=best["kv_heads"],
-                  layers=best["layers"], layer_metric=cfg.search.layer_metric)
+    return target_of(arch.Dims(**best), cfg.search)  # MoE axes (experts, top-k, shared expert) included
 
 
 def _short_distiller(cfg: RunConfig, teacher: str, tokenizer, work: Path):

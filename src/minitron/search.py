@@ -101,7 +101,8 @@ def depth_block_sizes(config, cfg: SearchConfig) -> list[int]:
     return sorted({L - d.layers for d in candidates(config, cfg) if d.layers < L})
 
 
-def _target(d: arch.Dims, cfg: SearchConfig) -> Target:
+def target_of(d: arch.Dims, cfg: SearchConfig) -> Target:
+    """The Target that prunes to a candidate's dims (a search row's "dims"), MoE axes included."""
     moe = dict(experts=d.experts, top_k=d.top_k, shared_ffn=d.shared_ffn or None) if d.experts else {}
     return Target(hidden=d.hidden, ffn=d.ffn, heads=d.heads, kv_heads=d.kv_heads, layers=d.layers,
                   layer_metric=cfg.layer_metric, **moe)
@@ -127,14 +128,14 @@ def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg
                                              batch_size)}
     rows = []
     for dims in tqdm(cands, desc="search: prune candidates", unit="cand"):
-        plan = make_plan(model.config, scores, _target(dims, cfg))
+        plan = make_plan(model.config, scores, target_of(dims, cfg))
         rows.append({"dims": dims.to_dict(), "params": plan.params_after, "dropped_layers": plan.dropped_layers,
                      "loss_pruned": loss_after_pruning(model, plan, validation, batch_size)})
     rows.sort(key=lambda r: r["loss_pruned"])
     for row in tqdm(rows[: cfg.max_candidates], desc="search: train candidates", unit="cand"):
         if train is None:
             break
-        plan = make_plan(model.config, scores, _target(arch.Dims(**row["dims"]), cfg))
+        plan = make_plan(model.config, scores, target_of(arch.Dims(**row["dims"]), cfg))
         student = train(pruned_copy(model, plan))
         row["loss_trained"] = lm_loss(student, validation, batch_size)
         del student
