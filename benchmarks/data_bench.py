@@ -55,7 +55,7 @@ def child(case: str, corpus: str, tokenizer: str, num_proc: int, seq_len: int, w
     else:
         store = ensure_store(corpus, tok, Path(work) / "store", num_proc=num_proc, progress=False)
         tokens = store.n_tokens
-        rank_blocks(store, seq_len, 0, 8, seed=0, max_blocks=8000)  # a consumer: rank 0 of 8 reads its 1000 blocks
+        rank_blocks(store, seq_len, 0, 8, seed=0, max_blocks=4000)  # a consumer: rank 0 of 8 reads its 500 blocks (both sizes)
     seconds = time.perf_counter() - t0
     import resource
 
