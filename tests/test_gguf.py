@@ -227,7 +227,7 @@ def test_bad_input_is_refused_and_leaves_no_file(tokenizer, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(GGUFExportError, match="no llama.cpp architecture for model_type 'gpt2'"):
+    with pytest.raises(GGUFExportError, match="GGUF export does not write model_type 'gpt2'"):
         export_gguf(gpt2, tokenizer, tmp_path / "b.gguf", "f16")
     with pytest.raises(GGUFExportError, match="nemotron graph assumes heads \\* head_dim == hidden.*--hidden 32"):
         export_gguf(pruned("nemotron"), tokenizer, tmp_path / "c.gguf", "f16")

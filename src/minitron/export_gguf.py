@@ -128,9 +128,9 @@ def resolve_family(config) -> tuple[str, GGUFFamily]:
     family = config.model_type
     if family not in GGUF_FAMILIES:
         raise GGUFExportError(
-            f"no llama.cpp architecture for model_type {family!r}: GGUF export supports "
-            f"{', '.join(sorted(GGUF_FAMILIES))}. Keep the Hugging Face export (load it with transformers), or add "
-            "the family to GGUF_FAMILIES in minitron/export_gguf.py if llama.cpp has a graph for it.")
+            f"GGUF export does not write model_type {family!r} (no llama.cpp architecture mapped for it here): it "
+            f"writes {', '.join(sorted(GGUF_FAMILIES))}. Keep the Hugging Face export (load it with transformers), "
+            "or add the family to GGUF_FAMILIES in minitron/export_gguf.py if llama.cpp has a graph for it.")
     fam = GGUF_FAMILIES[family]
     q_width = config.num_attention_heads * A.head_dim_of(config)
     if fam.q_is_hidden and q_width != config.hidden_size:
