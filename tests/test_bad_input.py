@@ -283,7 +283,7 @@ def test_empty_corpus(tmp_path, model_dir, capsys):
     (empty / "b.txt").write_text("   \n\n")
     out = tmp_path / "out"
     rc, err = cli(capsys, *prune_args(model_dir, empty, out, "--hidden", "48"))
-    assert_error(rc, err, str(empty), "no text", "text, jsonl or parquet")
+    assert_error(rc, err, str(empty), "no text", "text, jsonl, json, parquet or arrow")
     assert_nothing_at(out)
 
 
