@@ -41,3 +41,20 @@ def tiny_model_dir(tmp_path, family, tokenizer):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def distill_pair(teacher, student, tokenizer, corpus_dir, tmp_path, steps: int = 6) -> tuple:
+    """Save teacher and student (with the tokenizer) under tmp_path and distill the student for `steps` steps on
+    the tiny corpus (seq 32, batch 4, lr 1e-3). Returns (output dir, its minitron_distill.json)."""
+    import json
+
+    from minitron.distill import DistillConfig, distill
+
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    out = distill(DistillConfig(teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"),
+                                data=str(corpus_dir), out=str(tmp_path / "kd"), steps=steps, seq_len=32, batch_size=4,
+                                eval_every=steps, eval_batches=2, save_every=steps, lr=1e-3, min_lr=1e-4,
+                                warmup_steps=1, progress=False))
+    return out, json.loads((out / "minitron_distill.json").read_text())

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_model, make_text
+from conftest import distill_pair, make_model, make_text
 from minitron import arch
 from minitron.models import lm_loss
 from minitron.plan import PrunePlan, Target, make_plan
@@ -121,23 +121,13 @@ def test_lm_loss_goes_through_the_logit_transform(family, tokenizer):
 
 def test_distill_a_pruned_student(dense_family, tokenizer, corpus_dir, tmp_path):
     """Each family's pruned copy distills from it: the run finishes, lowers the validation KL and reloads."""
-    from minitron.distill import DistillConfig, distill
-
     teacher = make_model(dense_family)
     with torch.no_grad():  # peaked teacher distributions (a random one is near uniform)
         arch.lm_head(teacher).weight.mul_(8.0)
-    teacher.save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
     d = arch.dims_of(teacher.config)
-    student = apply_plan(teacher, make_plan(teacher.config, _scores(d), Target(hidden=32, ffn=64, layers=2,
+    student = apply_plan(copy.deepcopy(teacher), make_plan(teacher.config, _scores(d), Target(hidden=32, ffn=64, layers=2,
                                                                               drop_layers=[1, 2])))
-    student.save_pretrained(tmp_path / "student")
-    tokenizer.save_pretrained(tmp_path / "student")
-    out = distill(DistillConfig(teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"),
-                                data=str(corpus_dir), out=str(tmp_path / "kd"), steps=6, seq_len=32, batch_size=4,
-                                eval_every=6, eval_batches=2, save_every=6, lr=1e-3, min_lr=1e-4, warmup_steps=1,
-                                progress=False))
-    info = json.loads((out / "minitron_distill.json").read_text())
+    out, info = distill_pair(teacher, student, tokenizer, corpus_dir, tmp_path)
     assert info["finished"] and info["steps"] == 6
     assert info["final_eval"]["val_kl"] < info["first_eval"]["val_kl"]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import make_config, make_model, make_text
+from conftest import distill_pair, make_config, make_model, make_text
 from minitron import arch
 from minitron.importance import ImportanceConfig, compute_importance
 from minitron.plan import PlanError, PrunePlan, Target, make_plan, resolve_dims
@@ -224,22 +224,13 @@ def test_unknown_architecture_refused_from_the_config(corpus_dir, tmp_path):
 
 def test_distill_a_pruned_moe_student(tokenizer, corpus_dir, tmp_path):
     """The teacher (Qwen2-MoE, 4 experts + shared) distills into its pruned copy (2 experts, narrower)."""
-    from minitron.distill import DistillConfig, distill
 
     teacher = make_model("qwen2_moe")
     with torch.no_grad():  # peaked teacher distributions (a random one is near uniform)
         teacher.lm_head.weight.mul_(8.0)
-    teacher.save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
     d = arch.dims_of(teacher.config)
-    student = apply_plan(teacher, make_plan(teacher.config, _random_scores(d), Target(experts=2, ffn=16, shared_ffn=24)))
-    student.save_pretrained(tmp_path / "student")
-    tokenizer.save_pretrained(tmp_path / "student")
-    out = distill(DistillConfig(teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"),
-                                data=str(corpus_dir), out=str(tmp_path / "kd"), steps=6, seq_len=32, batch_size=4,
-                                eval_every=6, eval_batches=2, save_every=6, lr=1e-3, min_lr=1e-4, warmup_steps=1,
-                                progress=False))
-    info = json.loads((out / "minitron_distill.json").read_text())
+    student = apply_plan(copy.deepcopy(teacher), make_plan(teacher.config, _random_scores(d), Target(experts=2, ffn=16, shared_ffn=24)))
+    out, info = distill_pair(teacher, student, tokenizer, corpus_dir, tmp_path)
     assert info["finished"] and info["steps"] == 6
     assert info["first_eval"]["val_kl"] > 0.05  # pruning moved the student away from the teacher
     assert info["final_eval"]["val_kl"] < info["first_eval"]["val_kl"]
