@@ -58,3 +58,15 @@ def distill_pair(teacher, student, tokenizer, corpus_dir, tmp_path, steps: int =
                                 eval_every=steps, eval_batches=2, save_every=steps, lr=1e-3, min_lr=1e-4,
                                 warmup_steps=1, progress=False))
     return out, json.loads((out / "minitron_distill.json").read_text())
+
+
+def assert_same_and_generates(reloaded, model, ids) -> None:
+    """reloaded gives model's logits on ids [B, T] and generates 8 greedy tokens the same with and without the
+    KV cache."""
+    import torch
+
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    a = reloaded.generate(ids[:, :6], max_new_tokens=8, do_sample=False, use_cache=True)
+    b = reloaded.generate(ids[:, :6], max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(a, b) and a.shape[1] == 14

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import distill_pair, make_model, make_text
+from conftest import assert_same_and_generates, distill_pair, make_model, make_text
 from minitron import arch
 from minitron.models import lm_loss
 from minitron.plan import PrunePlan, Target, make_plan
@@ -93,13 +93,7 @@ def test_prune_stage_output_reloads_and_generates(dense_family, tokenizer, corpu
         assert attn.q_norm.weight.shape == (2 * 16,) and attn.k_norm.weight.shape == (16,)
     if dense_family == "granite":
         assert (c.embedding_multiplier, c.residual_multiplier, c.logits_scaling) == (3.0, 0.5, 4.0)
-    model = apply_plan(make_model(dense_family), plan)
-    ids = _ids(tokenizer, 3)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
-    a = reloaded.generate(ids[:, :6], max_new_tokens=8, do_sample=False, use_cache=True)
-    b = reloaded.generate(ids[:, :6], max_new_tokens=8, do_sample=False, use_cache=False)
-    assert torch.equal(a, b) and a.shape[1] == 14
+    assert_same_and_generates(reloaded, apply_plan(make_model(dense_family), plan), _ids(tokenizer, 3))
     metrics = json.loads((out / "prune_metrics.json").read_text())
     assert metrics["heldout_loss_after"] > 0
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import distill_pair, make_config, make_model, make_text
+from conftest import assert_same_and_generates, distill_pair, make_config, make_model, make_text
 from minitron import arch
 from minitron.importance import ImportanceConfig, compute_importance
 from minitron.plan import PlanError, PrunePlan, Target, make_plan, resolve_dims
@@ -153,13 +153,7 @@ def test_prune_stage_output_reloads_and_generates(moe_family, tokenizer, corpus_
     assert d.shared_ffn == (40 if moe_family == "qwen2_moe" else 0)
     assert sum(p.numel() for p in reloaded.parameters()) == plan.params_after["total"]
     assert plan.params_after["active"] < plan.params_after["total"]
-    model = apply_plan(make_model(moe_family), plan)
-    ids = _ids(tokenizer, 3)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
-    a = reloaded.generate(ids[:, :6], max_new_tokens=8, do_sample=False, use_cache=True)
-    b = reloaded.generate(ids[:, :6], max_new_tokens=8, do_sample=False, use_cache=False)
-    assert torch.equal(a, b) and a.shape[1] == 14
+    assert_same_and_generates(reloaded, apply_plan(make_model(moe_family), plan), _ids(tokenizer, 3))
     scores = load_file(str(out / "scores.safetensors"))
     assert scores["router_tokens"].shape == (4, 4)
     summary = json.loads((out / "scores.json").read_text())
