@@ -213,14 +213,15 @@ def estimate_case(name: str):
 
 
 def old_vs_new(saved: dict) -> str:
-    """The cases measured on both codes: peak of the pass (weights resident) next to the weights."""
+    """The cases measured on both codes: peak of the pass (weights resident) next to the weights (their bytes in
+    the estimate: parameters x dtype size; loading peaks higher, while the file's bf16 is converted)."""
     lines = ["| case | weights | old code: pass peak | new code: pass peak | new / old | new peak / weights |",
              "|---|---|---|---|---|---|"]
     for name in CASES:
         old = saved.get(name + "-old")
         if old is None or name not in saved:
             continue
-        new, w = saved[name], saved[name]["load_peak"]
+        new, w = saved[name], estimate_case(name).terms["weights"]
         lines.append(f"| {name} | {w / GiB:.2f} GiB | {old['measured'] / GiB:.2f} GiB | {new['measured'] / GiB:.2f} GiB "
                      f"| {new['measured'] / old['measured']:.2f} | {new['measured'] / w:.2f} |")
     return "\n".join(lines)

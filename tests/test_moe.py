@@ -235,17 +235,17 @@ def test_distill_a_pruned_moe_student(tokenizer, corpus_dir, tmp_path):
 def test_search_candidates_keep_the_moe_axes():
     """The architecture search varies hidden / expert width / heads / depth of an MoE model and keeps its
     experts, top-k and shared expert."""
-    from minitron.search import SearchConfig, _target, candidates
+    from minitron.search import SearchConfig, candidates, target_of
 
     config = make_config("qwen2_moe")
     total = make_plan(config, _random_scores(arch.dims_of(config)), Target()).params_before["total"]
     cands = candidates(config, SearchConfig(params=0.8 * total, tolerance=0.1))
     assert cands and all((c.experts, c.top_k, c.shared_ffn) == (4, 2, 48) for c in cands)
-    assert resolve_dims(config, _target(cands[0], SearchConfig())) == cands[0]
+    assert resolve_dims(config, target_of(cands[0], SearchConfig())) == cands[0]
     # with the experts axis free: fewer experts per layer (never below top-k), the rest of the shape kept
     cands = candidates(config, SearchConfig(params=0.7 * total, tolerance=0.1, axes=["experts", "ffn"]))
     assert {c.experts for c in cands} == {2, 3} and all(c.hidden == 64 and c.top_k == 2 for c in cands)
-    assert resolve_dims(config, _target(cands[0], SearchConfig())) == cands[0]
+    assert resolve_dims(config, target_of(cands[0], SearchConfig())) == cands[0]
     with pytest.raises(PlanError, match="dense model"):
         candidates(make_config("llama"), SearchConfig(params=1e5, axes=["experts"]))
 
