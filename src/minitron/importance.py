@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from minitron import arch
+from minitron import arch, ranks
 from minitron.models import lm_loss
 
 SEQ_AGGS = ("mean", "l2", "max", "var")
@@ -222,15 +222,6 @@ def _all_reduce_flat(tensors: list[torch.Tensor], op) -> None:
         t.copy_(part.view_as(t))
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed when it is initialized, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def bi_sizes_of(cfg: ImportanceConfig) -> list[int]:
     """Block sizes whose BI a pass measures: 1, cfg.bi_block_sizes and the LM-loss sizes it measures."""
     return sorted({1, *cfg.bi_block_sizes, *(cfg.lm_loss_block_sizes if cfg.lm_loss_layers else [])})
@@ -253,7 +244,7 @@ def compute_importance(model, calib: torch.Tensor, cfg: ImportanceConfig | None 
     model.eval()
     dims = arch.dims_of(model.config)
     device = next(model.parameters()).device
-    rank, n_ranks = world()
+    rank, n_ranks = ranks.rank(), ranks.size()
     col = _Collector(model, cfg, bi_sizes_of(cfg))
     try:
         starts = range(rank * cfg.batch_size, calib.shape[0], n_ranks * cfg.batch_size)
