@@ -14,6 +14,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "nemotron"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _test_cache(tmp_path_factory):
+    """MINITRON_CACHE -> a session tmp dir, so the suite never writes token stores (or anything else) into
+    ~/.cache/minitron. The user's installed read-only assets (the converted default model, the default corpus,
+    task files) are linked in when present, so tests that use them neither fail nor rebuild them."""
+    from minitron.models import cache_dir
+
+    user, tmp = cache_dir(), tmp_path_factory.mktemp("minitron-cache")
+    for name in ("models", "corpus", "tasks"):
+        if (user / name).is_dir():
+            (tmp / name).symlink_to(user / name, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINITRON_CACHE", str(tmp))
+        yield tmp
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
