@@ -5,7 +5,9 @@ A stage folder of `minitron run` holds `stage.json`:
 `inputs` names each model and corpus the stage read by its identity (below) and each earlier stage by
 its fingerprint, so a change anywhere upstream changes every later fingerprint. A rerun compares the
 record it would write with the one on disk (`stale_reason`): equal -> the stage is skipped; different ->
-the stage and every later one are redone, and the message names what changed.
+the stage and every later one are redone, and the message names what changed. A setting that a newer
+minitron added and that is None (unset: the behaviour before it existed) does not make a record stale, so an
+upgrade that adds e.g. `target.experts` does not redo a finished dense run.
 
 Identities are cheap (no weight file is read): a model dir is its config.json and tokenizer files by
 content hash and its weight files by size and modification time; a dir written by a minitron stage is
@@ -83,7 +85,8 @@ def make_record(stage: str, settings: dict, inputs: dict) -> dict:
 
 
 def _flat(obj, prefix: str = "") -> dict:
-    if isinstance(obj, dict):
+    """Nested dicts -> {'a.b.c': leaf}; an empty dict is a leaf of its own (so its key is not lost)."""
+    if isinstance(obj, dict) and obj:
         out = {}
         for k, v in obj.items():
             out.update(_flat(v, f"{prefix}{k}."))
@@ -91,18 +94,35 @@ def _flat(obj, prefix: str = "") -> dict:
     return {prefix.rstrip("."): obj}
 
 
+_ABSENT = object()
+
+
+def _changed_keys(old: dict, new: dict, part: str) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for each flattened key of `part` that differs (as JSON writes them: a tuple
+    is a list; 1 and 1.0 differ, as in the digest); _ABSENT where missing."""
+    a, b = (_flat(json.loads(json.dumps(r.get(part, {}), default=str))) for r in (old, new))
+    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
+            if a.get(k, _ABSENT) != b.get(k, _ABSENT) or type(a.get(k)) is not type(b.get(k))]
+
+
+def _shown(value) -> str:
+    return "(unset)" if value is _ABSENT else repr(value)
+
+
 def differences(old: dict, new: dict, limit: int = 6) -> list[str]:
     """'key: old -> new' for each setting or input that differs (inputs by name only)."""
-    out = []
-    for part in ("settings", "inputs"):
-        a, b = _flat(old.get(part, {})), _flat(new.get(part, {}))
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                if part == "settings":
-                    out.append(f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
-                else:
-                    out.append(f"input {key.split('.')[0]} changed")
+    out = [f"{k}: {_shown(a)} -> {_shown(b)}" for k, a, b in _changed_keys(old, new, "settings")]
+    out += [f"input {k.split('.')[0]} changed" for k, _, _ in _changed_keys(old, new, "inputs")]
     return list(dict.fromkeys(out))[:limit]
+
+
+def only_new_unset_settings(old: dict, new: dict) -> bool:
+    """True when the records differ only by settings the old one lacks and the new one has as None: settings
+    a newer minitron added, at the value that means the behaviour from before they existed."""
+    if _changed_keys(old, new, "inputs") or old.get("stage") != new.get("stage"):
+        return False
+    changed = _changed_keys(old, new, "settings")
+    return bool(changed) and all(a is _ABSENT and b is None for _, a, b in changed)
 
 
 def read_record(folder: Path) -> dict | None:
@@ -118,9 +138,9 @@ def stale_reason(folder: Path, record: dict) -> str | None:
     old = read_record(folder)
     if old is None:
         return "it has no record of what it was made from (an older minitron or an interrupted write)"
-    if old.get("fingerprint") == record["fingerprint"]:
+    if old.get("fingerprint") == record["fingerprint"] or only_new_unset_settings(old, record):
         return None
-    return "; ".join(differences(old, record)) or "its inputs changed"
+    return "; ".join(differences(old, record)) or "its record differs in form (no setting or input changed)"
 
 
 def write_record(folder: Path, record: dict) -> None:
