@@ -39,6 +39,62 @@ class MoeArch:
 
 
 @dataclass(frozen=True)
+class MambaArch:
+    """A Mamba2 mixer (transformers 5 layout, see minitron.mamba). With H heads of dim P (I = H*P inner
+    channels), G groups and state size N: in_proj [I + (I + 2GN) + H, C] emits the segments
+    [z (I) | x (I) | B (GN) | C (GN) | dt (H)]; conv1d (depthwise, weight [I + 2GN, 1, K]) runs over
+    [x | B | C]; A_log, D, dt_bias [H]; a gated RMSNorm (weight [I]) over G contiguous groups of I/G channels;
+    out_proj [C, I]. Head h reads B/C group h // (H/G)."""
+
+    heads_key: str = "mamba_num_heads"
+    head_dim_key: str = "mamba_head_dim"
+    groups_key: str = "n_groups"
+    state_key: str = "ssm_state_size"
+    in_proj: str = "in_proj"
+    conv1d: str = "conv1d"
+    out_proj: str = "out_proj"
+    norm: str = "norm"                         # the gated group RMSNorm over the inner channels
+    per_head: tuple[str, ...] = ("A_log", "D", "dt_bias")  # parameters [H]
+
+
+@dataclass(frozen=True)
+class HybridMoeArch:
+    """A hybrid family's MoE mixer, pruned along hidden (and dropped by depth) only (NemotronH): non-gated experts
+    `experts.up_proj` [E, F, C'] and `experts.down_proj` [E, C', F], a sigmoid router `gate.weight` [E, C], a shared
+    expert (`shared_experts.up_proj` / `down_proj` Linears) and, where config.<latent_key> is set, latent
+    projections `fc1_latent_proj` [C', C] / `fc2_latent_proj` [C, C'] around the experts (C' = the latent size,
+    else C)."""
+
+    experts: str = "experts"
+    router: str = "gate"
+    shared: str = "shared_experts"
+    latent_key: str = "moe_latent_size"
+    latent_in: str = "fc1_latent_proj"
+    latent_out: str = "fc2_latent_proj"
+
+
+@dataclass(frozen=True)
+class HybridArch:
+    """Layers of one kind each (NemotronH): config.<types_key> names each layer's kind, the layer holds a
+    pre-norm `norm` over the hidden axis and one mixer `mixer` of that kind (residual around both)."""
+
+    types_key: str = "layers_block_type"
+    mixer: str = "mixer"
+    norm: str = "norm"
+    moe: HybridMoeArch = HybridMoeArch()
+    # the config's name of each kind -> the parts minitron prunes in such a layer
+    kinds: tuple[tuple[str, str], ...] = (("linear_attention", "mamba"), ("full_attention", "attn"),
+                                          ("mlp", "mlp"), ("moe", "moe"))
+    # transformers' hybrid cache counts the sequence on attention layers: without one the model cannot generate
+    # with the cache, so depth pruning must keep at least one "full_attention" layer
+    keeps_attention: str | None = "full_attention"
+    # the short names a user may give for a kind (Target.depth_types) -> the config's name
+    aliases: tuple[tuple[str, str], ...] = (("mamba", "linear_attention"), ("M", "linear_attention"),
+                                            ("attention", "full_attention"), ("*", "full_attention"),
+                                            ("-", "mlp"), ("E", "moe"))
+
+
+@dataclass(frozen=True)
 class Arch:
     """Where the parts of one decoder-only family live, and which optional parts it has."""
 
@@ -63,6 +119,8 @@ class Arch:
     # the segment ("q" or "kv") whose kept rows slice them
     proj_norms: tuple[tuple[str, str], ...] = ()
     moe: MoeArch | None = None                 # a sparse MoE block in place of the MLP (Mixtral, Qwen-MoE, OLMoE)
+    hybrid: HybridArch | None = None           # one mixer per layer, of the kind the config names (NemotronH)
+    mamba: MambaArch | None = None             # the Mamba2 mixer of hybrid / Mamba layers
     # OLMoE builds q_norm over config.hidden_size although it normalizes q [H*D]: hidden must equal heads*head_dim
     hidden_is_q_width: bool = False
     final_softcap: bool = False                # logits = cap * tanh(raw / cap), cap = config.final_logit_softcapping
@@ -112,6 +170,11 @@ FAMILIES: dict[str, Arch] = {
     "nemotron": Arch("nemotron", mlp_in=(("up_proj", ("ffn",)),),  # relu^2 MLP without a gate; LayerNorm1P
                      attn_attrs=("hidden_size", "num_heads", "num_key_value_heads", "num_key_value_groups"),
                      norm_weight_offset=1.0),
+    # hybrid Mamba2 / attention / MLP layers, one mixer each; no RoPE; relu^2 MLP without a gate
+    "nemotron_h": Arch("nemotron_h", embed="model.embeddings", final_norm="model.norm_f", attn="mixer", mlp="mixer",
+                       mlp_in=(("up_proj", ("ffn",)),), pre_attn_norm="norm", pre_mlp_norm=None,
+                       has_layer_types=True, layer_has_idx=True, hybrid=HybridArch(), mamba=MambaArch(),
+                       layer_attrs=(), attn_attrs=("num_key_value_groups",)),
 }
 
 
@@ -147,10 +210,15 @@ class Dims:
     experts: int = 0      # MoE: experts per layer (0: a dense model); ffn is then each expert's width
     top_k: int = 0        # MoE: experts each token is routed to
     shared_ffn: int = 0   # MoE: the shared expert's width (0: none)
+    mamba_heads: int = 0     # Mamba2 heads per mamba layer (0: no mamba layers)
+    mamba_head_dim: int = 0  # channels per Mamba2 head
 
     def to_dict(self) -> dict:
-        """Every field, less the MoE ones of a dense model (so dense dims read as before MoE existed)."""
-        return {k: v for k, v in self.__dict__.items() if v or k not in ("experts", "top_k", "shared_ffn")}
+        """Every field, less the MoE and Mamba ones of a model without them (so dense dims read as before)."""
+        return {k: v for k, v in self.__dict__.items() if v or k not in OPTIONAL_DIMS}
+
+
+OPTIONAL_DIMS = ("experts", "top_k", "shared_ffn", "mamba_heads", "mamba_head_dim")
 
 
 def head_dim_of(config) -> int:
@@ -171,18 +239,9 @@ def dims_of(config) -> Dims:
         m = a.moe
         d.ffn, d.experts, d.top_k = getattr(config, m.width_key), getattr(config, m.n_experts_key), getattr(config, m.top_k_key)
         d.shared_ffn = getattr(config, m.shared_width_key) if m.shared_width_key else 0
+    if a.mamba is not None and "mamba" in {p for parts in layer_parts(config) for p in parts}:
+        d.mamba_heads, d.mamba_head_dim = getattr(config, a.mamba.heads_key), getattr(config, a.mamba.head_dim_key)
     return d
-
-
-def check_all_layers_sparse(config) -> None:
-    """Refuse MoE configs that mix dense MLP layers in (Qwen-MoE's mlp_only_layers / decoder_sparse_step):
-    minitron's MoE axes assume every layer holds the sparse block."""
-    only, step = getattr(config, "mlp_only_layers", None) or [], getattr(config, "decoder_sparse_step", None) or 1
-    if only or step != 1:
-        raise UnsupportedArchitecture(
-            f"{config.model_type} with dense MLP layers among the MoE ones (mlp_only_layers={only}, "
-            f"decoder_sparse_step={step}) is not supported yet: minitron prunes MoE models whose every layer is "
-            "sparse (mlp_only_layers=[] and decoder_sparse_step=1)")
 
 
 def hidden_step(config, heads: int, round_to: int = 1) -> int:
@@ -206,6 +265,9 @@ def write_dims(config, dims: Dims, kept_layers: list[int] | None = None) -> None
     config.num_attention_heads = dims.heads
     config.num_key_value_heads = dims.kv_heads
     config.head_dim = dims.head_dim
+    if arch.mamba is not None and dims.mamba_heads:
+        setattr(config, arch.mamba.heads_key, dims.mamba_heads)
+        setattr(config, arch.mamba.head_dim_key, dims.mamba_head_dim)
     if kept_layers is not None:
         if arch.has_layer_types and getattr(config, "layer_types", None) is not None:
             config.layer_types = [config.layer_types[i] for i in kept_layers]
@@ -282,6 +344,8 @@ def channel_taps(model: nn.Module, layer: nn.Module) -> list[tuple[nn.Module, st
     (module, "output" | "input"): the outputs of the pre-attention and pre-MLP norms, or, where a family
     has no pre-norm (OLMo2), the input of the attention / the MLP (the residual stream they read)."""
     arch = get_arch(model)
+    if arch.hybrid is not None:  # one pre-norm per layer, whatever its mixer
+        return [(getattr(layer, arch.hybrid.norm), "output")]
     return [(getattr(layer, norm), "output") if norm is not None else (getattr(layer, part), "input")
             for norm, part in ((arch.pre_attn_norm, arch.attn), (arch.pre_mlp_norm, arch.mlp))]
 
@@ -298,6 +362,116 @@ def hidden_norms(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
     """Every per-layer norm whose weight spans the hidden axis (sliced when hidden shrinks)."""
     arch = get_arch(model)
     return [*channel_norms(model, layer), *(getattr(layer, n) for n in arch.other_hidden_norms)]
+
+
+# ---- layer kinds (hybrid families hold one mixer per layer) ------------------------------------------
+
+DENSE_PARTS = frozenset({"attn", "mlp"})
+
+
+def layer_kinds(config) -> list[str]:
+    """Each layer's kind as the config names it (NemotronH: "linear_attention", "full_attention", "mlp",
+    "moe"); a family without a hybrid adapter: "decoder" for every layer (attention and MLP)."""
+    a = get_arch(config)
+    if a.hybrid is None:
+        return ["decoder"] * config.num_hidden_layers
+    return list(getattr(config, a.hybrid.types_key))
+
+
+def layer_parts(model_or_config) -> list[frozenset[str]]:
+    """The prunable parts of each layer: {"attn", "mlp"} in a dense / MoE family (its MLP is the MoE block
+    there); hybrid layers hold one of {"mamba"}, {"attn"}, {"mlp"}, {"moe"}."""
+    config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+    a = get_arch(config)
+    if a.hybrid is None:
+        return [DENSE_PARTS] * config.num_hidden_layers
+    parts = dict(a.hybrid.kinds)
+    return [frozenset({parts[k]}) for k in layer_kinds(config)]
+
+
+def kind_name(config, name: str) -> str:
+    """A layer kind as the config names it, from that name or a short alias ("mamba", "attention", "M", ...)."""
+    a = get_arch(config)
+    if a.hybrid is None:
+        raise ValueError(f"{a.family} has one kind of layer; layer kinds apply to hybrid families (NemotronH)")
+    name = dict(a.hybrid.aliases).get(name, name)
+    known = [k for k, _ in a.hybrid.kinds]
+    if name not in known:
+        raise ValueError(f"layer kind {name!r} unknown; choose from {', '.join(known)} (or mamba, attention)")
+    return name
+
+
+def hybrid_moe_hidden_axes(model: nn.Module, layer: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """Every tensor of a hybrid MoE layer's mixer that spans the hidden axis, as (module, parameter name, axis):
+    router columns, shared-expert up columns / down rows (and bias), and the experts' columns / rows, or, with
+    latent projections, those projections' columns / rows (the experts then work in the latent space)."""
+    a = get_arch(model)
+    m = a.hybrid.moe
+    mixer = getattr(layer, a.hybrid.mixer)
+    shared = getattr(mixer, m.shared)
+    out = [(getattr(mixer, m.router), "weight", 1), (shared.up_proj, "weight", 1), (shared.down_proj, "weight", 0)]
+    if shared.down_proj.bias is not None:
+        out.append((shared.down_proj, "bias", 0))
+    if getattr(model.config, m.latent_key, None) is None:
+        experts = getattr(mixer, m.experts)
+        return out + [(experts, "up_proj", 2), (experts, "down_proj", 1)]  # [E, F, C], [E, C, F]
+    lat_in, lat_out = getattr(mixer, m.latent_in), getattr(mixer, m.latent_out)
+    out += [(lat_in, "weight", 1), (lat_out, "weight", 0)]
+    return out + ([(lat_out, "bias", 0)] if lat_out.bias is not None else [])
+
+
+def set_hybrid_moe_widths(model: nn.Module, layer: nn.Module, hidden: int) -> None:
+    """Fix the hidden width a hybrid MoE mixer's modules cache (router, shared expert, experts, Linears)."""
+    a = get_arch(model)
+    m = a.hybrid.moe
+    mixer = getattr(layer, a.hybrid.mixer)
+    getattr(mixer, m.router).hidden_dim = hidden
+    getattr(mixer, m.shared).hidden_size = hidden
+    if getattr(model.config, m.latent_key, None) is None:
+        getattr(mixer, m.experts).hidden_dim = hidden
+    for module, name, axis in hybrid_moe_hidden_axes(model, layer):
+        if isinstance(module, nn.Linear) and name == "weight":
+            module.out_features, module.in_features = module.weight.shape
+
+
+# ---- Mamba2 mixers (layout: MambaArch; their pruning and scoring: minitron.mamba) --------------------
+
+@dataclass
+class MambaParts:
+    """The modules and per-head parameters of one Mamba2 mixer (shapes in MambaArch)."""
+
+    mixer: nn.Module
+    in_proj: nn.Linear
+    conv1d: nn.Conv1d
+    out_proj: nn.Linear
+    norm: nn.Module
+    per_head: list[str]      # names of the mixer's [H] parameters (A_log, D, dt_bias)
+    groups: int              # G: B/C groups
+    state: int               # N: state size
+
+
+def mamba_parts(model: nn.Module, layer: nn.Module) -> MambaParts:
+    a = get_arch(model)
+    m = a.mamba
+    if m is None:
+        raise ValueError(f"{a.family} has no Mamba mixer")
+    mixer = getattr(layer, a.hybrid.mixer) if a.hybrid is not None else layer
+    return MambaParts(mixer, getattr(mixer, m.in_proj), getattr(mixer, m.conv1d), getattr(mixer, m.out_proj),
+                      getattr(mixer, m.norm), list(m.per_head), getattr(model.config, m.groups_key),
+                      getattr(model.config, m.state_key))
+
+
+def set_mamba_widths(model: nn.Module, layer: nn.Module, dims: Dims) -> None:
+    """Fix the widths a Mamba2 mixer caches (heads, head dim, inner and conv widths, hidden) and those of its
+    conv1d and gated norm (group size = inner / G)."""
+    p = mamba_parts(model, layer)
+    inner = dims.mamba_heads * dims.mamba_head_dim
+    conv_dim = inner + 2 * p.groups * p.state
+    mx = p.mixer
+    mx.num_heads, mx.head_dim, mx.intermediate_size, mx.conv_dim = dims.mamba_heads, dims.mamba_head_dim, inner, conv_dim
+    mx.hidden_size = dims.hidden
+    p.conv1d.in_channels = p.conv1d.out_channels = p.conv1d.groups = conv_dim
+    p.norm.group_size = inner // p.groups
 
 
 # ---- MoE blocks (layout: MoeArch; the pruning and scoring of experts: minitron.moe) -------------------
@@ -351,15 +525,24 @@ def set_layer_index(model: nn.Module, layer: nn.Module, idx: int) -> None:
         layer.layer_idx = idx
 
 
-def set_module_widths(model: nn.Module, layer: nn.Module, dims: Dims) -> None:
-    """Fix the width attributes that transformers modules cache at construction time."""
+def set_module_widths(model: nn.Module, layer: nn.Module, dims: Dims, parts: frozenset[str] = DENSE_PARTS) -> None:
+    """Fix the width attributes that transformers modules cache at construction time, in a layer holding
+    `parts` (layer_parts)."""
     arch = get_arch(model)
     values = {"hidden_size": dims.hidden, "intermediate_size": dims.ffn, "num_heads": dims.heads,
               "num_key_value_heads": dims.kv_heads, "num_key_value_groups": dims.heads // dims.kv_heads}
-    for module, names in ((layer, arch.layer_attrs), (attention(model, layer), arch.attn_attrs),
-                          (getattr(layer, arch.mlp), arch.mlp_attrs)):
+    targets = [(layer, arch.layer_attrs)]
+    if "attn" in parts:
+        targets.append((attention(model, layer), arch.attn_attrs))
+    if "mlp" in parts:
+        targets.append((getattr(layer, arch.mlp), arch.mlp_attrs))
+    for module, names in targets:
         for name in names:
             setattr(module, name, values[name])
+    if "mamba" in parts:
+        set_mamba_widths(model, layer, dims)
+    if "moe" in parts:  # a hybrid MoE mixer (dense-family MoE blocks: set_moe_widths)
+        set_hybrid_moe_widths(model, layer, dims.hidden)
 
 
 def scale_norm_gain(model: nn.Module, norm: nn.Module, factor: float) -> None:

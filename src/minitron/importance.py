@@ -1,9 +1,11 @@
 """Minitron activation importance from a calibration set: forward passes only, hooks, fp32 statistics.
 
-Width axes (per layer unless noted):
+Width axes (per layer unless noted; in hybrid models a layer without the part has a zero row):
   heads    [L, H]  input of o_proj viewed per head; per-channel score, then L2 over head_dim
   neurons  [L, F]  input of down_proj (act(gate) * up)
-  channels [C]     outputs of each layer's pre-attention and pre-MLP norms, scored per norm, summed
+  channels [C]     outputs of each layer's pre-attention and pre-MLP norms (hybrid: its one pre-norm), scored
+                   per norm, summed
+  mamba_channels / mamba_heads / mamba_head_dim   Mamba2 mixers: the x segment of in_proj (minitron.mamba)
 Each activation x [B, T, C] is aggregated over the sequence (per sample; padding masked), then over the
 batch. Paper default: mean of |x| over the sequence, L2 over the batch.
 Under torchrun each rank scores its share of the calibration batches; the sums are all-reduced.
@@ -140,9 +142,14 @@ class _Collector:
         self.cfg, self.mask, self.handles = cfg, None, []
         layers = arch.decoder_layers(model)
         dims, device = arch.dims_of(model.config), next(model.parameters()).device
-        self.attn = [BatchStat(dims.heads * dims.head_dim, device) for _ in layers]
-        self.mlp = [] if arch.is_moe(model) else [BatchStat(dims.ffn, device) for _ in layers]
-        self.norms = [BatchStat(dims.hidden, device) for _ in range(2 * len(layers))]
+        parts = arch.layer_parts(model)
+        # one statistic per layer that has the part (None where it has not: hybrid layers hold one mixer)
+        self.attn = [BatchStat(dims.heads * dims.head_dim, device) if "attn" in p else None for p in parts]
+        self.mlp = [] if arch.is_moe(model) else [BatchStat(dims.ffn, device) if "mlp" in p else None for p in parts]
+        inner = dims.mamba_heads * dims.mamba_head_dim
+        self.mamba = [BatchStat(inner, device) if "mamba" in p else None for p in parts]
+        taps = [arch.channel_taps(model, layer) for layer in layers]
+        self.norms = [BatchStat(dims.hidden, device) for t in taps for _ in t]
         self.bi = BlockBI(len(layers), bi_sizes, device)
         self.moe = None
         if arch.is_moe(model):  # expert, expert-neuron, shared-expert and router statistics
@@ -150,12 +157,18 @@ class _Collector:
 
             self.moe = MoeCollector(model, lambda n: BatchStat(n, device),
                                     lambda x, m: seq_aggregate(x, m, cfg.seq_agg), cfg.seq_agg, device)
+        norms = iter(self.norms)
         for i, layer in enumerate(layers):
-            self._pre(arch.attn_output(model, layer), self.attn[i])
-            if self.mlp:
+            if self.attn[i] is not None:
+                self._pre(arch.attn_output(model, layer), self.attn[i])
+            if self.mlp and self.mlp[i] is not None:
                 self._pre(arch.mlp_output(model, layer), self.mlp[i])
-            for j, (module, where) in enumerate(arch.channel_taps(model, layer)):
-                stat = self.norms[2 * i + j]
+            if self.mamba[i] is not None:  # the x segment of in_proj's output (ModelOpt's Mamba estimate)
+                from minitron.mamba import register_x_hook
+
+                self.handles.append(register_x_hook(model, layer, inner, lambda x, s=self.mamba[i]: self._add(s, x)))
+            for module, where in taps[i]:
+                stat = next(norms)
                 self.handles.append(module.register_forward_hook(self._norm_hook(stat)) if where == "output" else
                                     module.register_forward_pre_hook(self._input_hook(stat), with_kwargs=True))
             self.handles.append(layer.register_forward_pre_hook(self._layer_in(i), with_kwargs=True))
@@ -196,7 +209,8 @@ class _Collector:
         """Sum (max for max) every statistic over the ranks of torch.distributed, on the model's device."""
         import torch.distributed as dist
 
-        stats = [*self.attn, *self.mlp, *self.norms, *(self.moe.stats() if self.moe else [])]
+        stats = [s for s in (*self.attn, *self.mlp, *self.mamba, *self.norms, *(self.moe.stats() if self.moe else []))
+                 if s is not None]
         counts = torch.tensor([float(s.n) for s in stats], dtype=torch.float64, device=self.bi.tokens.device)
         _all_reduce_flat([t for s in stats for t in (s.sum, s.sumsq)], dist.ReduceOp.SUM)
         _all_reduce_flat([s.max for s in stats], dist.ReduceOp.MAX)
@@ -210,6 +224,14 @@ class _Collector:
             h.remove()
         if self.moe is not None:
             self.moe.remove()
+
+
+def _per_layer(stats: list[BatchStat | None], how: str, size: int) -> torch.Tensor:
+    """One score row per layer -> [L, size]; zeros for layers without the part (hybrid layers)."""
+    rows = [s.result(how) if s is not None else None for s in stats]
+    like = next((r for r in rows if r is not None), None)
+    zero = torch.zeros(size) if like is None else torch.zeros_like(like)
+    return torch.stack([r if r is not None else zero for r in rows])  # [L, size]
 
 
 def _all_reduce_flat(tensors: list[torch.Tensor], op) -> None:
@@ -260,17 +282,22 @@ def compute_importance(model, calib: torch.Tensor, cfg: ImportanceConfig | None 
     finally:
         col.remove()
     how = cfg.batch_agg
-    heads = torch.stack([s.result(how).view(dims.heads, dims.head_dim).norm(dim=-1)  # [H*D] -> [H, D] -> [H]
-                         for s in col.attn])
+    heads = _per_layer(col.attn, how, dims.heads * dims.head_dim)
+    heads = heads.view(dims.layers, dims.heads, dims.head_dim).norm(dim=-1)  # [L, H*D] -> [L, H, D] -> [L, H]
     scores = {
         "heads": heads.cpu(),  # [L, H]
         "kv_groups": heads.view(dims.layers, dims.kv_heads, -1).norm(dim=-1).cpu(),  # [L, K, H/K] -> [L, K]
-        "channels": torch.stack([s.result(how) for s in col.norms]).sum(0).cpu(),  # [2L, C] -> [C]
+        "channels": torch.stack([s.result(how) for s in col.norms]).sum(0).cpu(),  # [taps, C] -> [C]
     }
     if col.moe is not None:  # experts [L, E], neurons [L, E*F], router_tokens / router_prob [L, E], shared_neurons
         scores.update(col.moe.scores(how))
     else:
-        scores["neurons"] = torch.stack([s.result(how) for s in col.mlp]).cpu()  # [L, F]
+        scores["neurons"] = _per_layer(col.mlp, how, dims.ffn).cpu()  # [L, F]
+    if dims.mamba_heads:  # mamba_channels [L, H*P], mamba_heads [L, H], mamba_head_dim [L, P]
+        from minitron.mamba import mamba_scores
+
+        inner = _per_layer(col.mamba, how, dims.mamba_heads * dims.mamba_head_dim)
+        scores.update({k: v.cpu() for k, v in mamba_scores(inner, dims.mamba_heads).items()})
     for n, s in col.bi.result().items():
         scores[f"block_bi.{n}"] = s
     scores["layer_bi"] = scores["block_bi.1"]
@@ -370,7 +397,8 @@ def config_meta(cfg: ImportanceConfig, calib: torch.Tensor, dims: arch.Dims) -> 
             "dims": dims.to_dict()}
 
 
-WIDTH_AXES = ("heads", "kv_groups", "neurons", "channels", "experts", "shared_neurons")  # the last two: MoE only
+WIDTH_AXES = ("heads", "kv_groups", "neurons", "channels", "experts", "shared_neurons",  # MoE only: the last two
+              "mamba_channels", "mamba_heads", "mamba_head_dim")  # models with Mamba layers only
 CRITERIA = ("activation", "magnitude", "taylor", "random")
 
 
@@ -391,6 +419,7 @@ def score_model(model, calib: torch.Tensor, select: torch.Tensor, cfg: Importanc
 
     if criterion not in CRITERIA:
         raise ValueError(f"criterion {criterion!r} unknown; choose from {', '.join(CRITERIA)}")
+    check_criterion(model, criterion)
     if task is not None:  # the block plots show BI beside the task drop of each size
         cfg = replace(cfg, bi_block_sizes=sorted({*cfg.bi_block_sizes, *task[2]}))
     scores = compute_importance(model, calib, cfg, heldout=select)
@@ -405,11 +434,20 @@ def score_model(model, calib: torch.Tensor, select: torch.Tensor, cfg: Importanc
     return scores, meta
 
 
+def check_criterion(model, criterion: str) -> None:
+    """The weight-based criteria (magnitude, taylor) know attention + MLP layers only: refuse them on hybrid
+    (Mamba) models, naming the criteria that work there."""
+    if criterion in ("magnitude", "taylor") and arch.get_arch(model).hybrid is not None:
+        raise ValueError(f"criterion {criterion} is not implemented for hybrid models ({model.config.model_type}: "
+                         "Mamba layers); use --criterion activation (the default) or random")
+
+
 def data_free_widths(model, scores: dict[str, torch.Tensor], criterion: str, seed: int = 0) -> dict:
     """Width axes of a data-free criterion (magnitude: the weights; random: the seed) in place of those in
     `scores`; depth scores kept. activation / taylor: scores unchanged."""
     from minitron.criteria import magnitude_scores
 
+    check_criterion(model, criterion)
     if criterion == "magnitude":
         return {**scores, **magnitude_scores(model)}
     if criterion == "random":

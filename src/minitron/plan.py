@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from minitron import arch
+from minitron import arch, mamba
 from minitron.moe import plan_layer
 
 
@@ -31,6 +31,11 @@ class Target:
     experts: int | None = None       # MoE: experts kept per layer (ffn is then each expert's width)
     top_k: int | None = None         # MoE: experts per token (default: the source's, capped at experts)
     shared_ffn: int | None = None    # MoE: the shared expert's width (Qwen2-MoE)
+    mamba_heads: int | None = None   # hybrid / Mamba: Mamba2 heads per mamba layer (a multiple of n_groups)
+    mamba_head_dim: int | None = None  # hybrid / Mamba: channels per Mamba2 head
+    # hybrid: drop layers only of these kinds (config names or mamba / attention / mlp), each the least
+    # important by the layer metric (scattered); None: any layer, as `contiguous` says
+    depth_types: list[str] | None = None
     params: float | str | None = None  # parameter budget (e.g. 70e6 or "70M")
     params_kind: str = "total"       # what the budget counts: total | non_embedding | active (per token, MoE)
     layer_metric: str = "lm-loss"    # bi | lm-loss | task:NAME: ranks layers / blocks for depth pruning
@@ -61,6 +66,8 @@ class PrunePlan:
     # MoE: source layer -> each kept expert's kept neurons (in the order of experts[layer]); ffn stays empty
     expert_ffn: dict[int, list[list[int]]] = field(default_factory=dict)
     shared_ffn: dict[int, list[int]] = field(default_factory=dict)  # MoE: source layer -> shared expert's neurons
+    mamba_heads: dict[int, list[int]] = field(default_factory=dict)  # Mamba layer -> kept heads (grouped)
+    mamba_channels: dict[int, list[int]] = field(default_factory=dict)  # Mamba layer -> kept head-dim channels
     params_before: dict = field(default_factory=dict)
     params_after: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # the resulting HF config
@@ -72,7 +79,7 @@ class PrunePlan:
     @classmethod
     def load(cls, path: Path) -> PrunePlan:
         raw = json.loads(Path(path).read_text())
-        for key in ("ffn", "heads", "kv_heads", "experts", "expert_ffn", "shared_ffn"):
+        for key in ("ffn", "heads", "kv_heads", "experts", "expert_ffn", "shared_ffn", "mamba_heads", "mamba_channels"):
             raw[key] = {int(k): v for k, v in raw.get(key, {}).items()}
         return cls(**raw)
 
@@ -158,15 +165,22 @@ def resolve_dims(config, target: Target) -> arch.Dims:
         return default if value is None else value
 
     if not arch.is_moe(config) and (target.experts or target.top_k or target.shared_ffn):
-        raise PlanError(f"experts / top_k / shared_ffn are MoE axes, but {config.model_type} is a dense model; "
-                        "drop them (--ffn prunes its MLP)")
+        why = ("its MoE layers are pruned along hidden and depth only (experts and their width are not axes yet)"
+               if "moe" in arch.layer_kinds(config) else "it is a dense model")
+        raise PlanError(f"experts / top_k / shared_ffn are MoE axes, but {config.model_type} has no MoE adapter: "
+                        f"{why}; drop them (--ffn prunes its MLP)")
+    if not src.mamba_heads and (target.mamba_heads or target.mamba_head_dim):
+        raise PlanError(f"mamba_heads / mamba_head_dim are Mamba axes, but {config.model_type} has no Mamba layers; "
+                        "drop them")
     heads = pick(target.heads, src.heads)
     hidden = pick(target.hidden, heads * src.head_dim if arch.get_arch(config).hidden_is_q_width else src.hidden)
     experts = pick(target.experts, src.experts)
     dims = arch.Dims(hidden=hidden, ffn=pick(target.ffn, src.ffn), heads=heads,
                      kv_heads=pick(target.kv_heads, src.kv_heads), layers=pick(target.layers, src.layers - n_drop),
                      head_dim=src.head_dim, vocab=src.vocab, tied=src.tied, experts=experts,
-                     top_k=pick(target.top_k, min(src.top_k, experts)), shared_ffn=pick(target.shared_ffn, src.shared_ffn))
+                     top_k=pick(target.top_k, min(src.top_k, experts)), shared_ffn=pick(target.shared_ffn, src.shared_ffn),
+                     mamba_heads=pick(target.mamba_heads, src.mamba_heads),
+                     mamba_head_dim=pick(target.mamba_head_dim, src.mamba_head_dim))
     if target.params is not None:
         dims = _fit_budget(config, dims, target)
     _check(config, src, dims, target)
@@ -265,6 +279,12 @@ def _check(config, src: arch.Dims, d: arch.Dims, target: Target) -> None:
         raise PlanError(f"{d.heads} heads over {d.kv_heads} KV groups needs {d.heads // d.kv_heads} query "
                         f"heads per group, but the source has {src.heads // src.kv_heads}; "
                         f"keep more KV groups or fewer heads")
+    if src.mamba_heads:
+        why = mamba.check_dims(src, d, getattr(config, arch.get_arch(config).mamba.groups_key))
+        if why:
+            raise PlanError(why)
+    if target.depth_types is not None:
+        _check_depth_types(config, src, d, target)
     if target.drop_layers and target.layers is not None and src.layers - len(target.drop_layers) != target.layers:
         raise PlanError("--layers and --drop-layers disagree; give one of them")
     if target.drop_layers and max(target.drop_layers) >= src.layers:
@@ -273,13 +293,47 @@ def _check(config, src: arch.Dims, d: arch.Dims, target: Target) -> None:
         raise PlanError(f"layer metric {target.layer_metric!r} unknown; choose bi, lm-loss or task:NAME (e.g. task:piqa)")
 
 
-def choose_layers(scores: dict, n_layers: int, n_drop: int, target: Target) -> tuple[list[int], dict]:
-    """Layers to drop: the least important contiguous block (or scattered layers) by the layer metric."""
+def _check_depth_types(config, src: arch.Dims, d: arch.Dims, target: Target) -> None:
+    """depth_types: known kinds, no explicit drop_layers beside them, and enough layers of those kinds."""
+    try:
+        kinds = {arch.kind_name(config, k) for k in target.depth_types}
+    except ValueError as e:
+        raise PlanError(f"depth_types: {e}") from e
+    if target.drop_layers:
+        raise PlanError("depth_types and --drop-layers both choose the dropped layers; give one of them")
+    have = sum(k in kinds for k in arch.layer_kinds(config))
+    if src.layers - d.layers > have:
+        raise PlanError(f"dropping {src.layers - d.layers} layers among the kinds {sorted(kinds)}, but the model has "
+                        f"only {have} of them; keep more layers or name more kinds in depth_types")
+
+
+def _check_kept_kinds(config, kept_layers: list[int]) -> None:
+    """Hybrid: refuse dropping every layer of the kind the family's cache needs (NemotronH: attention)."""
+    a = arch.get_arch(config)
+    need = a.hybrid.keeps_attention if a.hybrid is not None else None
+    kinds = arch.layer_kinds(config)
+    if need and need in kinds and not any(kinds[i] == need for i in kept_layers):
+        raise PlanError(f"the plan drops every {need} layer, and {config.model_type} cannot generate with its cache "
+                        f"without one (transformers counts the sequence on them); keep one: exclude that kind from "
+                        "depth_types, or list the dropped layers with --drop-layers")
+
+
+def choose_layers(scores: dict, n_layers: int, n_drop: int, target: Target,
+                  allowed: list[int] | None = None) -> tuple[list[int], dict]:
+    """Layers to drop: the least important contiguous block (or scattered layers) by the layer metric;
+    with `allowed` (hybrid depth_types), the least important scattered layers among those indices."""
     if n_drop == 0:
         return [], {}
     if target.drop_layers:
         return sorted(target.drop_layers), {"how": "explicit"}
     key = {"bi": "bi", "lm-loss": "lm_loss"}.get(target.layer_metric, "task")
+    if allowed is not None:
+        name = f"layer_{key}"
+        if name not in scores:
+            raise PlanError(f"scores hold no {name}; rerun importance with --layer-metric {target.layer_metric}")
+        order = sorted(allowed, key=lambda i: float(scores[name][i]))
+        return sorted(order[:n_drop]), {"how": f"scattered layers of kinds {target.depth_types} by "
+                                               f"{target.layer_metric}", "layer_scores": scores[name].tolist()}
     if target.contiguous:
         name = f"block_{key}.{n_drop}"
         if name not in scores:
@@ -303,22 +357,35 @@ def _topk_sorted(score: torch.Tensor, k: int) -> list[int]:
 def make_plan(config, scores: dict[str, torch.Tensor], target: Target) -> PrunePlan:
     """Rank every axis by its scores and keep the top units to reach the target dims."""
     src, dims = arch.dims_of(config), resolve_dims(config, target)
-    dropped, layer_choice = choose_layers(scores, src.layers, src.layers - dims.layers, target)
+    allowed = None
+    if target.depth_types is not None:  # hybrid: drop only layers of these kinds
+        kinds = {arch.kind_name(config, k) for k in target.depth_types}
+        allowed = [i for i, k in enumerate(arch.layer_kinds(config)) if k in kinds]
+    dropped, layer_choice = choose_layers(scores, src.layers, src.layers - dims.layers, target, allowed)
     kept_layers = [i for i in range(src.layers) if i not in set(dropped)]
+    _check_kept_kinds(config, kept_layers)
     group, new_group = src.heads // src.kv_heads, dims.heads // dims.kv_heads
-    heads, kv_heads, ffn, experts, expert_ffn, shared_ffn = {}, {}, {}, {}, {}, {}
+    heads, kv_heads, ffn, experts, expert_ffn, shared_ffn, m_heads, m_channels = {}, {}, {}, {}, {}, {}, {}, {}
+    parts = arch.layer_parts(config)
+    a = arch.get_arch(config)
     for i in kept_layers:
+        if "mamba" in parts[i]:  # heads ranked within their B/C group, head-dim channels shared by all heads
+            m_heads[i], m_channels[i] = mamba.plan_layer(scores, i, src, dims, getattr(config, a.mamba.groups_key))
+        if "mlp" in parts[i] and a.hybrid is not None:
+            ffn[i] = _topk_sorted(scores["neurons"][i], dims.ffn)
+        if "attn" not in parts[i]:
+            continue
         kv = _topk_sorted(scores["kv_groups"][i], dims.kv_heads)
         kv_heads[i] = kv
         # query heads ranked within their KV group; every group keeps the same count (GQA-consistent)
         heads[i] = [g * group + h for g in kv for h in _topk_sorted(scores["heads"][i, g * group:(g + 1) * group], new_group)]
         if arch.is_moe(config):  # experts by their output norm; each kept expert ranks its own neurons
             experts[i], expert_ffn[i], shared_ffn[i] = plan_layer(scores, i, src, dims)
-        else:
+        elif a.hybrid is None:  # the layer's MLP (hybrid MLP layers are ranked above)
             ffn[i] = _topk_sorted(scores["neurons"][i], dims.ffn)
     new_config = config_with_dims(config, dims, kept_layers)
     return PrunePlan(source=src.to_dict(), target=dims.to_dict(), kept_layers=kept_layers, dropped_layers=dropped,
                      hidden=_topk_sorted(scores["channels"], dims.hidden), ffn=ffn, heads=heads, kv_heads=kv_heads,
-                     experts=experts, expert_ffn=expert_ffn, shared_ffn=shared_ffn,
-                     params_before=count_params(config), params_after=count_params(new_config),
+                     experts=experts, expert_ffn=expert_ffn, shared_ffn=shared_ffn, mamba_heads=m_heads,
+                     mamba_channels=m_channels, params_before=count_params(config), params_after=count_params(new_config),
                      config=new_config.to_dict(), layer_choice=layer_choice)

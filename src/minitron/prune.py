@@ -24,6 +24,7 @@ from minitron.importance import (
     save_scores,
     score_model,
 )
+from minitron.mamba import slice_mixer
 from minitron.models import lm_loss, load_model
 from minitron.moe import slice_experts
 from minitron.plan import PrunePlan, Target, budget_splits, make_plan, resolve_dims, source_config
@@ -67,23 +68,34 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     layers = arch.decoder_layers(model)
     kept = nn.ModuleList([layers[i] for i in plan.kept_layers])
     moe = arch.is_moe(model)
+    parts = arch.layer_parts(model)  # dense / MoE: attention and MLP in every layer; hybrid: one mixer each
     for old_i, layer in zip(plan.kept_layers, kept, strict=True):
-        rows = {"q": _rows(plan.heads[old_i], hd), "kv": _rows(plan.kv_heads[old_i], hd),
+        has = parts[old_i]
+        rows = {"q": _rows(plan.heads.get(old_i, []), hd), "kv": _rows(plan.kv_heads.get(old_i, []), hd),
                 "ffn": torch.tensor(plan.ffn.get(old_i, []), dtype=torch.long)}
-        for lin, segs in arch.attn_inputs(model, layer) + ([] if moe else arch.mlp_inputs(model, layer)):
+        inputs = ((arch.attn_inputs(model, layer) if "attn" in has else [])
+                  + (arch.mlp_inputs(model, layer) if "mlp" in has and not moe else []))
+        for lin, segs in inputs:
             offsets = [sum(seg_size[s] for s in segs[:j]) for j in range(len(segs))]
             slice_linear(lin, out_idx=torch.cat([rows[s] + off for s, off in zip(segs, offsets, strict=True)]),
                          in_idx=hidden)
-        slice_linear(arch.attn_output(model, layer), out_idx=hidden, in_idx=rows["q"])
-        for norm, seg in arch.proj_norms(model, layer):  # OLMo2 / OLMoE q_norm, k_norm over whole projections
-            slice_norm(norm, rows[seg])
+        if "attn" in has:
+            slice_linear(arch.attn_output(model, layer), out_idx=hidden, in_idx=rows["q"])
+            for norm, seg in arch.proj_norms(model, layer):  # OLMo2 / OLMoE q_norm, k_norm over whole projections
+                slice_norm(norm, rows[seg])
         if moe:
             _slice_moe(model, layer, hidden, plan, old_i)
-        else:
+        elif "mlp" in has:
             slice_linear(arch.mlp_output(model, layer), out_idx=hidden, in_idx=rows["ffn"])
+        if "mamba" in has:
+            slice_mixer(model, layer, hidden, plan.mamba_heads[old_i], plan.mamba_channels[old_i], src)
+        if "moe" in has:  # a hybrid MoE mixer: hidden only (its experts are not an axis yet)
+            for module, name, axis in arch.hybrid_moe_hidden_axes(model, layer):
+                t = getattr(module, name).data
+                setattr(module, name, nn.Parameter(t.index_select(axis, hidden.to(t.device)).clone()))
         for norm in arch.hidden_norms(model, layer):
             slice_norm(norm, hidden)
-        arch.set_module_widths(model, layer, dims)
+        arch.set_module_widths(model, layer, dims, has)
         if moe:
             arch.set_moe_widths(model, layer, dims)
     arch.set_decoder_layers(model, kept)

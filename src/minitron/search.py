@@ -49,10 +49,10 @@ class SearchConfig:
             self.params = parse_count(self.params)
 
     def check(self) -> None:
-        unknown = set(self.axes) - {"hidden", "ffn", "heads", "layers", "experts"}
+        unknown = set(self.axes) - {"hidden", "ffn", "heads", "layers", "experts", "mamba_heads"}
         if unknown:
             raise ValueError(f"search.axes: unknown axes {sorted(unknown)}; choose from hidden, ffn, heads, layers, "
-                             "experts (MoE)")
+                             "experts (MoE), mamba_heads (hybrid)")
         if self.params < 0 or not 0 <= self.tolerance < 1:
             raise ValueError("search.params must be >= 0 and search.tolerance in [0, 1)")
 
@@ -77,13 +77,18 @@ def candidates(config, cfg: SearchConfig) -> list[arch.Dims]:
         raise PlanError(f"search.axes names experts, but {config.model_type} is a dense model; drop it")
     experts = (sorted({max(src.top_k, round(src.experts * f)) for f in cfg.expert_fractions})
                if "experts" in cfg.axes else [src.experts])
+    if "mamba_heads" in cfg.axes and not src.mamba_heads:
+        raise PlanError(f"search.axes names mamba_heads, but {config.model_type} has no Mamba layers; drop it")
     a = arch.get_arch(config)
+    groups = getattr(config, a.mamba.groups_key) if src.mamba_heads else 1
+    mamba_heads = grid("mamba_heads", src.mamba_heads, cfg.width_fractions, groups)  # whole heads per B/C group
     lo, hi = cfg.params * (1 - cfg.tolerance), cfg.params * (1 + cfg.tolerance)
     out = []
-    for h, f, nh, nl, ne in itertools.product(hidden, ffn, heads, layers, experts):
+    for h, f, nh, nl, ne, nm in itertools.product(hidden, ffn, heads, layers, experts, mamba_heads):
         if (a.hidden_divisible_by_heads and h % nh) or (a.hidden_is_q_width and h != nh * src.head_dim):
             continue  # transformers would refuse to load this config
-        dims = replace(src, hidden=h, ffn=f, heads=nh, layers=nl, experts=ne)  # MoE: top-k, shared width kept
+        # MoE: top-k and shared width kept; Mamba: head dim kept
+        dims = replace(src, hidden=h, ffn=f, heads=nh, layers=nl, experts=ne, mamba_heads=nm)
         if lo <= count_params(config_with_dims(config, dims))["total"] <= hi:
             out.append(dims)
     if not out:
@@ -102,10 +107,11 @@ def depth_block_sizes(config, cfg: SearchConfig) -> list[int]:
 
 
 def target_of(d: arch.Dims, cfg: SearchConfig) -> Target:
-    """The Target that prunes to a candidate's dims (a search row's "dims"), MoE axes included."""
+    """The Target that prunes to a candidate's dims (a search row's "dims"), MoE and Mamba axes included."""
     moe = dict(experts=d.experts, top_k=d.top_k, shared_ffn=d.shared_ffn or None) if d.experts else {}
+    mamba = dict(mamba_heads=d.mamba_heads, mamba_head_dim=d.mamba_head_dim) if d.mamba_heads else {}
     return Target(hidden=d.hidden, ffn=d.ffn, heads=d.heads, kv_heads=d.kv_heads, layers=d.layers,
-                  layer_metric=cfg.layer_metric, **moe)
+                  layer_metric=cfg.layer_metric, **moe, **mamba)
 
 
 def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg: SearchConfig,
