@@ -439,3 +439,177 @@ def test_teacher_and_pruned_student_generate_under_llama_cpp(tmp_path):
         llm.close()
     assert "Paris" in answers["teacher"], answers
     assert answers["student"].strip(), answers
+
+
+# ---- the families of issue 17: OLMo2, Gemma2, Granite and the MoE families --------------------------------------
+
+NEW_FAMILIES = ["olmo2", "gemma2", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+# the tiny configs of conftest, changed only where llama.cpp's graph hard-codes a choice transformers leaves to the
+# config (both refusals are tested below): Qwen3-MoE renormalizes the top-k weights (as the released models do),
+# OLMoE has as many KV heads as query heads (as the released model does)
+LLAMA_CPP_OVER = {"qwen3_moe": {"norm_topk_prob": True}, "olmoe": {"num_key_value_heads": 4}}
+# family -> (llama.cpp architecture, the tensors of blk.0 with their shapes [out, in] of the tiny model)
+_ATTN = {"attn_q": [64, 64], "attn_k": [32, 64], "attn_v": [32, 64], "attn_output": [64, 64]}
+_MLP = {"ffn_gate": [128, 64], "ffn_up": [128, 64], "ffn_down": [64, 128]}
+_EXPERTS = {"ffn_gate_inp": [4, 64], "ffn_gate_exps": [4, 32, 64], "ffn_up_exps": [4, 32, 64],
+            "ffn_down_exps": [4, 64, 32]}
+_PRE_NORMS = {"attn_norm": [64], "ffn_norm": [64]}
+NEW_LAYOUT = {
+    "olmo2": ("olmo2", {**_ATTN, **_MLP, "attn_q_norm": [64], "attn_k_norm": [32], "post_attention_norm": [64],
+                        "post_ffw_norm": [64]}),
+    "gemma2": ("gemma2", {**_ATTN, **_MLP, **_PRE_NORMS, "post_attention_norm": [64], "post_ffw_norm": [64]}),
+    "granite": ("granite", {**_ATTN, **_MLP, **_PRE_NORMS}),
+    "mixtral": ("llama", {**_ATTN, **_EXPERTS, **_PRE_NORMS}),
+    "qwen2_moe": ("qwen2moe", {**_ATTN, **_EXPERTS, **_PRE_NORMS, "attn_q.bias": [64], "attn_k.bias": [32],
+                               "attn_v.bias": [32], "ffn_gate_shexp": [48, 64], "ffn_up_shexp": [48, 64],
+                               "ffn_down_shexp": [64, 48], "ffn_gate_inp_shexp": [64]}),
+    "qwen3_moe": ("qwen3moe", {**_ATTN, **_EXPERTS, **_PRE_NORMS, "attn_q_norm": [16], "attn_k_norm": [16]}),
+    "olmoe": ("olmoe", {**_ATTN, "attn_k": [64, 64], "attn_v": [64, 64], **_EXPERTS, **_PRE_NORMS,
+                        "attn_q_norm": [64], "attn_k_norm": [64]}),
+}
+
+
+# llama.cpp's olmo2, qwen2moe and olmoe graphs size q as hidden x hidden: a student keeps hidden = heads x head_dim
+PRUNED_HIDDEN = {"olmo2": 32, "qwen2_moe": 32, "olmoe": 32}
+
+
+def new_family_model(family: str):
+    """The tiny random model of a family (tiny.make_config), with LLAMA_CPP_OVER applied."""
+    return make_model(family, **LLAMA_CPP_OVER.get(family, {}))
+
+
+def pruned_new_family(family: str, seed: int = 0):
+    """A tiny model of a new family pruned in memory: heads 2 of dim 16, MLP (each expert) 96 / 16, one layer pair
+    or layer dropped; MoE: 3 of 4 experts, top-2, shared expert 32 wide; hidden 48 (q width 32 != hidden) where
+    llama.cpp's graph allows it, else (PRUNED_HIDDEN) hidden = q width 32. Scores are random: only shapes matter."""
+    model = new_family_model(family)
+    d = arch.dims_of(model.config)
+    g = torch.Generator().manual_seed(seed)
+    scores = {"heads": torch.rand(d.layers, d.heads, generator=g), "kv_groups": torch.rand(d.layers, d.kv_heads, generator=g),
+              "channels": torch.rand(d.hidden, generator=g)}
+    target = Target(hidden=48, ffn=96, heads=2, kv_heads=1, drop_layers=[2, 3] if family == "gemma2" else [1])
+    if d.experts:
+        scores |= {"experts": torch.rand(d.layers, d.experts, generator=g),
+                   "neurons": torch.rand(d.layers, d.experts * d.ffn, generator=g)}
+        target.ffn, target.experts, target.top_k = 16, 3, 2
+        if d.shared_ffn:
+            scores["shared_neurons"] = torch.rand(d.layers, d.shared_ffn, generator=g)
+            target.shared_ffn = 32
+    else:
+        scores["neurons"] = torch.rand(d.layers, d.ffn, generator=g)
+    target.hidden = PRUNED_HIDDEN.get(family, 48)
+    if family == "olmoe":
+        target.kv_heads = 2  # as many KV heads as query heads
+    apply_plan(model, make_plan(model.config, scores, target))
+    return model.eval()
+
+
+def _tensor(path, name: str) -> np.ndarray:
+    from gguf import GGUFReader
+
+    return np.asarray(next(t for t in GGUFReader(str(path)).tensors if t.name == name).data)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_new_family_metadata_and_tensors(family, tokenizer, tmp_path):
+    """Read back with the gguf reader: llama.cpp's architecture, the family's metadata keys, every tensor of a
+    block under llama.cpp's name and shape (experts stacked [n_expert, ...]), the weight transforms (Gemma's
+    1 + w norms, Llama-style rope rows permuted for Granite), and the routers kept f32 in a q8_0 file."""
+    model = new_family_model(family)
+    c = model.config
+    path = tmp_path / "n.gguf"
+    info = export_gguf(model, tokenizer, path, "f32")
+    meta, shapes = fields(path)
+    a, layout = NEW_LAYOUT[family]
+    assert info["architecture"] == meta["general.architecture"] == a
+    assert (meta[f"{a}.block_count"], meta[f"{a}.embedding_length"], meta[f"{a}.attention.head_count"],
+            meta[f"{a}.attention.key_length"]) == (4, 64, 4, 16)
+    block = {n[len("blk.0."):].removesuffix(".weight"): s for n, s in shapes.items() if n.startswith("blk.0.")}
+    assert block == layout
+    assert ("output.weight" in shapes) == (not c.tie_word_embeddings)
+    if family == "gemma2":
+        assert (meta["gemma2.attn_logit_softcapping"], meta["gemma2.final_logit_softcapping"],
+                meta["gemma2.attention.sliding_window"]) == (5.0, 3.0, 8)
+        w = model.model.layers[0].post_feedforward_layernorm.weight.detach().numpy()
+        np.testing.assert_allclose(_tensor(path, "blk.0.post_ffw_norm.weight"), 1.0 + w, rtol=1e-6)  # (1 + w)
+    if family == "granite":
+        assert [meta[f"granite.{k}"] for k in ("embedding_scale", "residual_scale", "attention.scale",
+                                               "logit_scale")] == pytest.approx([3.0, 0.5, 0.1, 4.0])
+        q = model.model.layers[0].self_attn.q_proj.weight.detach()
+        assert not np.allclose(_tensor(path, "blk.0.attn_q.weight"), q.numpy(), atol=0.01)  # rows permuted for rope
+    if family == "olmo2":
+        w = model.model.layers[0].self_attn.q_norm.weight.detach().numpy()
+        np.testing.assert_allclose(_tensor(path, "blk.0.attn_q_norm.weight"), w, rtol=1e-6)  # no shift
+    if arch.is_moe(c):
+        d = arch.dims_of(c)
+        assert (meta[f"{a}.expert_count"], meta[f"{a}.expert_used_count"], meta[f"{a}.expert_feed_forward_length"]) \
+            == (4, 2, 32)
+        assert meta.get(f"{a}.expert_shared_feed_forward_length") == (d.shared_ffn or None)
+        assert meta.get(f"{a}.expert_weights_norm") == getattr(c, "norm_topk_prob", None)
+        up = model.model.layers[0].mlp.experts.gate_up_proj.detach()[:, 32:]   # [E, F, C]: the up rows
+        np.testing.assert_allclose(_tensor(path, "blk.0.ffn_up_exps.weight"), up.numpy(), rtol=1e-6)
+        from gguf import GGUFReader
+
+        export_gguf(model, tokenizer, tmp_path / "q.gguf", "q8_0")
+        types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "q.gguf")).tensors}
+        assert types["blk.0.ffn_gate_inp.weight"] == "F32" and types["blk.0.ffn_gate_exps.weight"] == "Q8_0"
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_new_family_pruned_metadata(family, tokenizer, tmp_path):
+    """A pruned student of each new family writes its own widths (head_dim 16 != hidden / heads, MoE 3 experts)."""
+    model = pruned_new_family(family)
+    path = tmp_path / "p.gguf"
+    info = export_gguf(model, tokenizer, path, "f32")
+    meta, shapes = fields(path)
+    a = info["architecture"]
+    hidden = PRUNED_HIDDEN.get(family, 48)
+    assert (meta[f"{a}.embedding_length"], meta[f"{a}.attention.head_count"], meta[f"{a}.attention.key_length"],
+            meta[f"{a}.block_count"]) == (hidden, 2, 16, 2 if family == "gemma2" else 3)
+    assert shapes["blk.0.attn_q.weight"] == [32, hidden]
+    if arch.is_moe(model.config):
+        assert meta[f"{a}.expert_count"] == 3 and shapes["blk.0.ffn_down_exps.weight"] == [3, hidden, 16]
+    else:
+        assert shapes["blk.0.ffn_down.weight"] == [hidden, 96]
+
+
+def test_new_families_refused_where_llama_cpp_differs(tokenizer, tmp_path):
+    """What llama.cpp's graphs hard-code, and a model that differs, is refused by name with the fix; no file."""
+    cases = [
+        (make_model("qwen3_moe"), "qwen3moe graph always renormalizes.*norm_topk_prob=False"),
+        (make_model("qwen2_moe", norm_topk_prob=True), "qwen2moe graph never renormalizes.*norm_topk_prob=True"),
+        (make_model("olmoe", norm_topk_prob=True, num_key_value_heads=4), "olmoe graph never renormalizes"),
+        (make_model("olmoe"), "no grouped-query attention.*2 KV heads for 4.*--kv-heads equal to --heads"),
+        (make_model("gemma2", layer_types=["sliding_attention"] * 2 + ["full_attention"] * 2),
+         "even layers.*--drop-layers 2,3"),
+        (make_model("gemma2", attn_logit_softcapping=None), "always soft-caps"),
+        (make_model("gemma2", query_pre_attn_scalar=32), r"1/sqrt\(16\).*query_pre_attn_scalar=32"),
+        (pruned("olmo2"), "olmo2 graph assumes heads \\* head_dim == hidden.*--hidden 32"),
+    ]
+    for model, match in cases:
+        with pytest.raises(GGUFExportError, match=match):
+            export_gguf(model, tokenizer, tmp_path / "x.gguf", "f16")
+    assert os.listdir(tmp_path) == []
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("prune_it", [False, True], ids=["full", "pruned"])
+def test_llama_cpp_runs_new_families_like_transformers(family, prune_it, tokenizer, tmp_path):
+    """llama.cpp's logits equal transformers' for every new family and a pruned student of it: f32 file and KV cache
+    within 1e-5 (Gemma2 within 5e-3: ggml's GELU table is f16), f16 file within 2e-2. 40 tokens > Gemma2's window
+    of 8, so both attention kinds run; MoE routing follows the same experts (a flipped choice would differ by far
+    more than the tolerance)."""
+    from minitron import gguf_runtime as R
+
+    model = pruned_new_family(family) if prune_it else new_family_model(family)
+    ids = ids_of(tokenizer, 40)
+    with torch.no_grad():
+        ref = model(ids).logits[0].numpy()
+    for qtype, atol in (("f32", 5e-3 if family == "gemma2" else 1e-5), ("f16", 2e-2)):
+        path = tmp_path / f"{qtype}.gguf"
+        export_gguf(model, tokenizer, path, qtype)
+        llm = R.load(path, n_ctx=64, logits_all=True, kv_f32=True)
+        got = R.logits(llm, ids[0].tolist())
+        llm.close()
+        np.testing.assert_allclose(got, ref, atol=atol, rtol=0, err_msg=f"{family} {qtype}")

@@ -8,9 +8,15 @@ name of every tensor, and the quirks (norm weights stored as 1 + w, a graph that
 == hidden). llama.cpp's `convert_hf_to_gguf.py` is the reference for names and metadata keys.
 
 Tensors are written in PyTorch's row-major shape [out_features, in_features] (GGUF lists dims the other way
-round, ne = [in, out]). Types: f32, f16, bf16 and the block types gguf.quants quantizes in numpy (q8_0,
-q4_0, q4_1, q5_0, q5_1); 1-D tensors (norms, biases) stay f32, and a 2-D tensor whose rows are not a whole
-number of blocks falls back to f16, as llama.cpp's converter does. K-quants (q4_k_m, q6_k, ...) have no
+round, ne = [in, out]); MoE experts, which transformers 5 keeps fused, are written stacked as llama.cpp keeps
+them: ffn_gate_exps / ffn_up_exps [n_expert, width, hidden] (gate_up_proj's rows split) and ffn_down_exps
+[n_expert, hidden, width]; the routers stay f32 in every file type, as llama.cpp's converter keeps them.
+Where llama.cpp's graph hard-codes what transformers reads from the config (Gemma2's sliding-window pattern,
+the MoE families' renormalization of the top-k routing weights), check_config refuses a model that differs.
+
+Types: f32, f16, bf16 and the block types gguf.quants quantizes in numpy (q8_0, q4_0, q4_1, q5_0, q5_1); 1-D
+tensors (norms, biases) stay f32, and a matrix whose rows are not a whole number of blocks falls back to f16,
+as llama.cpp's converter does. K-quants (q4_k_m, q6_k, ...) have no
 numpy quantizer: they go through llama.cpp's own quantizer in llama-cpp-python (the gguf-runtime extra).
 The file is written under a temporary name and renamed at the end: an error never leaves a partial file.
 """
@@ -66,6 +72,21 @@ def check_type(qtype: str) -> str:
 _LLAMA_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+# Gemma's four norms per layer: after attention, before and after the MLP
+_SANDWICH_NORMS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                   "post_feedforward_layernorm": "post_ffw_norm"}
+# a sparse MoE block (transformers 5 stores the experts fused, see arch.MoeArch): the router, and experts stacked
+# [n_expert, ...] as llama.cpp keeps them; a tuple value splits the rows of one tensor in equal parts (gate; up)
+_MOE_LAYER = {"mlp.gate": "ffn_gate_inp", "mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"),
+              "mlp.experts.down_proj": "ffn_down_exps"}
+# Qwen2-MoE's shared expert (a gated MLP of its own width) and its sigmoid gate
+_SHARED_EXPERT = {"mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+                  "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+_DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_MOE_BASE = {k: v for k, v in _LLAMA_LAYER.items() if k not in _DENSE_MLP} | _MOE_LAYER
+# tensors llama.cpp's converter always keeps in f32, whatever the file type: the routers
+_ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,17 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
         q_is_hidden=True, as_llama_if_not=True),
     "nemotron": GGUFFamily("nemotron", "neox", norm_shift=1.0, layer_norm=True, q_is_hidden=True,
                            output_required=True, layer={k: v for k, v in _LLAMA_LAYER.items() if k != "mlp.gate_proj"}),
+    # soft-capped attention and logits, sqrt(hidden)-scaled embeddings (in llama.cpp's graph), norms 1 + w
+    "gemma2": GGUFFamily("gemma2", "neox", norm_shift=1.0, layer={**_LLAMA_LAYER, **_SANDWICH_NORMS}),
+    # no pre-norms: norms after attention and after the MLP; q/k norms over the whole projections
+    "olmo2": GGUFFamily("olmo2", "neox", q_is_hidden=True, layer={
+        **{k: v for k, v in _LLAMA_LAYER.items() if "layernorm" not in k}, **_QK_NORMS,
+        "post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm"}),
+    "granite": GGUFFamily("granite", "norm"),  # Llama's layout; its four multipliers are metadata
+    "mixtral": GGUFFamily("llama", "norm", layer=dict(_MOE_BASE)),  # llama.cpp runs Mixtral as llama + experts
+    "qwen2_moe": GGUFFamily("qwen2moe", "neox", q_is_hidden=True, layer={**_MOE_BASE, **_SHARED_EXPERT}),  # biases
+    "qwen3_moe": GGUFFamily("qwen3moe", "neox", layer={**_MOE_BASE, **_QK_NORMS}),
+    "olmoe": GGUFFamily("olmoe", "neox", layer={**_MOE_BASE, **_QK_NORMS}),  # q/k norms over whole projections
 }
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
@@ -175,6 +207,8 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
     for name, t in state.items():
         t = t.detach().float().cpu()
         base, _, suffix = name.rpartition(".")                # e.g. model.layers.3.self_attn.q_proj / weight
+        if base.endswith(".mlp.experts"):                     # fused experts are parameters without .weight
+            base, suffix = name, "weight"
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", base)
         if m:
             part = m.group(2)
@@ -186,6 +220,8 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
                 pieces = zip(("attn_q", "attn_k", "attn_v"), t.split([heads * hd, kv * hd, kv * hd]), strict=True)
             elif fam.arch == "llama" and part == "mlp.gate_up_proj":    # [gate; up] rows
                 pieces = zip(("ffn_gate", "ffn_up"), t.chunk(2, dim=0), strict=True)
+            elif isinstance(fam.layer[part], tuple):                  # experts [E, 2F, C] -> [E, F, C] x 2
+                pieces = zip(fam.layer[part], t.chunk(len(fam.layer[part]), dim=-2), strict=True)
             else:
                 pieces = [(fam.layer[part], t)]
             for gname, p in pieces:
@@ -193,6 +229,8 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
                     p = permute_rope_rows(p, heads if gname == "attn_q" else kv, rot)
                 if "norm" in gname and suffix == "weight":
                     p = p + fam.norm_shift
+                if gname == "ffn_gate_inp_shexp":
+                    p = p.reshape(-1)                                  # [1, C] -> [C], as llama.cpp loads it
                 out.append((f"{prefix}{gname}.{suffix}", p.contiguous()))
         elif base in _GLOBAL:
             if base == "lm_head" and tied and not fam.output_required:
@@ -234,7 +272,8 @@ def _rope_factor_tensors(config, fam: GGUFFamily) -> list[tuple[str, torch.Tenso
 
 def write_hparams(w, config, fam: GGUFFamily) -> None:
     """The {arch}.* keys llama.cpp reads: sizes, explicit head_dim (key/value_length: a pruned model's head_dim
-    need not be hidden / heads), rotary settings, norm epsilon, Gemma3's sliding-window layers."""
+    need not be hidden / heads), rotary settings, norm epsilon, Gemma3's sliding-window layers, Gemma2's
+    soft-caps, Granite's multipliers, and the expert counts and widths of MoE families."""
     hd = A.head_dim_of(config)
     w.add_context_length(int(getattr(config, "max_position_embeddings", None) or 2048))
     w.add_embedding_length(config.hidden_size)
@@ -265,6 +304,44 @@ def write_hparams(w, config, fam: GGUFFamily) -> None:
         orig = rp.get("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
         if orig:
             w.add_rope_scaling_orig_ctx_len(int(orig))
+    if fam.arch == "gemma2":
+        _write_gemma2_keys(w, config)
+    if fam.arch == "granite":
+        _write_granite_keys(w, config)
+    if A.get_arch(config).moe is not None:
+        _write_moe_keys(w, config)
+
+
+def _write_gemma2_keys(w, config) -> None:
+    """Gemma2: attention and final logit soft-caps, and the sliding window (llama.cpp's gemma2 graph slides on
+    the even layers, as transformers' default layer_types; check_config refuses any other pattern)."""
+    w.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+    w.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    w.add_sliding_window(int(config.sliding_window))
+
+
+def _write_granite_keys(w, config) -> None:
+    """Granite's four multipliers under llama.cpp's names: embeddings times embedding_scale, each block's
+    output times residual_scale, attention scores times attention.scale (in place of 1/sqrt(head_dim)),
+    logits divided by logit_scale."""
+    w.add_embedding_scale(float(config.embedding_multiplier))
+    w.add_residual_scale(float(config.residual_multiplier))
+    w.add_attention_scale(float(config.attention_multiplier))
+    w.add_logit_scale(float(config.logits_scaling))
+
+
+def _write_moe_keys(w, config) -> None:
+    """expert_count, expert_used_count (top-k), expert_feed_forward_length (each expert's width), the shared
+    expert's width, and whether the top-k routing weights are renormalized (norm_topk_prob) where the family
+    has that switch."""
+    d = A.dims_of(config)
+    w.add_expert_count(d.experts)
+    w.add_expert_used_count(d.top_k)
+    w.add_expert_feed_forward_length(d.ffn)
+    if d.shared_ffn:
+        w.add_expert_shared_feed_forward_length(d.shared_ffn)
+    if getattr(config, "norm_topk_prob", None) is not None:
+        w.add_expert_weights_norm(bool(config.norm_topk_prob))
 
 
 def _write_rope_scaling(w, config, fam: GGUFFamily, rp: dict) -> None:
@@ -301,9 +378,59 @@ def check_config(config) -> None:
         if abs(scalar - cpp) > 1e-6:
             raise GGUFExportError(f"llama.cpp's gemma3 graph scales attention by 1/sqrt({cpp:g}), this model by "
                                   f"1/sqrt(query_pre_attn_scalar={scalar:g}); use the Hugging Face export")
-    if getattr(config, "attn_logit_softcapping", None):
+    if getattr(config, "attn_logit_softcapping", None) and fam.arch != "gemma2":
         raise GGUFExportError("attention logit soft-capping is not in llama.cpp's graph for this family")
+    if family == "gemma2":
+        _check_gemma2(config)
+    if A.get_arch(config).moe is not None:
+        _check_moe(config, family, fam)
     _write_rope_scaling(_NullWriter(), config, fam, _rope_params(config))
+
+
+def _check_gemma2(config) -> None:
+    """llama.cpp's gemma2 graph always soft-caps, slides the window on even layers only (transformers'
+    default layer_types) and scales attention by 1/sqrt(head_dim) (1/sqrt(hidden / heads) for the 46-layer
+    27B): refuse a Gemma2 model that differs, which a pruned one can (layers dropped, heads pruned)."""
+    if not config.attn_logit_softcapping or not config.final_logit_softcapping:
+        raise GGUFExportError("llama.cpp's gemma2 graph always soft-caps attention and final logits; this model sets "
+                              f"attn_logit_softcapping={config.attn_logit_softcapping}, final_logit_softcapping="
+                              f"{config.final_logit_softcapping}. Use the Hugging Face export.")
+    types = list(getattr(config, "layer_types", None) or [])
+    cpp = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)]
+    if types and types != cpp:
+        raise GGUFExportError(
+            f"llama.cpp's gemma2 graph slides the attention window on even layers and attends fully on odd ones, but "
+            f"this model's layer_types are {types} (dropping layers shifted the pattern). Drop neighbouring layers in "
+            "pairs, which keeps the alternation (e.g. --drop-layers 2,3), or use the Hugging Face export.")
+    scalar = config.query_pre_attn_scalar
+    cpp_scalar = config.hidden_size / config.num_attention_heads if config.num_hidden_layers == 46 else A.head_dim_of(config)
+    if abs(scalar - cpp_scalar) > 1e-6:
+        raise GGUFExportError(f"llama.cpp's gemma2 graph scales attention by 1/sqrt({cpp_scalar:g}), this model by "
+                              f"1/sqrt(query_pre_attn_scalar={scalar:g}); use the Hugging Face export")
+
+
+# whether llama.cpp's graph renormalizes the top-k routing weights: fixed per architecture (the expert_weights_norm
+# key is written but these graphs do not read it); transformers follows config.norm_topk_prob where it has one
+_TOPK_RENORMALIZED = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
+
+
+def _check_moe(config, family: str, fam: GGUFFamily) -> None:
+    """Refuse MoE configs llama.cpp would route or shape differently: a norm_topk_prob other than the one its
+    graph hard-codes, and OLMoE with fewer KV heads than query heads (llama.cpp sizes its k norm as hidden)."""
+    A.dims_of(config)                                    # refuses dense layers mixed among the MoE ones
+    fixed = _TOPK_RENORMALIZED[fam.arch]
+    norm = getattr(config, "norm_topk_prob", fixed)
+    if bool(norm) != fixed:
+        raise GGUFExportError(
+            f"llama.cpp's {fam.arch} graph {'always' if fixed else 'never'} renormalizes the top-k routing weights, "
+            f"but this {family} model has norm_topk_prob={norm}: llama.cpp would weight the experts differently. "
+            "Use the Hugging Face export.")
+    kv = config.num_key_value_heads or config.num_attention_heads
+    if family == "olmoe" and kv != config.num_attention_heads:
+        raise GGUFExportError(
+            f"llama.cpp's olmoe graph has no grouped-query attention (its k norm spans hidden = {config.hidden_size} "
+            f"channels), but this OLMoE model has {kv} KV heads for {config.num_attention_heads} query heads. Prune "
+            "KV heads together with query heads (--kv-heads equal to --heads), or use the Hugging Face export.")
 
 
 class _NullWriter:
@@ -510,7 +637,7 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, qtype: str = "f16", n
         counts: dict[str, int] = {}
         types, odd_rows = _numpy_types(), set()
         for gname, t in gguf_tensors(model):
-            arr, raw, tname = _encode(t, qtype, types)
+            arr, raw, tname = _encode(t, "f32" if gname.endswith(_ALWAYS_F32) else qtype, types)
             w.add_tensor(gname, arr, raw_dtype=raw)
             counts[tname] = counts.get(tname, 0) + 1
             if tname == "F16" and qtype not in ("f16", "f32"):
