@@ -128,9 +128,8 @@ def distill(cfg: DistillConfig) -> Path:
         teacher = load_model(cfg.teacher, device, prec["teacher"], with_tokenizer=False)[0]
         teacher.requires_grad_(False).eval()
     # the corpus' token store (built once, one process per machine); train blocks read as each step indexes them
-    # (the top-k cache fingerprints every train block, so it gets them in memory)
     splits = load_splits(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.split_seed, cfg.max_blocks,
-                         cfg.data_root, lazy=not cfg.topk_cache)
+                         cfg.data_root, lazy=True)
     n_val = cfg.eval_batches * cfg.batch_size * d.world
     extra_val = {src: corpus_blocks(src, tokenizer, cfg.seq_len, n_val, cfg.data_root) for src in cfg.heldout or []}
     per_step = cfg.batch_size * cfg.grad_accum * d.world
@@ -164,9 +163,12 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.topk_cache:
         from minitron.topk_cache import open_or_build
 
+        # only the blocks these steps read; each rank computes the share it reads first
         cache = open_or_build(cfg.topk_cache, teacher, splits.train, cfg.topk, cfg.temperature,
-                              str(cfg.teacher), cfg.batch_size, device, d.main, d.barrier,
-                              cfg.progress and d.main, content_id(inputs["teacher"]) if cfg.teacher else "")
+                              str(cfg.teacher), cfg.batch_size, device, steps=total, per_step=per_step,
+                              seed=cfg.seed, rank=d.rank, world=d.world, barrier=d.barrier,
+                              progress=cfg.progress and d.main,
+                              teacher_id=content_id(inputs["teacher"]) if cfg.teacher else "")
 
     metrics_path = out / "metrics.jsonl"
     start = 0
