@@ -183,6 +183,8 @@ def distill(cfg: DistillConfig) -> Path:
         metrics_path.unlink(missing_ok=True)
         saved = {**asdict(cfg), "global_batch": per_step, "inputs": inputs}
         (out / "distill_config.json").write_text(json.dumps(saved, indent=2))
+        if splits.blend is not None:  # a blend corpus: what was drawn from each source (report.md shows it)
+            (out / "blend_drawn.json").write_text(json.dumps(splits.blend, indent=1))
     d.barrier()
 
     autocast = _autocast(prec["compute"], device)
