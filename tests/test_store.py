@@ -3,6 +3,7 @@ gloo processes, bad input, and the same blocks as the old read_texts + pack path
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -368,3 +369,29 @@ def test_hub_dataset_config_split_streaming(tmp_path, tokenizer, monkeypatch):
     assert stored_docs(s) == expect(tokenizer, docs) and s.meta["source"]["dataset"] == "org/corpus"
     ensure_store(Source("org/corpus:test"), tokenizer, tmp_path / "t", **QUIET)  # name:split
     assert seen["split"] == "test" and seen["streaming"] is False
+
+
+def test_report_shows_the_blend_drawn(tmp_path, tokenizer):
+    """distill on a blend corpus records the blend drawn in its folder; report.md shows each source's weight asked
+    and the blocks and tokens drawn."""
+    from conftest import distill_pair, make_model
+    from minitron.report import write_report
+
+    for name, seed in (("web", 900), ("code", 950)):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            (tmp_path / name / f"{i}.txt").write_text(make_text(150, seed=seed + i))
+    spec = tmp_path / "mix.blend.yaml"
+    spec.write_text("sources:\n  - {corpus: web, weight: 3}\n  - {corpus: code, weight: 1}\n")
+    run = tmp_path / "run"
+    out, _ = distill_pair(make_model("llama"), make_model("llama", seed=1, layers=2), tokenizer, spec, run, steps=1)
+    drawn = json.loads((out / "blend_drawn.json").read_text())
+    assert [d["weight"] for d in drawn["sources"]] == [0.75, 0.25]
+    assert sum(d["blocks"] for d in drawn["sources"]) == drawn["blocks"] > 0
+    (run / "config.yaml").write_text(f"data:\n  corpus: {spec}\n")
+    shutil.move(str(out), str(run / "distill"))
+    report = write_report(run).read_text()
+    assert "## Data blend drawn (distill)" in report
+    for d in drawn["sources"]:
+        assert (f"| `{d['source']}` | {d['weight']:.1%} | {d['blocks']:,} | {d['share']:.1%} | {d['tokens']:,} |"
+                in report)

@@ -145,6 +145,7 @@ class Splits:
 
     train: torch.Tensor                   # or a minitron.store.BlockView (load_splits(lazy=True)): same rows
     validation: torch.Tensor
+    blend: dict | None = None             # a blend corpus: the blend drawn (store.write_blend's json), for the report
 
 
 def split_order(n: int, val_fraction: float = 0.05, seed: int = 0, min_val: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,15 +185,25 @@ def load_splits(source: str, tokenizer, seq_len: int, val_fraction: float = 0.05
     (`*.blend.yaml`, minitron.store.read_blend) draws blocks from several corpora by weight; its tail blocks
     are validation (each source's later documents). lazy: train is a store.BlockView that reads the blocks a
     loop indexes (same rows), so a large corpus is never held in memory."""
-    from minitron.store import ensure_store, is_blend, load_blend, n_blocks, store_splits, stream_blocks
+    from minitron.store import (
+        blend_summary,
+        ensure_store,
+        is_blend,
+        load_blend,
+        n_blocks,
+        store_splits,
+        stream_blocks,
+    )
 
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
     if is_blend(source):
-        blocks = load_blend(source, tokenizer, seq_len, seed, max_blocks, data_root).blocks  # [N, T]
-        if blocks.shape[0] == 0:
+        blend = load_blend(source, tokenizer, seq_len, seed, max_blocks, data_root)
+        if blend.blocks.shape[0] == 0:
             raise DataError(f"the blend {source} gives no block of {seq_len} tokens; add text or lower --seq-len")
-        return split_blocks(blocks, val_fraction, seed)
+        splits = split_blocks(blend.blocks, val_fraction, seed)                      # blocks [N, T]
+        splits.blend = blend_summary(blend)
+        return splits
     store = ensure_store(source, tokenizer, data_root=data_root)
     n = n_blocks(store, seq_len) if max_blocks is None else min(max_blocks, n_blocks(store, seq_len))
     if n == 0:

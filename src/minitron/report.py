@@ -141,6 +141,15 @@ def gguf_lines(g: dict) -> list[str]:
     return lines
 
 
+def blend_lines(drawn: dict, title: str) -> list[str]:
+    """Markdown of a blend drawn (store.blend_summary's json): per source the weight asked and what was drawn."""
+    lines = [f"## {title}", "", f"{drawn['blocks']:,} blocks of {drawn['seq_len']} tokens drawn (train + validation):",
+             "", "| source | weight asked | blocks drawn | share drawn | tokens drawn |", "|---|---:|---:|---:|---:|"]
+    for d in drawn["sources"]:
+        lines.append(f"| `{d['source']}` | {d['weight']:.1%} | {d['blocks']:,} | {d['share']:.1%} | {d['tokens']:,} |")
+    return [*lines, ""]
+
+
 def write_model_card(path: Path, card: dict) -> Path:
     """README.md of an exported student: front matter, provenance, recipe, data, tokens, scores."""
     plan = card.get("plan") or {}
@@ -197,6 +206,8 @@ def write_report(out: Path) -> Path:
                   "![search](search/search.png)", ""]
     for curve in sorted(out.glob("**/distill/loss.png")):
         lines += [f"## Distillation ({curve.parent.relative_to(out)})", "", f"![loss]({curve.relative_to(out)})", ""]
+    for drawn in sorted(out.glob("**/distill/blend_drawn.json")):
+        lines += blend_lines(json.loads(drawn.read_text()), f"Data blend drawn ({drawn.parent.relative_to(out)})")
     results = out / "eval" / "results.json"
     if results.is_file():
         lines += ["## Evaluation", "", _eval_table(json.loads(results.read_text())), "", "![eval](eval/results.png)", ""]

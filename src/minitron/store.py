@@ -734,10 +734,14 @@ def blend_blocks(stores: list[tuple[str, Store, float]], seq_len: int, seed: int
     return Blend(out, drawn)
 
 
+def blend_summary(blend: Blend) -> dict:
+    """The blend actually drawn: {blocks, seq_len, sources: per source weight asked, blocks, share, tokens}."""
+    return {"blocks": int(blend.blocks.shape[0]), "seq_len": int(blend.blocks.shape[1]), "sources": blend.drawn}
+
+
 def write_blend(blend: Blend, path: str | os.PathLike) -> None:
     """The blend actually drawn, as json (the report shows it)."""
-    _write_json(Path(path), {"blocks": int(blend.blocks.shape[0]), "seq_len": int(blend.blocks.shape[1]),
-                             "sources": blend.drawn})
+    _write_json(Path(path), blend_summary(blend))
 
 
 BLEND_SUFFIXES = (".blend.json", ".blend.yaml", ".blend.yml")
