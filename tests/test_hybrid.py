@@ -123,13 +123,16 @@ def test_pruning_to_own_dims_is_identity(tokenizer, tmp_path):
 
 
 @torch.no_grad()
-def _silence_mamba(model, heads: list[int], channel: int) -> None:
+def _silence_mamba(model, heads: list[int], channel: int | None) -> None:
     """Make Mamba heads `heads` and head-dim channel `channel` of every head carry exact zeros into the gated
     norm: their x rows of in_proj and their conv1d weights and bias are zero, so x = silu(0) = 0 after the
     convolution and the scan output y = (scan of x) + D x is 0 there."""
+    d = arch.dims_of(model.config)
+    H, P = d.mamba_heads, d.mamba_head_dim  # noqa: N806 (the module's names for them)
     for _, layer in _mambas(model):
         p = arch.mamba_parts(model, layer)
-        silent = sorted({h * P + c for h in heads for c in range(P)} | {h * P + channel for h in range(H)})
+        silent = sorted({h * P + c for h in heads for c in range(P)}
+                        | ({h * P + channel for h in range(H)} if channel is not None else set()))
         idx = torch.tensor(silent)
         p.in_proj.weight[H * P + idx] = 0  # the x segment's rows
         p.conv1d.weight[idx] = 0  # [I + 2GN, 1, K]
@@ -339,3 +342,71 @@ def test_moe_layers_prune_along_hidden_and_depth(tokenizer, corpus_dir, tmp_path
     assert reloaded.config.hidden_size == 48 and len(reloaded.config.layers_block_type) == 3
     assert sum(p.numel() for p in reloaded.parameters()) == plan.params_after["total"]
     assert_same_and_generates(reloaded, apply_plan(make_model(pattern=MOE_PATTERN), plan), _ids(tokenizer, 3))
+
+
+
+# ---- Mamba2 (Mamba layers only; hidden x expand = heads x head_dim) ----------------------------------------
+
+def make_mamba2(seed: int = 0):
+    """A tiny Mamba2: hidden 64, 3 layers, 8 heads of dim 16 (expand 2) in 2 groups, state 16, chunks of 16."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("mamba2", vocab_size=384, hidden_size=64, num_hidden_layers=3, num_heads=8,
+                                  head_dim=16, expand=2, n_groups=2, state_size=16, conv_kernel=4, chunk_size=16,
+                                  eos_token_id=0, pad_token_id=0, bos_token_id=None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+            elif name.endswith(("D", "conv1d.bias")):
+                p.copy_(0.5 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_mamba2_heads_prune_exactly_and_identity(tokenizer):
+    """Mamba2: own dims are the identity; silent heads (two per group) prune exactly once the gated norm's group
+    size is undone, config.expand rewritten (4 x 16 = 64 x 1); importance scores one value per head; inner widths
+    that hidden does not divide are refused."""
+    model = make_mamba2()
+    d = arch.dims_of(model.config)
+    assert (d.mamba_heads, d.mamba_head_dim, d.layers, d.heads) == (8, 16, 3, 0)
+    ids = _ids(tokenizer)
+    scores = compute_importance(model, _calib(tokenizer), ImportanceConfig(batch_size=4))
+    assert scores["mamba_heads"].shape == (3, 8) and torch.all(scores["mamba_heads"] > 0)
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert torch.equal(apply_plan(copy.deepcopy(model), make_plan(model.config, scores, Target()))(ids).logits, ref)
+        _silence_mamba(model, heads=[2, 3, 5, 6], channel=None)
+        ref = model(ids).logits
+        for i in range(3):
+            scores["mamba_channels"][i].view(8, 16)[[2, 3, 5, 6]] = 1e-3  # [H*P] -> [H, P]: rank last in their groups
+        with pytest.raises(PlanError, match="whole multiple of hidden=64"):  # 6 x 16 = 96 inner, expand 1.5
+            make_plan(model.config, scores, Target(mamba_heads=6))
+        plan = make_plan(model.config, scores, Target(mamba_heads=4))
+        assert all(h == [0, 1, 4, 7] for h in plan.mamba_heads.values())
+        pruned = apply_plan(copy.deepcopy(model), plan)
+        assert pruned.config.expand == 1
+        _undo_group_rms(pruned, src_group=8 * 16 // 2)
+        got = pruned(ids).logits
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mamba2_prune_stage_reloads_generates_and_distills(tokenizer, corpus_dir, tmp_path):
+    """Mamba2 heads, hidden and depth through the prune stage: the output reloads (expand rewritten), generates
+    the same with and without the cache, and distills from the unpruned teacher."""
+    src = tmp_path / "src"
+    teacher = make_mamba2()
+    teacher.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = prune(PruneConfig(model=str(src), out=str(tmp_path / "out"), calib_data=str(corpus_dir), calib_samples=8,
+                            heldout_samples=2, seq_len=32, batch_size=4, device="cpu",
+                            target=Target(mamba_heads=4, hidden=32, layers=2, layer_metric="bi")))
+    plan = PrunePlan.load(out / "plan.json")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    c = reloaded.config
+    assert (c.num_heads, c.head_dim, c.hidden_size, c.expand, c.num_hidden_layers) == (4, 16, 32, 2, 2)
+    assert sum(p.numel() for p in reloaded.parameters()) == plan.params_after["total"]
+    assert_same_and_generates(reloaded, apply_plan(make_mamba2(), plan), _ids(tokenizer, 3))
+    _, info = distill_pair(teacher, reloaded, tokenizer, corpus_dir, tmp_path / "kd")
+    assert info["finished"] and info["final_eval"]["val_kl"] < info["first_eval"]["val_kl"]

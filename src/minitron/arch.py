@@ -55,6 +55,8 @@ class MambaArch:
     out_proj: str = "out_proj"
     norm: str = "norm"                         # the gated group RMSNorm over the inner channels
     per_head: tuple[str, ...] = ("A_log", "D", "dt_bias")  # parameters [H]
+    # Mamba2: config.expand (an integer) ties the inner width to hidden: hidden * expand == heads * head_dim
+    expand_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class HybridArch:
     """Layers of one kind each (NemotronH): config.<types_key> names each layer's kind, the layer holds a
     pre-norm `norm` over the hidden axis and one mixer `mixer` of that kind (residual around both)."""
 
-    types_key: str = "layers_block_type"
+    types_key: str | None = "layers_block_type"  # None: every layer is of kind single_kind (Mamba2)
+    single_kind: str | None = None
     mixer: str = "mixer"
     norm: str = "norm"
     moe: HybridMoeArch = HybridMoeArch()
@@ -134,6 +137,7 @@ class Arch:
     # transformers' config validation demands hidden_size % num_attention_heads == 0 (even with an
     # explicit head_dim): a pruned config that breaks it would not load with from_pretrained
     hidden_divisible_by_heads: bool = False
+    attention_free: bool = False               # no attention or MLP config keys at all (Mamba2)
     # width attributes that modules cache at construction (names -> Dims, see set_module_widths)
     layer_attrs: tuple[str, ...] = ("hidden_size",)
     attn_attrs: tuple[str, ...] = ("num_key_value_groups",)
@@ -175,6 +179,13 @@ FAMILIES: dict[str, Arch] = {
                        mlp_in=(("up_proj", ("ffn",)),), pre_attn_norm="norm", pre_mlp_norm=None,
                        has_layer_types=True, layer_has_idx=True, hybrid=HybridArch(), mamba=MambaArch(),
                        layer_attrs=(), attn_attrs=("num_key_value_groups",)),
+    # Mamba2 layers only (norm + mixer); inner width = hidden * expand
+    "mamba2": Arch("mamba2", layers="backbone.layers", embed="backbone.embeddings", final_norm="backbone.norm_f",
+                   attn="mixer", mlp="mixer", pre_attn_norm="norm", pre_mlp_norm=None, layer_has_idx=True,
+                   attention_free=True, layer_attrs=(), attn_attrs=(), mlp_attrs=(),
+                   hybrid=HybridArch(types_key=None, single_kind="linear_attention", keeps_attention=None),
+                   mamba=MambaArch(heads_key="num_heads", head_dim_key="head_dim", state_key="state_size",
+                                   expand_key="expand")),
 }
 
 
@@ -230,6 +241,11 @@ def head_dim_of(config) -> int:
 def dims_of(config) -> Dims:
     """Read Dims from an HF config of a supported family."""
     a = get_arch(config)
+    if a.attention_free:  # Mamba2: only hidden, depth and the Mamba axes
+        d = Dims(hidden=config.hidden_size, ffn=0, heads=0, kv_heads=0, layers=config.num_hidden_layers, head_dim=0,
+                 vocab=config.vocab_size, tied=bool(config.tie_word_embeddings))
+        d.mamba_heads, d.mamba_head_dim = getattr(config, a.mamba.heads_key), getattr(config, a.mamba.head_dim_key)
+        return d
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     d = Dims(hidden=config.hidden_size, ffn=config.intermediate_size, heads=config.num_attention_heads,
              kv_heads=kv, layers=config.num_hidden_layers, head_dim=head_dim_of(config),
@@ -244,6 +260,19 @@ def dims_of(config) -> Dims:
     return d
 
 
+def check_all_layers_sparse(config) -> None:
+    """Refuse MoE configs that mix dense MLP layers in (Qwen-MoE's mlp_only_layers / decoder_sparse_step):
+    minitron's MoE axes assume every layer holds the sparse block."""
+    only, step = getattr(config, "mlp_only_layers", None) or [], getattr(config, "decoder_sparse_step", None) or 1
+    if only or step != 1:
+        raise UnsupportedArchitecture(
+            f"{config.model_type} with dense MLP layers among the MoE ones (mlp_only_layers={only}, "
+            f"decoder_sparse_step={step}) is not supported yet: minitron prunes MoE models whose every layer is "
+            "sparse (mlp_only_layers=[] and decoder_sparse_step=1)")
+
+
+
+
 def hidden_step(config, heads: int, round_to: int = 1) -> int:
     """The granularity hidden_size must keep: lcm(round_to, heads) where the family requires
     hidden_size % num_attention_heads == 0, else round_to."""
@@ -254,6 +283,14 @@ def write_dims(config, dims: Dims, kept_layers: list[int] | None = None) -> None
     """Write pruned dims into a config in place (head_dim explicitly; layer_types subset to kept layers)."""
     arch = get_arch(config)
     config.hidden_size = dims.hidden
+    if arch.mamba is not None and dims.mamba_heads:
+        setattr(config, arch.mamba.heads_key, dims.mamba_heads)
+        setattr(config, arch.mamba.head_dim_key, dims.mamba_head_dim)
+        if arch.mamba.expand_key:  # checked by the plan to be a whole number
+            setattr(config, arch.mamba.expand_key, dims.mamba_heads * dims.mamba_head_dim // dims.hidden)
+    if arch.attention_free:
+        config.num_hidden_layers = dims.layers
+        return
     if arch.moe is None:
         config.intermediate_size = dims.ffn
     else:
@@ -265,9 +302,6 @@ def write_dims(config, dims: Dims, kept_layers: list[int] | None = None) -> None
     config.num_attention_heads = dims.heads
     config.num_key_value_heads = dims.kv_heads
     config.head_dim = dims.head_dim
-    if arch.mamba is not None and dims.mamba_heads:
-        setattr(config, arch.mamba.heads_key, dims.mamba_heads)
-        setattr(config, arch.mamba.head_dim_key, dims.mamba_head_dim)
     if kept_layers is not None:
         if arch.has_layer_types and getattr(config, "layer_types", None) is not None:
             config.layer_types = [config.layer_types[i] for i in kept_layers]
@@ -375,6 +409,8 @@ def layer_kinds(config) -> list[str]:
     a = get_arch(config)
     if a.hybrid is None:
         return ["decoder"] * config.num_hidden_layers
+    if a.hybrid.types_key is None:
+        return [a.hybrid.single_kind] * config.num_hidden_layers
     return list(getattr(config, a.hybrid.types_key))
 
 
@@ -429,7 +465,7 @@ def set_hybrid_moe_widths(model: nn.Module, layer: nn.Module, hidden: int) -> No
     getattr(mixer, m.shared).hidden_size = hidden
     if getattr(model.config, m.latent_key, None) is None:
         getattr(mixer, m.experts).hidden_dim = hidden
-    for module, name, axis in hybrid_moe_hidden_axes(model, layer):
+    for module, name, _ in hybrid_moe_hidden_axes(model, layer):
         if isinstance(module, nn.Linear) and name == "weight":
             module.out_features, module.in_features = module.weight.shape
 
@@ -530,7 +566,7 @@ def set_module_widths(model: nn.Module, layer: nn.Module, dims: Dims, parts: fro
     `parts` (layer_parts)."""
     arch = get_arch(model)
     values = {"hidden_size": dims.hidden, "intermediate_size": dims.ffn, "num_heads": dims.heads,
-              "num_key_value_heads": dims.kv_heads, "num_key_value_groups": dims.heads // dims.kv_heads}
+              "num_key_value_heads": dims.kv_heads, "num_key_value_groups": dims.heads // max(dims.kv_heads, 1)}  # kv 0: no attention
     targets = [(layer, arch.layer_attrs)]
     if "attn" in parts:
         targets.append((attention(model, layer), arch.attn_attrs))

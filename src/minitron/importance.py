@@ -286,7 +286,8 @@ def compute_importance(model, calib: torch.Tensor, cfg: ImportanceConfig | None 
     heads = heads.view(dims.layers, dims.heads, dims.head_dim).norm(dim=-1)  # [L, H*D] -> [L, H, D] -> [L, H]
     scores = {
         "heads": heads.cpu(),  # [L, H]
-        "kv_groups": heads.view(dims.layers, dims.kv_heads, -1).norm(dim=-1).cpu(),  # [L, K, H/K] -> [L, K]
+        "kv_groups": (heads.view(dims.layers, dims.kv_heads, -1).norm(dim=-1).cpu()  # [L, K, H/K] -> [L, K]
+                      if dims.kv_heads else torch.zeros(dims.layers, 0)),  # attention-free (Mamba2)
         "channels": torch.stack([s.result(how) for s in col.norms]).sum(0).cpu(),  # [taps, C] -> [C]
     }
     if col.moe is not None:  # experts [L, E], neurons [L, E*F], router_tokens / router_prob [L, E], shared_neurons

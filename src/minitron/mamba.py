@@ -62,8 +62,9 @@ def plan_layer(scores: dict[str, torch.Tensor], i: int, src: arch.Dims, dims: ar
     return heads, channels
 
 
-def check_dims(src: arch.Dims, d: arch.Dims, groups: int) -> str | None:
-    """Why Mamba target dims cannot be met (None: they can)."""
+def check_dims(src: arch.Dims, d: arch.Dims, groups: int, expand_tied: bool = False) -> str | None:
+    """Why Mamba target dims cannot be met (None: they can). expand_tied (Mamba2): hidden * expand must equal
+    heads * head_dim with a whole-number expand."""
     for name in ("mamba_heads", "mamba_head_dim"):
         new, old = getattr(d, name), getattr(src, name)
         if new <= 0:
@@ -74,6 +75,11 @@ def check_dims(src: arch.Dims, d: arch.Dims, groups: int) -> str | None:
         lo = max(groups, d.mamba_heads // groups * groups)
         return (f"mamba_heads={d.mamba_heads} cannot be split evenly over the {groups} B/C groups (n_groups): every "
                 f"group keeps the same number of heads; choose a multiple of {groups}, e.g. {lo}")
+    inner = d.mamba_heads * d.mamba_head_dim
+    if expand_tied and inner % d.hidden:
+        return (f"mamba_heads x mamba_head_dim = {inner} must be a whole multiple of hidden={d.hidden} (the config's "
+                f"integer expand ties them: hidden x expand = heads x head_dim); choose hidden dividing {inner}, or "
+                "heads / head_dim whose product hidden divides")
     return None
 
 

@@ -181,6 +181,9 @@ def resolve_dims(config, target: Target) -> arch.Dims:
                      top_k=pick(target.top_k, min(src.top_k, experts)), shared_ffn=pick(target.shared_ffn, src.shared_ffn),
                      mamba_heads=pick(target.mamba_heads, src.mamba_heads),
                      mamba_head_dim=pick(target.mamba_head_dim, src.mamba_head_dim))
+    if target.params is not None and arch.get_arch(config).attention_free:
+        raise PlanError(f"a parameter budget is not supported for {config.model_type} yet (its inner width is tied to "
+                        "hidden by an integer expand); give explicit target dims (hidden, mamba_heads, mamba_head_dim)")
     if target.params is not None:
         dims = _fit_budget(config, dims, target)
     _check(config, src, dims, target)
@@ -253,7 +256,8 @@ def budget_splits(config, target: Target, max_splits: int = 8) -> list[Target]:
 
 def _check(config, src: arch.Dims, d: arch.Dims, target: Target) -> None:
     moe = ("experts", "top_k") + (("shared_ffn",) if src.shared_ffn else ()) if src.experts else ()
-    for name in ("hidden", "ffn", "heads", "kv_heads", "layers", *moe):
+    attn = () if arch.get_arch(config).attention_free else ("ffn", "heads", "kv_heads")
+    for name in ("hidden", *attn, "layers", *moe):
         new, old = getattr(d, name), getattr(src, name)
         if new <= 0:
             raise PlanError(f"target {name}={new} must be positive")
@@ -268,19 +272,23 @@ def _check(config, src: arch.Dims, d: arch.Dims, target: Target) -> None:
         raise PlanError(f"{config.model_type} sizes q_norm by hidden_size, so hidden must equal heads x head_dim "
                         f"({d.heads} x {d.head_dim} = {d.heads * d.head_dim}), not {d.hidden}: set hidden by --heads "
                         "alone (drop --hidden)")
-    if d.heads % d.kv_heads:
+    if not src.heads:  # attention-free (Mamba2): no head axes to check
+        if (target.heads or target.kv_heads or target.ffn) and arch.get_arch(config).attention_free:
+            raise PlanError(f"{config.model_type} has no attention or MLP; drop heads / kv_heads / ffn")
+    elif d.heads % d.kv_heads:
         raise PlanError(f"{d.heads} query heads cannot be split evenly over {d.kv_heads} KV groups; "
                         f"choose heads as a multiple of kv_heads")
-    if arch.get_arch(config).hidden_divisible_by_heads and d.hidden % d.heads:
+    if src.heads and arch.get_arch(config).hidden_divisible_by_heads and d.hidden % d.heads:
         raise PlanError(f"hidden={d.hidden} is not a multiple of heads={d.heads}, which transformers requires of "
                         f"{arch.get_arch(config).family} configs (the model would not reload); choose hidden as a "
                         f"multiple of {d.heads}, e.g. {d.hidden // d.heads * d.heads}")
-    if d.heads // d.kv_heads > src.heads // src.kv_heads:
+    if src.heads and d.heads // d.kv_heads > src.heads // src.kv_heads:
         raise PlanError(f"{d.heads} heads over {d.kv_heads} KV groups needs {d.heads // d.kv_heads} query "
                         f"heads per group, but the source has {src.heads // src.kv_heads}; "
                         f"keep more KV groups or fewer heads")
     if src.mamba_heads:
-        why = mamba.check_dims(src, d, getattr(config, arch.get_arch(config).mamba.groups_key))
+        m = arch.get_arch(config).mamba
+        why = mamba.check_dims(src, d, getattr(config, m.groups_key), expand_tied=m.expand_key is not None)
         if why:
             raise PlanError(why)
     if target.depth_types is not None:
@@ -364,7 +372,7 @@ def make_plan(config, scores: dict[str, torch.Tensor], target: Target) -> PruneP
     dropped, layer_choice = choose_layers(scores, src.layers, src.layers - dims.layers, target, allowed)
     kept_layers = [i for i in range(src.layers) if i not in set(dropped)]
     _check_kept_kinds(config, kept_layers)
-    group, new_group = src.heads // src.kv_heads, dims.heads // dims.kv_heads
+    group, new_group = (src.heads // src.kv_heads, dims.heads // dims.kv_heads) if src.heads else (0, 0)
     heads, kv_heads, ffn, experts, expert_ffn, shared_ffn, m_heads, m_channels = {}, {}, {}, {}, {}, {}, {}, {}
     parts = arch.layer_parts(config)
     a = arch.get_arch(config)

@@ -64,14 +64,14 @@ def _round(x: float, to: int) -> int:
 def candidates(config, cfg: SearchConfig) -> list[arch.Dims]:
     """Every combination of the free axes' grid values whose total params lie within the budget band."""
     src = arch.dims_of(config)
-    group = src.heads // src.kv_heads
+    group = src.heads // src.kv_heads if src.kv_heads else 0  # 0: attention-free (Mamba2)
 
     def grid(axis, source, fractions, step):
         return sorted({min(source, _round(source * f, step)) for f in fractions}) if axis in cfg.axes else [source]
 
     hidden = grid("hidden", src.hidden, cfg.width_fractions, cfg.round_to)
     ffn = grid("ffn", src.ffn, cfg.width_fractions, cfg.round_to)
-    heads = ([src.kv_heads * g for g in range(1, group + 1)] if "heads" in cfg.axes else [src.heads])
+    heads = ([src.kv_heads * g for g in range(1, group + 1)] if "heads" in cfg.axes and group else [src.heads])
     layers = sorted({max(1, round(src.layers * f)) for f in cfg.layer_fractions}) if "layers" in cfg.axes else [src.layers]
     if "experts" in cfg.axes and not src.experts:
         raise PlanError(f"search.axes names experts, but {config.model_type} is a dense model; drop it")
