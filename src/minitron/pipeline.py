@@ -36,6 +36,7 @@ from minitron.models import hub_id, load_model
 from minitron.plan import PlanError, Target, parse_count, resolve_dims, source_config
 from minitron.prune import PruneConfig, prune
 from minitron.search import SearchConfig, save_table, search, target_of
+from minitron.store import BlendEntry, inline_blend
 
 STAGES = ("correction", "importance", "search", "prune", "distill", "eval", "export", "report")
 
@@ -65,6 +66,11 @@ class DataSection:
     val_fraction: float = _d(PruneConfig, "val_fraction")
     data_dir: str | None = None           # folder laid out like shared/data ($MINITRON_DATA_DIR)
     seed: int = _d(PruneConfig, "seed")
+    blend: list[BlendEntry] = field(default_factory=list)  # inline {corpus, weight, ...} sources instead of corpus
+
+    def __post_init__(self):  # an inline blend becomes a blend file (store.inline_blend): one code path
+        if self.blend:
+            self.corpus = inline_blend(self.blend, self.corpus)
 
 
 @dataclass
