@@ -395,3 +395,33 @@ def test_report_shows_the_blend_drawn(tmp_path, tokenizer):
     for d in drawn["sources"]:
         assert (f"| `{d['source']}` | {d['weight']:.1%} | {d['blocks']:,} | {d['share']:.1%} | {d['tokens']:,} |"
                 in report)
+
+
+def test_recipe_inline_blend_is_the_blend_file(tmp_path, tokenizer, monkeypatch):
+    """data.blend in a recipe (sources with weights inline) becomes the same blend a blend file gives: the same
+    sources and weights, the same blocks; data.corpus and data.blend together are refused; keys are checked."""
+    from minitron.config import ConfigError, load_config, save_config
+    from minitron.pipeline import RunConfig
+
+    for name, seed in (("web", 1000), ("code", 1050)):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            (tmp_path / name / f"{i}.txt").write_text(make_text(60, seed=seed + i))
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("target: {params: 1M}\ndata:\n  blend:\n    - {corpus: web, weight: 7}\n"
+                      "    - {corpus: code, weight: 3, field: text}\n")
+    cfg = load_config(RunConfig, recipe)
+    spec = tmp_path / "mix.blend.yaml"
+    spec.write_text("sources:\n  - {corpus: web, weight: 7}\n  - {corpus: code, weight: 3}\n")
+    assert st.is_blend(cfg.data.corpus) and st.read_blend(cfg.data.corpus) == st.read_blend(spec)
+    a = load_splits(cfg.data.corpus, tokenizer, 8, 0.1, seed=2, max_blocks=200)
+    b = load_splits(str(spec), tokenizer, 8, 0.1, seed=2, max_blocks=200)
+    assert torch.equal(a.train, b.train) and torch.equal(a.validation, b.validation) and a.blend == b.blend
+    save_config(cfg, tmp_path / "saved.yaml")  # the resolved recipe loads back to the same corpus
+    assert load_config(RunConfig, tmp_path / "saved.yaml").data.corpus == cfg.data.corpus
+    with pytest.raises(DataError, match="both data.corpus"):
+        load_config(RunConfig, recipe, ["data.corpus=web"])
+    recipe.write_text("target: {params: 1M}\ndata:\n  blend:\n    - {corpus: web, wieght: 7}\n")
+    with pytest.raises(ConfigError, match="wieght"):
+        load_config(RunConfig, recipe)

@@ -19,6 +19,7 @@ Readers cut blocks [N, T] out of the seeded document order (`stream_blocks`), th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import glob
 import json
@@ -752,6 +753,26 @@ def is_blend(source: str) -> bool:
     return str(source).endswith(BLEND_SUFFIXES)
 
 
+@dataclass
+class BlendEntry:
+    """One source of a blend: an entry of a blend file, or of a recipe's inline `data.blend` list."""
+
+    corpus: str                           # a corpus as data.corpus takes it (path, glob, `default`, dataset id)
+    weight: float = 1.0                   # relative weight (normalized over the blend)
+    field: str = "text"                   # Source fields, as in `minitron data`
+    config: str | None = None
+    split: str = "train"
+    streaming: bool = False
+
+
+def _local(corpus: str, base: Path) -> str:
+    """A relative corpus path that exists under `base` (or a glob that matches there) -> base / corpus."""
+    local = base / corpus
+    if not Path(corpus).is_absolute() and (local.exists() or glob.glob(str(local))):
+        return str(local)
+    return corpus
+
+
 def read_blend(path: str | os.PathLike) -> list[tuple[Source, float]]:
     """A blend file -> [(Source, weight)]. The file:
 
@@ -759,7 +780,7 @@ def read_blend(path: str | os.PathLike) -> list[tuple[Source, float]]:
           - {corpus: default, weight: 0.7}
           - {corpus: code/*.jsonl, field: content, weight: 0.3}   # paths relative to the file's folder
 
-    (json with the same keys also works; optional keys per source: field, config, split, streaming)."""
+    (json with the same keys also works; optional keys per source: the fields of BlendEntry)."""
     import yaml
 
     path = Path(path).expanduser()
@@ -769,19 +790,37 @@ def read_blend(path: str | os.PathLike) -> list[tuple[Source, float]]:
     rows = spec.get("sources") if isinstance(spec, dict) else None
     if not rows or not all(isinstance(r, dict) and "corpus" in r for r in rows):
         raise DataError(f"{path}: a blend file needs `sources:`, a list of {{corpus: ..., weight: ...}} entries")
+    known = {f.name for f in dataclasses.fields(BlendEntry)}
     out = []
     for r in rows:
-        unknown = set(r) - {"corpus", "weight", "field", "config", "split", "streaming"}
+        unknown = set(r) - known
         if unknown:
             raise DataError(f"{path}: unknown keys {sorted(unknown)} in blend entry {r}")
-        corpus = str(r["corpus"])
-        local = path.parent / corpus
-        if not Path(corpus).is_absolute() and (local.exists() or glob.glob(str(local))):
-            corpus = str(local)
-        out.append((Source(corpus, field=r.get("field", "text"), config=r.get("config"),
-                           split=r.get("split", "train"), streaming=bool(r.get("streaming", False))),
-                    float(r.get("weight", 1.0))))
+        e = BlendEntry(**{**r, "corpus": _local(str(r["corpus"]), path.parent)})
+        out.append((Source(e.corpus, field=e.field, config=e.config, split=e.split, streaming=bool(e.streaming)),
+                    float(e.weight)))
     return out
+
+
+def inline_blend(entries: list[BlendEntry | dict], corpus: str = "default", base=None) -> str:
+    """A recipe's inline blend (`data.blend`) -> the path of a blend file holding it (in the cache, named by its
+    content), so that it becomes the same blend object a blend file gives (read_blend, load_blend). Relative
+    corpus paths are taken from `base` (the working directory). `corpus` must be `default` (unset) or such a
+    file already: a recipe gives data.corpus or data.blend, not both."""
+    from minitron.models import cache_dir
+
+    folder = cache_dir() / "blends"
+    if corpus != "default" and Path(corpus).parent != folder:
+        raise DataError(f"the recipe gives both data.corpus ({corpus}) and data.blend; keep one (a blend file can "
+                        "be data.corpus, or list its sources under data.blend)")
+    base = Path(base) if base is not None else Path.cwd()
+    rows = [asdict(BlendEntry(**e) if isinstance(e, dict) else e) for e in entries]
+    rows = [{**r, "corpus": _local(r["corpus"], base)} for r in rows]
+    path = folder / f"{digest(rows)[:16]}.blend.json"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(path, {"sources": rows})
+    return str(path)
 
 
 def blend_identity(path: str | os.PathLike, data_root=None) -> dict:
