@@ -91,35 +91,53 @@ def test_importance_stage_of_tiny_llama_by_hand(tmp_path):
     assert [e.stage for e in E.estimate_run(cfg)] == list(E.STAGES)
 
 
-@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
-def test_layer_activations_equal_what_autograd_saves(mode):
-    """Bytes saved for backward by one more decoder layer, counted with saved-tensor hooks (unique storages,
-    parameters and autocast's weight copies excluded), equal layer_activations x tokens."""
+def _saved_bytes(config, mode: str, seq: int = 24) -> int:
+    """Bytes autograd saves for backward in the decoder of a model of `config` on 2 x seq tokens (unique
+    storages; parameters and autocast's bf16 weight copies, told apart by shape, excluded: 2 x seq must not
+    equal a width of the config)."""
     from transformers import AutoModelForCausalLM
 
-    def saved(layers: int) -> int:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(make_config("llama", layers=layers), dtype=torch.float32)
-        if mode == "bf16":
-            model = model.to(torch.bfloat16)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
-        seen: dict[int, int] = {}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if mode == "bf16":
+        model = model.to(torch.bfloat16)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
+    seen: dict[int, int] = {}
 
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params and not (t.dtype == torch.bfloat16 and tuple(t.shape) in shapes):
-                seen[ptr] = t.untyped_storage().nbytes()
-            return t
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and not (t.dtype == torch.bfloat16 and tuple(t.shape) in shapes):
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
 
-        ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))  # 48 tokens
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast")
-        with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        return sum(seen.values())
+    ids = torch.randint(0, 384, (2, seq), generator=torch.Generator().manual_seed(0))  # [2, seq]
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast")
+    with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return sum(seen.values())
 
-    s = E.shape_of(_tiny())
-    assert saved(2) - saved(1) == 48 * E.layer_activations(s, mode)
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
+def test_layer_activations_equal_what_autograd_saves(family, mode):
+    """Bytes saved for backward by one more decoder layer equal layer_activations x tokens (Qwen3: q/k norms)."""
+    saved = _saved_bytes(make_config(family, layers=2), mode) - _saved_bytes(make_config(family, layers=1), mode)
+    assert saved == 48 * E.layer_activations(E.shape_of(make_config(family, layers=2)), mode)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
+def test_moe_layer_activations_equal_what_autograd_saves(family, mode):
+    """The same for an MoE layer (hidden 40 and expert width 24, so C- and F-wide tensors differ): the routed
+    pairs are always N x top_k, so the formula holds whatever the router picks, up to the experts-hit index
+    tensors (a few bytes per layer)."""
+    over = {"hidden_size": 40, ("intermediate_size" if family == "mixtral" else "moe_intermediate_size"): 24}
+    saved = (_saved_bytes(make_config(family, layers=2, **over), mode, seq=26)
+             - _saved_bytes(make_config(family, layers=1, **over), mode, seq=26))  # 52 tokens
+    s = E.shape_of(make_config(family, layers=2, **over))
+    assert s.experts == 4 and s.top_k == 2
+    assert abs(saved - 52 * E.layer_activations(s, mode)) <= 0.01 * saved  # top-k renormalization: 12 B/token
 
 
 @pytest.fixture

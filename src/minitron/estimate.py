@@ -90,6 +90,9 @@ class Shape:
     gated: bool = True        # act(gate) * up (False: Nemotron's relu^2 MLP)
     extra_norms: int = 0      # per-layer norms over the hidden axis beyond the two pre-norms (Gemma3: 2)
     head_norms: bool = False  # q_norm / k_norm over head_dim (Qwen3, Gemma3)
+    experts: int = 0          # MoE: experts per layer (0: dense); ffn is then each expert's width
+    top_k: int = 0            # MoE: experts each token runs through
+    shared_ffn: int = 0       # MoE: the shared expert's width (0: none)
 
     @property
     def attn_width(self) -> int:  # A
@@ -105,7 +108,9 @@ class Shape:
         return self.params - self.layers * self.layer_params
 
     def describe(self) -> str:
-        return (f"{self.params / 1e9:.3g}B params: hidden {self.hidden}, MLP {self.ffn}, {self.heads} heads / "
+        mlp = (f"{self.experts} experts of {self.ffn} ({self.top_k} per token"
+               f"{f', shared {self.shared_ffn}' if self.shared_ffn else ''})" if self.experts else f"MLP {self.ffn}")
+        return (f"{self.params / 1e9:.3g}B params: hidden {self.hidden}, {mlp}, {self.heads} heads / "
                 f"{self.kv_heads} KV, head_dim {self.head_dim}, {self.layers} layers, vocab {self.vocab}"
                 f"{', tied' if self.tied else ''}")
 
@@ -124,11 +129,14 @@ def shape_of(config) -> Shape:
     layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
     linear = sum(p.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)
                  for p in m.parameters(recurse=False))
+    # projections reading the MLP's normed input: MoE has the router, and a shared expert's gate, up and gate
+    n_mlp_in = (1 + (3 if d.shared_ffn else 0)) if d.experts else len(a.mlp_in)
     return Shape(hidden=d.hidden, ffn=d.ffn, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim,
                  layers=d.layers, vocab=d.vocab, tied=d.tied, params=sum(p.numel() for p in params),
                  layer_params=layer_params, linear_params=linear, largest_tensor=max(p.numel() for p in params),
-                 n_attn_in=len(a.attn_in), n_mlp_in=len(a.mlp_in), gated=any(len(s) > 1 for _, s in a.mlp_in)
-                 or len(a.mlp_in) > 1, extra_norms=len(a.other_hidden_norms), head_norms=bool(a.head_norms))
+                 n_attn_in=len(a.attn_in), n_mlp_in=n_mlp_in, gated=any(len(s) > 1 for _, s in a.mlp_in)
+                 or len(a.mlp_in) > 1, extra_norms=len(a.other_hidden_norms), head_norms=bool(a.head_norms),
+                 experts=d.experts, top_k=d.top_k, shared_ffn=d.shared_ffn)
 
 
 def student_shape(config, dims: arch.Dims) -> Shape:
@@ -197,14 +205,34 @@ def layer_activations(s: Shape, mode: str) -> int:
       bf16:     16C + 4A + 4K + 4H + 8F + 8   (FSDP's bf16 parameters: norms upcast to fp32 inside)
     attention: q and k after RoPE, v, the attention output (= o_proj's input), fp32 log-sum-exp per head;
     MLP: gate, act(gate), up, their product (= down_proj's input); each norm's fp32 1/rms, 4 bytes. Families
-    with extra norms add 8C + 4 per norm; q_norm/k_norm add 8(A + K); an ungated MLP saves 3 instead of 4 F-wide tensors."""
+    with extra norms add 8C + 4 per norm; q_norm/k_norm add 8(A + K) (16-bit: 6(A + K)) + 4 per head; an ungated MLP saves 3 instead of 4 F-wide tensors."""
     C, A, K, F, H = s.hidden, s.attn_width, s.kv_width, s.ffn, s.heads
     c = 4 if mode == "fp32" else 2
     norms = {"fp32": 24 * C, "autocast": 16 * C + 2 * C * (s.n_attn_in + s.n_mlp_in), "bf16": 16 * C}[mode]
-    norms += 8 * C * s.extra_norms + (8 * (A + K) if s.head_norms else 0) + 4 * (2 + s.extra_norms)  # fp32 rsqrt
+    norms += 8 * C * s.extra_norms + 4 * (2 + s.extra_norms)  # + each norm's fp32 rsqrt
+    if s.head_norms:  # q_norm / k_norm: input and normalized x (fp32: 8 bytes, 16-bit: 6) and an rsqrt per head
+        norms += (8 if mode == "fp32" else 6) * (A + K) + 4 * (H + s.kv_heads)
     attn = c * (2 * A + 2 * K) + 4 * H
-    mlp = (4 if s.gated else 3) * c * F
+    mlp = moe_activations(s, mode) if s.experts else (4 if s.gated else 3) * c * F
     return norms + attn + mlp
+
+
+def moe_activations(s: Shape, mode: str) -> int:
+    """Bytes per token an MoE block saves for backward (transformers 5's experts loop, counted with
+    saved-tensor hooks): per routed (token, expert) pair the gathered input and the expert's output before
+    the routing weight (2 x C), its gate_up output, act(gate) and their product (4 x F), the routing weight
+    and int64 token / slot indices (28 bytes); per token the router's fp32 probabilities (4E), the top-k
+    indices and weights (12 x top_k + 4). The experts run in the parameter dtype even under autocast (their
+    3-D weights are not autocast-enabled: transformers casts the input to the weight's dtype), so fp32 master
+    weights mean fp32 expert activations. A shared expert saves a dense gated MLP's 4 x Fs plus its output
+    and sigmoid gate (C + 2 values)."""
+    C, F = s.hidden, s.ffn
+    e = 2 if mode == "bf16" else 4  # bytes of the parameter dtype
+    c = 4 if mode == "fp32" else 2  # bytes of autocast's compute dtype
+    out = s.top_k * (e * (2 * C + 4 * F) + 28) + 4 * s.experts + 12 * s.top_k + 4
+    if s.shared_ffn:
+        out += 4 * c * s.shared_ffn + c * (C + 2)
+    return out
 
 
 def residual_bytes(mode: str) -> int:
@@ -228,7 +256,8 @@ def backward_working(s: Shape, tokens: int, mode: str) -> int:
     stream (2 x N x C x residual bytes) and three F-wide gradients (N x 3F x compute bytes); under autocast
     also the bf16 weight gradient of the largest matmul and its fp32 cast (6 x F x C)."""
     c = 4 if mode == "fp32" else 2
-    out = tokens * (2 * s.hidden * residual_bytes(mode) + 3 * s.ffn * c)
+    ffn = s.top_k * s.ffn + s.shared_ffn if s.experts else s.ffn  # MoE: the F-wide gradients of every route
+    out = tokens * (2 * s.hidden * residual_bytes(mode) + 3 * ffn * c)
     if mode == "autocast":
         out += 6 * s.ffn * s.hidden
     return out
