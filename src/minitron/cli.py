@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minitron.plan import Target, parse_count, parse_layer_list
+from minitron.plan import PARAMS_KINDS, Target, parse_count, parse_layer_list
 
 
 def _add_common(p: argparse.ArgumentParser, cls) -> None:
@@ -31,13 +31,21 @@ def _prune_parser(sub) -> None:
     add_option(p, PruneConfig, "overwrite", "replace a non-empty --out")
     g = p.add_argument_group("target (unset dims keep the source value)")
     g.add_argument("--params", help="total parameter budget, e.g. 70M: keeps heads and depth, shrinks hidden+MLP")
-    g.add_argument("--non-embedding", action="store_true",
-                   help="--params counts non-embedding parameters (without embeddings and lm_head)")
+    add_option(g, Target, "params_kind", "what --params counts: all parameters, those outside the embedding and "
+               "lm_head, or (MoE) the parameters one token runs through", choices=list(PARAMS_KINDS))
+    g.add_argument("--non-embedding", dest="params_kind", action="store_const", const="non_embedding",
+                   help="the same as --params-kind non_embedding")
     add_option(g, Target, "hidden")
     add_option(g, Target, "ffn", "MLP intermediate size")
     add_option(g, Target, "heads", "query heads per layer (a multiple of --kv-heads)")
     add_option(g, Target, "kv_heads", "KV groups per layer (prunes whole groups)")
     add_option(g, Target, "layers", "keep this many layers")
+    add_option(g, Target, "experts", "MoE: experts kept per layer (--ffn is then each expert's width)")
+    add_option(g, Target, "top_k", "MoE: experts per token (default: the source's, capped at --experts)")
+    add_option(g, Target, "shared_ffn", "MoE: the shared expert's width (Qwen2-MoE)")
+    add_option(g, Target, "mamba_heads", "hybrid / Mamba: Mamba2 heads per mamba layer (a multiple of n_groups)")
+    add_option(g, Target, "mamba_head_dim", "hybrid / Mamba: channels per Mamba2 head")
+    g.add_argument("--depth-types", help="hybrid: drop layers only of these kinds, e.g. mamba or mlp,attention")
     g.add_argument("--drop-layers", help="drop exactly these layers, e.g. 16-29 or 3,5,7")
     add_option(g, Target, "layer_metric", "rank layers by lm-loss (increase on held-out text), bi (Block "
                "Importance), or task:NAME (accuracy drop on a zero-shot task, e.g. task:piqa)")
@@ -69,7 +77,10 @@ def _run_prune(args) -> None:
     target = Target(hidden=args.hidden, ffn=args.ffn, heads=args.heads, kv_heads=args.kv_heads, layers=args.layers,
                     drop_layers=parse_layer_list(args.drop_layers) if args.drop_layers else None,
                     params=parse_count(args.params) if args.params else None,
-                    params_kind="non_embedding" if args.non_embedding else "total", layer_metric=args.layer_metric,
+                    experts=args.experts, top_k=args.top_k, shared_ffn=args.shared_ffn, mamba_heads=args.mamba_heads,
+                    mamba_head_dim=args.mamba_head_dim,
+                    depth_types=args.depth_types.split(",") if args.depth_types else None,
+                    params_kind=args.params_kind, layer_metric=args.layer_metric,
                     contiguous=not args.scattered, round_to=args.round_to, split=args.split)
     cfg = PruneConfig(model=args.model, out=args.out, target=target, calib_data=args.calib_data,
                       calib_samples=args.calib_samples, heldout_samples=args.heldout_samples, seq_len=args.seq_len,
