@@ -209,9 +209,8 @@ def test_moe_targets_are_checked():
 def test_unknown_architecture_refused_from_the_config(corpus_dir, tmp_path):
     """A family transformers knows but minitron does not: refused from config.json, before any weight is read
     (the dir holds no weights at all)."""
-    AutoConfig.for_model("mamba2", vocab_size=384, hidden_size=64, num_hidden_layers=2, num_heads=4,
-                         head_dim=32).save_pretrained(tmp_path / "m")
-    with pytest.raises(arch.UnsupportedArchitecture, match="mamba2"):
+    AutoConfig.for_model("gpt2", vocab_size=384, n_embd=64, n_layer=2, n_head=4).save_pretrained(tmp_path / "m")
+    with pytest.raises(arch.UnsupportedArchitecture, match="gpt2"):
         prune(PruneConfig(model=str(tmp_path / "m"), out=str(tmp_path / "out"), calib_data=str(corpus_dir),
                           target=Target(hidden=32)))
 
