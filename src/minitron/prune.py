@@ -274,7 +274,8 @@ def prune(cfg: PruneConfig) -> Path:
         check_scores_meta(saved[1], cfg.scores, src, cfg.criterion)
     model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
 
-    splits = load_splits(cfg.calib_data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.seed, data_root=cfg.data_dir)
+    splits = load_splits(cfg.calib_data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.seed, data_root=cfg.data_dir,
+                         lazy=True)  # the token store: only the calibration and held-out blocks are read
     select = selection_blocks(splits.validation, cfg.heldout_samples)
     report = report_blocks(splits.validation, cfg.heldout_samples)
     if saved is not None:
