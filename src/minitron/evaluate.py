@@ -203,7 +203,8 @@ def heldout_loss(model, tokenizer, source: str, seq_len: int, batch_size: int = 
                  root: str | os.PathLike | None = None, desc: str | None = None) -> dict:
     """Loss/perplexity on the report half of the validation split of any corpus minitron.data reads
     (load_splits' split; the other half is what pruning choices are made on)."""
-    blocks = report_blocks(load_splits(source, tokenizer, seq_len, data_root=root).validation, limit or None)  # [N, T]
+    splits = load_splits(source, tokenizer, seq_len, data_root=root, lazy=True)  # reads only the blocks scored
+    blocks = report_blocks(splits.validation, limit or None)                         # [N, T]
     total, count = token_nll(model, blocks, batch_size, desc)
     return {"loss": total / count, "perplexity": math.exp(total / count), "seq_len": seq_len,
             "blocks": blocks.shape[0], "tokens": count, "source": source}
