@@ -345,7 +345,7 @@ def test_lazy_splits_read_the_same_blocks(tmp_path, tokenizer):
     eager = load_splits(str(tmp_path / "c"), tokenizer, 16, 0.1, seed=4, max_blocks=150)
     lazy = load_splits(str(tmp_path / "c"), tokenizer, 16, 0.1, seed=4, max_blocks=150, lazy=True)
     assert isinstance(lazy.train, st.BlockView) and lazy.train.shape == eager.train.shape
-    assert torch.equal(lazy.validation, eager.validation)
+    assert torch.equal(lazy.validation[:], eager.validation)
     idx = torch.tensor([5, 0, 77, 134])
     assert torch.equal(lazy.train[idx], eager.train[idx]) and torch.equal(lazy.train[3], eager.train[3])
     assert torch.equal(lazy.train[:], eager.train)
@@ -425,3 +425,35 @@ def test_recipe_inline_blend_is_the_blend_file(tmp_path, tokenizer, monkeypatch)
     recipe.write_text("target: {params: 1M}\ndata:\n  blend:\n    - {corpus: web, wieght: 7}\n")
     with pytest.raises(ConfigError, match="wieght"):
         load_config(RunConfig, recipe)
+
+
+def test_prune_and_eval_loss_read_only_their_budget(tmp_path, tokenizer, monkeypatch):
+    """`minitron prune` reads calib_samples + 2 x heldout_samples blocks of the store and eval's loss:<corpus> its
+    limit, not every block of the corpus (lazy BlockView slices; the same blocks as the eager split)."""
+    from conftest import make_model
+    from minitron.data import report_blocks, selection_blocks
+    from minitron.evaluate import heldout_loss
+    from minitron.plan import Target
+    from minitron.prune import PruneConfig, prune
+
+    (tmp_path / "c").mkdir()
+    for i in range(8):
+        (tmp_path / "c" / f"{i}.txt").write_text(make_text(150, seed=1100 + i))
+    corpus = str(tmp_path / "c")
+    eager = load_splits(corpus, tokenizer, 16, seed=0)
+    lazy = load_splits(corpus, tokenizer, 16, seed=0, lazy=True)
+    assert eager.train.shape[0] + eager.validation.shape[0] > 300
+    assert torch.equal(selection_blocks(lazy.validation, 3), selection_blocks(eager.validation, 3))
+    assert torch.equal(report_blocks(lazy.validation, 3), report_blocks(eager.validation, 3))
+    read = []
+    real = st.stream_blocks
+    monkeypatch.setattr(st, "stream_blocks", lambda *a, **k: read.append(real(*a, **k).shape[0]) or real(*a, **k))
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    prune(PruneConfig(model=str(tmp_path / "m"), out=str(tmp_path / "p"), calib_data=corpus, calib_samples=6,
+                      heldout_samples=2, seq_len=16, batch_size=4, target=Target(ffn=64)))
+    assert sum(read) == 6 + 2 + 2
+    read.clear()
+    out = heldout_loss(model, tokenizer, corpus, 16, limit=3)
+    assert out["blocks"] == 3 and sum(read) == 3

@@ -660,15 +660,15 @@ class BlockView:
 
 def store_splits(store: Store, seq_len: int, val_fraction: float = 0.05, seed: int = 0,
                  max_blocks: int | None = None):
-    """data.split_blocks of the first max_blocks blocks without reading them: train a BlockView [N_train, T]
-    (rows in the same order as split_blocks gives), validation a LongTensor [N_val, T] (the same blocks)."""
+    """data.split_blocks of the first max_blocks blocks without reading them: train and validation are
+    BlockViews [N_train, T] / [N_val, T] with the rows, in the order, split_blocks gives (data.selection_blocks
+    and data.report_blocks then read only the blocks they return)."""
     from minitron.data import Splits, split_order
 
     n = n_blocks(store, seq_len) if max_blocks is None else min(max_blocks, n_blocks(store, seq_len))
     train_order, val_order = split_order(n, val_fraction, seed)
-    first_val = n - len(val_order)
-    validation = stream_blocks(store, seq_len, seed, first_val, n)[val_order - first_val]  # [N_val, T]
-    return Splits(train=BlockView(store, seq_len, seed, train_order.numpy()), validation=validation)
+    return Splits(train=BlockView(store, seq_len, seed, train_order.numpy()),
+                  validation=BlockView(store, seq_len, seed, val_order.numpy()))
 
 
 def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
