@@ -31,7 +31,7 @@ def vm_hwm_mib() -> float:
 def make_corpus(root: Path, copies: int) -> Path:
     """`copies` folders of symlinks to every file of the default corpus."""
     from minitron.data import default_corpus_dir
-    from minitron.store import Source, resolve
+    from minitron.store_sources import Source, resolve
 
     files = resolve(Source("default"))[1]
     base = default_corpus_dir()
@@ -45,7 +45,8 @@ def make_corpus(root: Path, copies: int) -> Path:
 
 def child(case: str, corpus: str, tokenizer: str, num_proc: int, seq_len: int, work: str) -> dict:
     from minitron.data import pack, read_texts
-    from minitron.store import ensure_store, load_tokenizer, rank_blocks
+    from minitron.store import ensure_store, load_tokenizer
+    from minitron.store_blocks import rank_blocks
 
     tok = load_tokenizer(tokenizer)
     t0 = time.perf_counter()

@@ -39,7 +39,8 @@ def main() -> None:
 
     from minitron.losses import LossConfig, naive_distill_loss, topk_logprobs
     from minitron.models import load_model
-    from minitron.store import ensure_store, stream_blocks
+    from minitron.store import ensure_store
+    from minitron.store_blocks import stream_blocks
 
     torch.manual_seed(0)
     teacher, tok = load_model("default", "cpu", torch.float32)

@@ -14,6 +14,9 @@ import torch
 
 from conftest import make_text
 from minitron import store as st
+from minitron import store_blends as bl
+from minitron import store_blocks as blk
+from minitron import store_sources as sources
 from minitron.data import (
     DataError,
     corpus_blocks,
@@ -24,7 +27,9 @@ from minitron.data import (
     shuffle_docs,
     split_blocks,
 )
-from minitron.store import Source, StoreError, ensure_store, open_store, stream_blocks
+from minitron.store import StoreError, ensure_store, open_store
+from minitron.store_blocks import stream_blocks
+from minitron.store_sources import Source
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 USER_CACHE = os.environ.get("MINITRON_CACHE")
@@ -117,7 +122,7 @@ def test_default_corpus_resolves(monkeypatch):
         monkeypatch.setenv("MINITRON_CACHE", USER_CACHE)
     if not (default_corpus_dir() / ".complete").is_file():
         pytest.skip("the default corpus is not installed (scripts/setup.sh)")
-    kind, files = st.resolve(Source("default"))
+    kind, files = sources.resolve(Source("default"))
     assert kind == "files" and len(files) > 100 and all(p.is_relative_to(default_corpus_dir()) for p in files)
 
 
@@ -251,17 +256,17 @@ def test_blend_weights_and_seed(tmp_path, tokenizer):
             (tmp_path / name / f"{i}.txt").write_text(make_text(400, seed=seed + i))
         stores.append((name, ensure_store(str(tmp_path / name), tokenizer, tmp_path / f"s-{name}", **QUIET)))
     parts = [(stores[0][0], stores[0][1], 0.7), (stores[1][0], stores[1][1], 0.3)]
-    a = st.blend_blocks(parts, 8, seed=5, max_blocks=1000)
-    b = st.blend_blocks(parts, 8, seed=5, max_blocks=1000)
-    c = st.blend_blocks(parts, 8, seed=6, max_blocks=1000)
+    a = bl.blend_blocks(parts, 8, seed=5, max_blocks=1000)
+    b = bl.blend_blocks(parts, 8, seed=5, max_blocks=1000)
+    c = bl.blend_blocks(parts, 8, seed=6, max_blocks=1000)
     assert a.blocks.shape == (1000, 8) and torch.equal(a.blocks, b.blocks) and not torch.equal(a.blocks, c.blocks)
     share = {d["source"]: d["share"] for d in a.drawn}
     assert abs(share["web"] - 0.7) < 0.05 and sum(d["blocks"] for d in a.drawn) == 1000
     web = {tuple(r) for r in stream_blocks(stores[0][1], 8, 5).tolist()}
     assert sum(tuple(r) in web for r in a.blocks.tolist()) == a.drawn[0]["blocks"]  # each block from its source
-    st.write_blend(a, tmp_path / "blend.json")
+    bl.write_blend(a, tmp_path / "blend.json")
     assert json.loads((tmp_path / "blend.json").read_text())["sources"][1]["source"] == "code"
-    full = st.blend_blocks(parts, 8, seed=5)  # no cap: stops when a drawn source runs out
+    full = bl.blend_blocks(parts, 8, seed=5)  # no cap: stops when a drawn source runs out
     assert any(d["blocks"] == d["available_blocks"] for d in full.drawn)
 
     spec = tmp_path / "mix.blend.yaml"  # a blend file is a corpus like any other (load_splits, every stage)
@@ -270,7 +275,7 @@ def test_blend_weights_and_seed(tmp_path, tokenizer):
     assert sorted(torch.cat([splits.train, splits.validation]).tolist()) == sorted(a.blocks.tolist())
     drawn = json.loads((tmp_path / "mix.blend.drawn.json").read_text())
     assert [d["blocks"] for d in drawn["sources"]] == [d["blocks"] for d in a.drawn] and drawn["blocks"] == 1000
-    assert st.blend_identity(spec)["blend"][1][1] == 3.0
+    assert bl.blend_identity(spec)["blend"][1][1] == 3.0
     spec.write_text("sources:\n  - {corpus: web, wieght: 7}\n")
     with pytest.raises(DataError, match="unknown keys"):
         load_splits(str(spec), tokenizer, 8)
@@ -280,7 +285,8 @@ RANK_SCRIPT = """
 import json, sys
 import torch, torch.distributed as dist
 from transformers import AutoTokenizer
-from minitron.store import ensure_store, rank_blocks
+from minitron.store import ensure_store
+from minitron.store_blocks import rank_blocks
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 s = ensure_store(sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[2]), sys.argv[3], progress=False)
@@ -309,7 +315,7 @@ def test_rank_slices_two_gloo_processes(tmp_path, tokenizer):
     assert [len(g) for g in got] == [21, 20]
     full = stream_blocks(open_store(tmp_path / "s"), 16, 2, 0, 41).tolist()
     assert got[0] + got[1] == full  # disjoint, and together exactly the first 41 blocks
-    assert st.rank_range(5, 1, 2) == (3, 5) and st.rank_range(1, 1, 2) == (1, 1)
+    assert blk.rank_range(5, 1, 2) == (3, 5) and blk.rank_range(1, 1, 2) == (1, 1)
 
 
 def test_cli_data(tmp_path, tokenizer, capsys):
@@ -344,7 +350,7 @@ def test_lazy_splits_read_the_same_blocks(tmp_path, tokenizer):
         (tmp_path / "c" / f"{i}.txt").write_text(make_text(120, seed=700 + i))
     eager = load_splits(str(tmp_path / "c"), tokenizer, 16, 0.1, seed=4, max_blocks=150)
     lazy = load_splits(str(tmp_path / "c"), tokenizer, 16, 0.1, seed=4, max_blocks=150, lazy=True)
-    assert isinstance(lazy.train, st.BlockView) and lazy.train.shape == eager.train.shape
+    assert isinstance(lazy.train, blk.BlockView) and lazy.train.shape == eager.train.shape
     assert torch.equal(lazy.validation[:], eager.validation)
     idx = torch.tensor([5, 0, 77, 134])
     assert torch.equal(lazy.train[idx], eager.train[idx]) and torch.equal(lazy.train[3], eager.train[3])
@@ -414,7 +420,7 @@ def test_recipe_inline_blend_is_the_blend_file(tmp_path, tokenizer, monkeypatch)
     cfg = load_config(RunConfig, recipe)
     spec = tmp_path / "mix.blend.yaml"
     spec.write_text("sources:\n  - {corpus: web, weight: 7}\n  - {corpus: code, weight: 3}\n")
-    assert st.is_blend(cfg.data.corpus) and st.read_blend(cfg.data.corpus) == st.read_blend(spec)
+    assert bl.is_blend(cfg.data.corpus) and bl.read_blend(cfg.data.corpus) == bl.read_blend(spec)
     a = load_splits(cfg.data.corpus, tokenizer, 8, 0.1, seed=2, max_blocks=200)
     b = load_splits(str(spec), tokenizer, 8, 0.1, seed=2, max_blocks=200)
     assert torch.equal(a.train, b.train) and torch.equal(a.validation, b.validation) and a.blend == b.blend
@@ -446,8 +452,8 @@ def test_prune_and_eval_loss_read_only_their_budget(tmp_path, tokenizer, monkeyp
     assert torch.equal(selection_blocks(lazy.validation, 3), selection_blocks(eager.validation, 3))
     assert torch.equal(report_blocks(lazy.validation, 3), report_blocks(eager.validation, 3))
     read = []
-    real = st.stream_blocks
-    monkeypatch.setattr(st, "stream_blocks", lambda *a, **k: read.append(real(*a, **k).shape[0]) or real(*a, **k))
+    real = blk.stream_blocks
+    monkeypatch.setattr(blk, "stream_blocks", lambda *a, **k: read.append(real(*a, **k).shape[0]) or real(*a, **k))
     model = make_model("llama")
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")

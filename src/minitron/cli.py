@@ -214,7 +214,8 @@ def _data_parser(sub) -> None:
 
 
 def _run_data(args) -> None:
-    from minitron.store import Source, ensure_store, load_tokenizer
+    from minitron.store import ensure_store, load_tokenizer
+    from minitron.store_sources import Source
 
     source = Source(args.source, field=args.field, config=args.config, split=args.split, streaming=args.streaming)
     store = ensure_store(source, load_tokenizer(args.tokenizer), args.out, data_root=args.data_dir,

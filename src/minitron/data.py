@@ -101,7 +101,7 @@ def resolve_source(source: str, data_root: str | os.PathLike | None = None) -> P
 def read_texts(source: str, data_root: str | os.PathLike | None = None, field: str = "text") -> list[str]:
     """Read the non-blank documents of a file, folder, glob, data-dir name, `default`, saved dataset or
     `datasets` name (`name` or `name:split`) into a list (minitron.store reads the same documents, streamed)."""
-    from minitron.store import Source, read_documents
+    from minitron.store_sources import Source, read_documents
 
     return read_documents(Source(source, field=field), data_root)
 
@@ -186,15 +186,9 @@ def load_splits(source: str, tokenizer, seq_len: int, val_fraction: float = 0.05
     are validation (each source's later documents). lazy: train and validation are store.BlockViews that read
     the blocks a loop indexes (same rows), so a large corpus is never held in memory; selection_blocks and
     report_blocks read only the blocks they return."""
-    from minitron.store import (
-        blend_summary,
-        ensure_store,
-        is_blend,
-        load_blend,
-        n_blocks,
-        store_splits,
-        stream_blocks,
-    )
+    from minitron.store import ensure_store
+    from minitron.store_blends import blend_summary, is_blend, load_blend
+    from minitron.store_blocks import n_blocks, store_splits, stream_blocks
 
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
@@ -219,7 +213,8 @@ def corpus_blocks(source: str, tokenizer, seq_len: int, max_blocks: int | None =
                   data_root: str | os.PathLike | None = None) -> torch.Tensor:
     """The corpus' first blocks in source order -> [<=max_blocks, T], from its token store: the blocks of
     pack(read_texts(source), tokenizer, seq_len, max_blocks), tokenized once and reused."""
-    from minitron.store import ensure_store, n_blocks, stream_blocks
+    from minitron.store import ensure_store
+    from minitron.store_blocks import n_blocks, stream_blocks
 
     store = ensure_store(source, tokenizer, data_root=data_root)
     n = n_blocks(store, seq_len) if max_blocks is None else min(max_blocks, n_blocks(store, seq_len))

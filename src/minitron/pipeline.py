@@ -36,7 +36,7 @@ from minitron.models import hub_id, load_model
 from minitron.plan import PlanError, Target, parse_count, resolve_dims, source_config
 from minitron.prune import PruneConfig, prune
 from minitron.search import SearchConfig, save_table, search, target_of
-from minitron.store import BlendEntry, inline_blend
+from minitron.store_blends import BlendEntry, inline_blend
 
 STAGES = ("correction", "importance", "search", "prune", "distill", "eval", "export", "report")
 
@@ -184,7 +184,7 @@ def _data(cfg: RunConfig) -> dict:
 
 def _corpus(cfg: RunConfig) -> dict:
     """The corpus' identity; a blend file (minitron.store.read_blend) by each source's identity and weight."""
-    from minitron.store import blend_identity, is_blend
+    from minitron.store_blends import blend_identity, is_blend
 
     if is_blend(cfg.data.corpus):
         return {"corpus": cfg.data.corpus, **blend_identity(cfg.data.corpus, cfg.data.data_dir)}

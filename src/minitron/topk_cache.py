@@ -60,7 +60,7 @@ def fingerprint(blocks: torch.Tensor) -> str:
 def blocks_identity(train) -> dict:
     """The training blocks' identity without reading them: a store.BlockView by its store's fingerprint, seq_len,
     seed and the digest of its rows; an in-memory tensor [N, T] by the SHA-256 of its tokens."""
-    from minitron.store import BlockView
+    from minitron.store_blocks import BlockView
 
     if isinstance(train, BlockView):
         rows = hashlib.sha256(np.ascontiguousarray(train.rows, dtype=np.int64).tobytes()).hexdigest()
