@@ -410,3 +410,21 @@ def test_mamba2_prune_stage_reloads_generates_and_distills(tokenizer, corpus_dir
     assert_same_and_generates(reloaded, apply_plan(make_mamba2(), plan), _ids(tokenizer, 3))
     _, info = distill_pair(teacher, reloaded, tokenizer, corpus_dir, tmp_path / "kd")
     assert info["finished"] and info["final_eval"]["val_kl"] < info["first_eval"]["val_kl"]
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build, panels", [
+    (make_model, ["heads", "neurons", "mamba_heads", "channels", "layer_bi"]),
+    (make_mamba2, ["mamba_heads", "channels", "layer_bi"]),  # attention-free: heads [L, 0], neurons [L, 0]
+], ids=["nemotron_h", "mamba2"])
+def test_importance_plot_panels_follow_the_scores(build, panels, tokenizer, tmp_path):
+    """importance.png draws a panel only for the axes the scores hold: a Mamba head heatmap (mamba_heads [L, H])
+    beside the attention and MLP panels of NemotronH; Mamba2 (no attention, no MLP) gets no heads or neuron
+    panel instead of crashing."""
+    from minitron.report import importance_panels, plot_importance
+
+    scores = compute_importance(build(), _calib(tokenizer), ImportanceConfig(batch_size=4))
+    assert importance_panels(scores) == panels
+    path = plot_importance(scores, tmp_path / "importance.png", title="t")
+    assert path.stat().st_size > 1000

@@ -17,39 +17,81 @@ def _plt():
     return plt
 
 
-def plot_importance(scores: dict[str, torch.Tensor], path: Path, title: str = "") -> Path:
-    """One figure: head and neuron heatmaps per layer, sorted channel scores, layer-importance curves; for an
-    MoE model also expert importance and the router statistics (share of tokens routed to each expert)."""
-    plt = _plt()
-    moe = "router_tokens" in scores
-    fig, ax = plt.subplots(3 if moe else 2, 2, figsize=(13, 13 if moe else 9))
-    im = ax[0, 0].imshow(scores["heads"].T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax[0, 0].set(title="attention head importance", xlabel="layer", ylabel="head")
-    fig.colorbar(im, ax=ax[0, 0])
+def _has(scores: dict[str, torch.Tensor], key: str) -> bool:
+    """The scores hold a non-empty `key` (attention-free models have heads [L, 0], no MLP neurons [L, 0])."""
+    return key in scores and scores[key].numel() > 0
+
+
+def _heatmap(fig, ax, scores: torch.Tensor, title: str, ylabel: str, log: bool = False) -> None:
+    """Per-layer scores [L, N] as an N x L heatmap (log colour scale: a floor of 1e-6 x the maximum)."""
     from matplotlib.colors import LogNorm
 
-    neurons = scores["neurons"].T.clamp_min(1e-6 * float(scores["neurons"].max().clamp_min(1e-12)))
-    im = ax[0, 1].imshow(neurons.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", norm=LogNorm())
-    ax[0, 1].set(title="MLP neuron importance (log scale)", xlabel="layer",
-                 ylabel="expert x neuron (expert-major)" if moe else "neuron")
-    fig.colorbar(im, ax=ax[0, 1])
-    if moe:
-        for a, key, name in ((ax[2, 0], "experts", "expert importance (output norm)"),
-                             (ax[2, 1], "router_tokens", "router: share of tokens routed to each expert")):
-            im = a.imshow(scores[key].T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-            a.set(title=name, xlabel="layer", ylabel="expert")
-            fig.colorbar(im, ax=a)
-    ax[1, 0].plot(scores["channels"].sort(descending=True).values.numpy())
-    ax[1, 0].set(title="embedding channel importance (sorted)", xlabel="rank", ylabel="score", yscale="log")
+    values = scores.T  # [L, N] -> [N, L]: layers along x
+    norm = None
+    if log:
+        values, norm = values.clamp_min(1e-6 * float(values.max().clamp_min(1e-12))), LogNorm()
+    im = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", norm=norm)
+    ax.set(title=title, xlabel="layer", ylabel=ylabel)
+    fig.colorbar(im, ax=ax)
+
+
+def _layer_curves(ax, scores: dict[str, torch.Tensor]) -> None:
+    """Block Importance per layer [L], with the LM-loss increase [L] on a twin axis when measured."""
     layers = range(scores["layer_bi"].numel())
-    ax[1, 1].plot(layers, scores["layer_bi"].numpy(), "o-", label="Block Importance (1 - cos)")
-    ax[1, 1].set(title="layer importance", xlabel="layer", ylabel="BI")
+    ax.plot(layers, scores["layer_bi"].numpy(), "o-", label="Block Importance (1 - cos)")
+    ax.set(title="layer importance", xlabel="layer", ylabel="BI")
     if "layer_lm_loss" in scores:
-        twin = ax[1, 1].twinx()
+        twin = ax.twinx()
         twin.plot(layers, scores["layer_lm_loss"].numpy(), "s-", color="tab:red", label="LM-loss increase")
         twin.set_ylabel("LM-loss increase when removed", color="tab:red")
         twin.legend(loc="upper center")
-    ax[1, 1].legend(loc="upper right")
+    ax.legend(loc="upper right")
+
+
+def _channels(ax, channels: torch.Tensor) -> None:
+    """Hidden-channel scores [C], sorted, on a log axis."""
+    ax.plot(channels.sort(descending=True).values.numpy())
+    ax.set(title="embedding channel importance (sorted)", xlabel="rank", ylabel="score", yscale="log")
+
+
+def importance_panels(scores: dict[str, torch.Tensor]) -> list[str]:
+    """The panels plot_importance draws for these scores, in order: each only where the scores hold its axis
+    (heads: attention; neurons: MLP; mamba_heads: Mamba layers; experts / router_tokens: MoE)."""
+    return [key for key in ("heads", "neurons", "mamba_heads", "channels", "layer_bi", "experts", "router_tokens")
+            if _has(scores, key)]
+
+
+def plot_importance(scores: dict[str, torch.Tensor], path: Path, title: str = "") -> Path:
+    """One figure, two panels a row, each drawn only where the scores hold its axis (importance_panels):
+    attention head, MLP neuron and Mamba head heatmaps per layer, sorted channel scores, layer-importance
+    curves; for an MoE model also expert importance and the router statistics (share of tokens routed to each
+    expert). Layers without a part (hybrid models) show a zero column in that part's heatmap."""
+    plt = _plt()
+    panels = importance_panels(scores)
+    if not panels:
+        raise ValueError("the scores hold none of the axes plot_importance draws (heads, neurons, mamba_heads, "
+                         "channels, layer_bi); pass the scores of an importance pass")
+    moe = "router_tokens" in scores
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 4.5 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, panels, strict=False):
+        if key == "heads":
+            _heatmap(fig, ax, scores["heads"], "attention head importance", "head")
+        elif key == "neurons":
+            _heatmap(fig, ax, scores["neurons"], "MLP neuron importance (log scale)",
+                     "expert x neuron (expert-major)" if moe else "neuron", log=True)
+        elif key == "mamba_heads":
+            _heatmap(fig, ax, scores["mamba_heads"], "Mamba head importance (x segment of in_proj)", "Mamba head")
+        elif key == "channels":
+            _channels(ax, scores["channels"])
+        elif key == "layer_bi":
+            _layer_curves(ax, scores)
+        elif key == "experts":
+            _heatmap(fig, ax, scores["experts"], "expert importance (output norm)", "expert")
+        else:
+            _heatmap(fig, ax, scores["router_tokens"], "router: share of tokens routed to each expert", "expert")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -150,6 +192,20 @@ def blend_lines(drawn: dict, title: str) -> list[str]:
     return [*lines, ""]
 
 
+def _architecture_table(plan: dict) -> list[str]:
+    """Markdown rows of teacher vs student dims (a plan.json); Mamba heads / head dim columns where the model
+    has Mamba layers."""
+    src, tgt = plan["source"], plan["target"]
+    cols = [("layers", "layers"), ("hidden", "hidden"), ("ffn", "MLP"), ("heads", "heads"), ("kv_heads", "KV heads")]
+    if src.get("mamba_heads"):
+        cols += [("mamba_heads", "Mamba heads"), ("mamba_head_dim", "Mamba head dim")]
+    lines = ["## Architecture", "", "| | " + " | ".join(name for _, name in cols) + " | parameters |",
+             "|---" * (len(cols) + 2) + "|"]
+    for label, d, params in (("teacher", src, plan["params_before"]), ("student", tgt, plan["params_after"])):
+        lines.append(f"| {label} | " + " | ".join(str(d[k]) for k, _ in cols) + f" | {_params_line(params)} |")
+    return [*lines, ""]
+
+
 def write_model_card(path: Path, card: dict) -> Path:
     """README.md of an exported student: front matter, provenance, recipe, data, tokens, scores."""
     plan = card.get("plan") or {}
@@ -161,13 +217,7 @@ def write_model_card(path: Path, card: dict) -> Path:
              f"logit distillation ({card['loss']}) from {card['teacher'] if card['teacher'] != card['source'] else 'it'} "
              f"on `{card['corpus']}` for {card['distill_tokens']:,} tokens.", ""]
     if plan:
-        src, tgt = plan["source"], plan["target"]
-        lines += ["## Architecture", "", "| | layers | hidden | MLP | heads | KV heads | parameters |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| teacher | {src['layers']} | {src['hidden']} | {src['ffn']} | {src['heads']} | {src['kv_heads']} | "
-                  f"{_params_line(plan['params_before'])} |",
-                  f"| student | {tgt['layers']} | {tgt['hidden']} | {tgt['ffn']} | {tgt['heads']} | {tgt['kv_heads']} | "
-                  f"{_params_line(plan['params_after'])} |", ""]
+        lines += _architecture_table(plan)
         if plan.get("dropped_layers"):
             lines += [f"Dropped layers: {plan['dropped_layers']} ({plan['layer_choice'].get('how', '')}).", ""]
     if card.get("results"):
