@@ -309,10 +309,7 @@ def prune(cfg: PruneConfig) -> Path:
         tokenizer.save_pretrained(tmp)
         plan.save(tmp / "plan.json")
         save_scores(scores, tmp, {**meta, "model": cfg.model})
-        if scores["heads"].numel() and scores["neurons"].numel():
-            plot_importance(scores, tmp / "importance.png", title=f"importance of {cfg.model}")
-        else:  # report.plot_importance draws attention and MLP panels only
-            print("[minitron] importance.png skipped: the plot has no panels for attention-free (Mamba2) models yet")
+        plot_importance(scores, tmp / "importance.png", title=f"importance of {cfg.model}")
         plot_blocks(scores, tmp / "blocks.png")
         (tmp / "prune_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         (tmp / "prune_metrics.json").write_text(json.dumps(metrics, indent=1))
