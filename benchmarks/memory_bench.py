@@ -22,6 +22,9 @@ Cases:
   1b-importance-wide  the 1B teacher in fp32 weights (fast matmuls here), 2 x 2048 tokens per forward
   1b-importance-wide-old  the same on the code before bounded memory (OLD_COMMIT: every layer's hidden
                       states kept, Block Importance stacked as fp32 [L+1, N, C]); its source is taken from git
+  1b-lmloss-wide      models.lm_loss (prune's held-out loss, search's scoring) of the fp32 1B teacher, 2 x 2048
+  1b-lmloss-wide-old  the same on OLD_COMMIT (fp32 [B, T, V] logits and their log-softmax at once)
+  1b-distill-old      1b-distill on OLD_COMMIT: one dtype for student and teacher, so the teacher is fp32
 Two distillation steps, so that the second runs with AdamW's states allocated (the steady state the
 estimate models; the first step peaks lower). Evaluation inside distill uses one validation block.
 
@@ -70,6 +73,10 @@ CASES = {
     "1b-importance-wide": dict(kind="importance", teacher="llama1b", dtype="float32", batch=2, seq=2048),
     "1b-importance-wide-old": dict(kind="importance", teacher="llama1b", dtype="float32", batch=2, seq=2048,
                                    code="old"),
+    "1b-lmloss-wide": dict(kind="lmloss", teacher="llama1b", dtype="float32", batch=2, seq=2048),
+    "1b-lmloss-wide-old": dict(kind="lmloss", teacher="llama1b", dtype="float32", batch=2, seq=2048, code="old"),
+    "1b-distill-old": dict(kind="distill", teacher="llama1b", student="llama1b-student", dtype="float32",
+                           autocast="none", teacher_dtype=None, batch=1, seq=512, ckpt=False, code="old"),
 }
 OLD_COMMIT = "8e30923"  # the last commit before bounded memory (Block Importance streamed, chunked LM loss)
 GROUPS = {"smol": [c for c in CASES if c.startswith("smol")], "1b": [c for c in CASES if c.startswith("1b")],
@@ -157,29 +164,34 @@ def run_case(name: str) -> dict:
 
     from minitron.distill import DistillConfig, distill
     from minitron.importance import ImportanceConfig, compute_importance
-    from minitron.models import load_model
+    from minitron.models import lm_loss, load_model
 
     case = CASES[name]
     out_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=WORK))
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     t0 = time.perf_counter()
-    if case["kind"] == "importance":
+    if case["kind"] in ("importance", "lmloss"):
         model, _ = load_model(model_path(case["teacher"]), "cpu", case["dtype"], with_tokenizer=False)
         loaded = _status("VmHWM")
         Path("/proc/self/clear_refs").write_text("5")  # the pass's own peak, weights resident
-        calib = torch.randint(0, 49152, (2 * case["batch"], case["seq"]),
-                              generator=torch.Generator().manual_seed(0))  # [N, T]: 2 batches
-        compute_importance(model, calib, ImportanceConfig(batch_size=case["batch"]))
+        n_blocks = 2 * case["batch"] if case["kind"] == "importance" else case["batch"]  # 2 batches / 1 batch
+        calib = torch.randint(0, 49152, (n_blocks, case["seq"]), generator=torch.Generator().manual_seed(0))  # [N, T]
+        if case["kind"] == "importance":
+            compute_importance(model, calib, ImportanceConfig(batch_size=case["batch"]))
+        else:
+            lm_loss(model, calib, batch_size=case["batch"])
         peak = _status("VmHWM")
         extra = {"load_peak": loaded - before}
     else:
+        # OLD_COMMIT's DistillConfig has one dtype for student and teacher (no teacher_dtype)
+        teacher_dtype = {} if case.get("code") == "old" else {"teacher_dtype": case["teacher_dtype"]}
         cfg = DistillConfig(student=model_path(case["student"]), teacher=model_path(case["teacher"]),
                             out=str(out_dir / "run"), data=str(WORK / "corpus"), steps=2, batch_size=case["batch"],
                             seq_len=case["seq"], dtype=case["dtype"], autocast=case["autocast"],
-                            teacher_dtype=case["teacher_dtype"], grad_checkpointing=case["ckpt"], device="cpu",
+                            grad_checkpointing=case["ckpt"], device="cpu",
                             distributed="fsdp" if case.get("world", 1) > 1 else "auto",
-                            eval_every=0, eval_batches=1, save_every=0, progress=False)
+                            eval_every=0, eval_batches=1, save_every=0, progress=False, **teacher_dtype)
         distill(cfg)
         peak = _status("VmHWM")
         extra = {}
@@ -208,20 +220,22 @@ def run_config(name: str):
 def estimate_case(name: str):
     from minitron.estimate import estimate_run
 
-    stage = CASES[name]["kind"]
+    stage = {"lmloss": "prune"}.get(CASES[name]["kind"], CASES[name]["kind"])  # prune's term is the LM loss
     return next(e for e in estimate_run(run_config(name), CASES[name].get("world", 1)) if e.stage == stage)
 
 
 def old_vs_new(saved: dict) -> str:
     """The cases measured on both codes: peak of the pass (weights resident) next to the weights (their bytes in
     the estimate: parameters x dtype size; loading peaks higher, while the file's bf16 is converted)."""
-    lines = ["| case | weights | old code: pass peak | new code: pass peak | new / old | new peak / weights |",
+    lines = ["| case | weights (distill: the student's master weights, grads and AdamW states) | old code: pass peak "
+             "| new code: pass peak | new / old | new peak / weights |",
              "|---|---|---|---|---|---|"]
     for name in CASES:
         old = saved.get(name + "-old")
         if old is None or name not in saved:
             continue
-        new, w = saved[name], estimate_case(name).terms["weights"]
+        new, terms = saved[name], estimate_case(name).terms
+        w = terms.get("weights") or 4 * terms["master weights"]  # distill: fp32 master, grads, 2 AdamW states
         lines.append(f"| {name} | {w / GiB:.2f} GiB | {old['measured'] / GiB:.2f} GiB | {new['measured'] / GiB:.2f} GiB "
                      f"| {new['measured'] / old['measured']:.2f} | {new['measured'] / w:.2f} |")
     return "\n".join(lines)
@@ -235,7 +249,7 @@ def table(results: list[dict]) -> str:
         if case.get("code") == "old":
             continue
         est = estimate_case(r["case"])
-        settings = (f"{case['dtype']} weights" if case["kind"] == "importance" else
+        settings = (f"{case['dtype']} weights" if case["kind"] in ("importance", "lmloss") else
                     f"fp32 master, {'autocast bf16' if case['autocast'] == 'bf16' else 'fp32'} compute, teacher "
                     f"{case['teacher_dtype'] or case['dtype']}{', checkpointing' if case['ckpt'] else ''}")
         settings += f", {case['batch']} x {case['seq']}" + (f" per rank, FSDP x {case['world']}"
