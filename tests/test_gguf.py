@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import FAMILIES, make_model, make_text
 from minitron import arch
@@ -613,3 +613,185 @@ def test_llama_cpp_runs_new_families_like_transformers(family, prune_it, tokeniz
         got = R.logits(llm, ids[0].tolist())
         llm.close()
         np.testing.assert_allclose(got, ref, atol=atol, rtol=0, err_msg=f"{family} {qtype}")
+
+
+# ---- Mamba2 and NemotronH (hybrid Mamba2 / attention / MLP / MoE layers) -------------------------------------
+
+PURE_MOE = ["linear_attention", "moe", "full_attention", "moe"]  # M E * E: llama.cpp runs every MLP layer as MoE
+
+
+def _hybrid_scores(d: arch.Dims, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random scores of every axis a Mamba2 / NemotronH plan reads (only shapes matter here)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"heads": torch.rand(d.layers, max(d.heads, 1), generator=g),
+            "kv_groups": torch.rand(d.layers, max(d.kv_heads, 1), generator=g),
+            "neurons": torch.rand(d.layers, max(d.ffn, 1), generator=g), "channels": torch.rand(d.hidden, generator=g),
+            "mamba_channels": torch.rand(d.layers, d.mamba_heads * d.mamba_head_dim, generator=g),
+            "layer_bi": torch.rand(d.layers, generator=g)}
+
+
+def ssm_model(case: str):
+    """The tiny models of tests/test_hybrid.py, full or pruned in memory:
+    mamba2: 3 layers, 8 heads of dim 16 in 2 groups, hidden 64; pruned: 4 heads, hidden 32, layer 1 dropped.
+    nemotron_h: M - * M -; pruned: Mamba 4 heads of dim 6, hidden 48, MLP 96, attention 2 heads / 1 KV head, layer 3
+    (a Mamba layer) dropped -> M - * -.
+    nemotron_h_moe: M E * E with a score-correction bias, routed scale 2.5 and latent experts (32 wide); pruned:
+    Mamba 4 heads, hidden 48, attention 2 / 1 heads, layer 3 dropped -> M E *."""
+    from test_hybrid import make_mamba2
+    from test_hybrid import make_model as make_nemotron_h
+
+    family, _, variant = case.partition("-")
+    if family == "mamba2":
+        model, target = make_mamba2(), Target(mamba_heads=4, hidden=32, drop_layers=[1])
+    elif family == "nemotron_h":
+        model = make_nemotron_h()
+        target = Target(mamba_heads=4, mamba_head_dim=6, hidden=48, ffn=96, heads=2, kv_heads=1, drop_layers=[3])
+    else:
+        model = make_nemotron_h(pattern=PURE_MOE, routed_scaling_factor=2.5, moe_latent_size=32)
+        with torch.no_grad():
+            for layer in (1, 3):
+                model.model.layers[layer].mixer.gate.e_score_correction_bias.normal_(0.0, 0.3)
+        target = Target(mamba_heads=4, hidden=48, heads=2, kv_heads=1, drop_layers=[3])
+    if variant == "pruned":
+        apply_plan(model, make_plan(model.config, _hybrid_scores(arch.dims_of(model.config)), target))
+    return model.eval()
+
+
+SSM_CASES = ["mamba2-full", "mamba2-pruned", "nemotron_h-full", "nemotron_h-pruned", "nemotron_h_moe-full",
+             "nemotron_h_moe-pruned"]
+# case -> (metadata under the architecture's prefix, blk.N tensors with shapes [out, in] (ssm_a / ssm_d [H, 1],
+# the conv [I + 2GN, K], the gated norm [G, I/G]))
+_M_FULL = {"ssm.conv_kernel": 4, "ssm.state_size": 16, "ssm.group_count": 2}
+
+
+def _mamba_block(hidden: int, heads: int, head_dim: int) -> dict:
+    inner, conv = heads * head_dim, heads * head_dim + 2 * 2 * 16  # G = 2 groups of state 16
+    return {"attn_norm.weight": [hidden], "ssm_in.weight": [inner + conv + heads, hidden], "ssm_conv1d.weight": [conv, 4],
+            "ssm_conv1d.bias": [conv], "ssm_dt.bias": [heads], "ssm_a": [heads, 1], "ssm_d": [heads, 1],
+            "ssm_norm.weight": [2, inner // 2], "ssm_out.weight": [hidden, inner]}
+
+
+def _attn_block(hidden: int, heads: int, kv: int) -> dict:
+    return {"attn_norm.weight": [hidden], "attn_q.weight": [heads * 16, hidden], "attn_k.weight": [kv * 16, hidden],
+            "attn_v.weight": [kv * 16, hidden], "attn_output.weight": [hidden, heads * 16]}
+
+
+def _moe_block(hidden: int) -> dict:  # 4 experts of width 32 on a latent of 32; shared expert 48
+    return {"attn_norm.weight": [hidden], "ffn_gate_inp.weight": [4, hidden], "exp_probs_b.bias": [4],
+            "ffn_latent_down.weight": [32, hidden], "ffn_latent_up.weight": [hidden, 32],
+            "ffn_up_exps.weight": [4, 32, 32], "ffn_down_exps.weight": [4, 32, 32],
+            "ffn_up_shexp.weight": [48, hidden], "ffn_down_shexp.weight": [hidden, 48]}
+
+
+SSM_LAYOUT = {
+    "mamba2-full": ({**_M_FULL, "block_count": 3, "embedding_length": 64, "ssm.inner_size": 128,
+                     "ssm.time_step_rank": 8, "feed_forward_length": 0, "attention.head_count": 0},
+                    {0: _mamba_block(64, 8, 16), 2: _mamba_block(64, 8, 16)}),
+    "mamba2-pruned": ({**_M_FULL, "block_count": 2, "embedding_length": 32, "ssm.inner_size": 64,
+                       "ssm.time_step_rank": 4}, {1: _mamba_block(32, 4, 16)}),
+    "nemotron_h-full": ({**_M_FULL, "block_count": 5, "embedding_length": 64, "ssm.inner_size": 64,
+                         "ssm.time_step_rank": 8, "attention.head_count": 4, "attention.head_count_kv": [0, 0, 2, 0, 0],
+                         "feed_forward_length": [0, 128, 0, 0, 128], "attention.key_length": 16},
+                        {0: _mamba_block(64, 8, 8), 1: {"attn_norm.weight": [64], "ffn_up.weight": [128, 64],
+                                                        "ffn_down.weight": [64, 128]}, 2: _attn_block(64, 4, 2)}),
+    "nemotron_h-pruned": ({**_M_FULL, "block_count": 4, "embedding_length": 48, "ssm.inner_size": 24,
+                           "ssm.time_step_rank": 4, "attention.head_count": 2, "attention.head_count_kv": [0, 0, 1, 0],
+                           "feed_forward_length": [0, 96, 0, 96]},
+                          {0: _mamba_block(48, 4, 6), 2: _attn_block(48, 2, 1), 3: {
+                              "attn_norm.weight": [48], "ffn_up.weight": [96, 48], "ffn_down.weight": [48, 96]}}),
+    "nemotron_h_moe-full": ({**_M_FULL, "block_count": 4, "attention.head_count_kv": [0, 0, 2, 0],
+                             "feed_forward_length": [0, 32, 0, 32], "expert_count": 4, "expert_used_count": 2,
+                             "expert_feed_forward_length": 32, "expert_shared_feed_forward_length": 48,
+                             "expert_shared_count": 1, "expert_weights_norm": True, "expert_weights_scale": 2.5,
+                             "moe_latent_size": 32},
+                            {0: _mamba_block(64, 8, 8), 1: _moe_block(64), 2: _attn_block(64, 4, 2)}),
+    "nemotron_h_moe-pruned": ({**_M_FULL, "block_count": 3, "embedding_length": 48, "ssm.time_step_rank": 4,
+                               "attention.head_count_kv": [0, 0, 1], "feed_forward_length": [0, 32, 0]},
+                              {0: _mamba_block(48, 4, 8), 1: _moe_block(48), 2: _attn_block(48, 2, 1)}),
+}
+
+
+@pytest.mark.parametrize("case", SSM_CASES)
+def test_ssm_family_metadata_and_tensors(case, tokenizer, tmp_path):
+    """Read back with the gguf reader: llama.cpp's architecture (nemotron_h_moe when the model has MoE layers), the
+    ssm.* keys, NemotronH's per-layer arrays (head_count_kv and feed_forward_length 0 on Mamba layers, which is how
+    llama.cpp tells the layer kinds apart), every tensor of a block by name and shape, and the transforms: A =
+    -exp(A_log), D and the gated norm reshaped, the depthwise conv squeezed; in a q8_0 file the conv, the gated norm,
+    ssm_a / ssm_d and the router stay f32."""
+    model = ssm_model(case)
+    path = tmp_path / "s.gguf"
+    info = export_gguf(model, tokenizer, path, "f32")
+    meta, shapes = fields(path)
+    a = case.split("-")[0]
+    assert info["architecture"] == meta["general.architecture"] == a
+    keys, blocks = SSM_LAYOUT[case]
+    assert {k: meta.get(f"{a}.{k}") for k in keys} == keys
+    assert ("output.weight" in shapes) and shapes["token_embd.weight"] == [384, meta[f"{a}.embedding_length"]]
+    for i, layout in blocks.items():
+        assert {n[len(f"blk.{i}."):]: s for n, s in shapes.items() if n.startswith(f"blk.{i}.")} == layout, i
+    layers = arch.decoder_layers(model)
+    mixer = layers[0].mixer
+    np.testing.assert_allclose(_tensor(path, "blk.0.ssm_a").reshape(-1), -np.exp(mixer.A_log.detach().numpy()),
+                               rtol=1e-6)
+    np.testing.assert_allclose(_tensor(path, "blk.0.ssm_d").reshape(-1), mixer.D.detach().numpy(), rtol=0)
+    np.testing.assert_allclose(_tensor(path, "blk.0.ssm_norm.weight").reshape(-1), mixer.norm.weight.detach().numpy())
+    np.testing.assert_allclose(_tensor(path, "blk.0.ssm_conv1d.weight"), mixer.conv1d.weight.detach()[:, 0].numpy())
+    if a == "nemotron_h_moe":
+        bias = layers[1].mixer.gate.e_score_correction_bias.detach().numpy()
+        np.testing.assert_allclose(_tensor(path, "blk.1.exp_probs_b.bias"), bias)
+    from gguf import GGUFReader
+
+    export_gguf(model, tokenizer, tmp_path / "q.gguf", "q8_0")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "q.gguf")).tensors}
+    assert {types[f"blk.0.{n}"] for n in ("ssm_a", "ssm_d", "ssm_conv1d.weight", "ssm_norm.weight")} == {"F32"}
+    assert types["blk.0.ssm_in.weight"] in ("Q8_0", "F16")  # F16 where rows are not whole blocks of 32 (hidden 48)
+    if a == "nemotron_h_moe":
+        assert types["blk.1.ffn_gate_inp.weight"] == "F32"
+
+
+def test_ssm_families_refused_where_llama_cpp_differs(tokenizer, tmp_path):
+    """Configs llama.cpp's mamba2 / nemotron_h(_moe) graphs would run differently are refused by name with the fix."""
+    from test_hybrid import MOE_PATTERN, make_config
+    from test_hybrid import make_model as make_nemotron_h
+
+    def mamba2(**over):
+        kw = dict(vocab_size=384, hidden_size=64, num_hidden_layers=1, num_heads=8, head_dim=16, n_groups=2,
+                  state_size=16) | over
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba2", **kw))
+
+    cases = [
+        (make_nemotron_h(pattern=MOE_PATTERN), r"mixes dense MLP layers \[3\] with MoE.*--drop-layers 3"),
+        (make_nemotron_h(pattern=PURE_MOE, n_group=2, topk_group=1), "expert groups.*n_group=2, topk_group=1"),
+        (make_nemotron_h(mlp_hidden_act="silu"), "relu\\^2.*'silu'"),
+        (make_nemotron_h(mlp_bias=True), "MLP biases"),
+        (mamba2(use_bias=True), "in_proj / out_proj biases"),
+        (mamba2(time_step_limit=(0.0, 1.0)), r"time_step_limit=\(0, 1\)"),
+        (mamba2(hidden_act="gelu"), "SiLU.*'gelu'"),
+    ]
+    for model, match in cases:
+        with pytest.raises(GGUFExportError, match=match):
+            export_gguf(model, tokenizer, tmp_path / "x.gguf", "f16")
+    assert make_config(pattern=PURE_MOE).n_group == 1  # the exported MoE model routes without groups
+    assert os.listdir(tmp_path) == []
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("case", SSM_CASES)
+def test_llama_cpp_runs_ssm_families_like_transformers(case, tokenizer, tmp_path):
+    """llama.cpp's logits equal transformers' for Mamba2, NemotronH and NemotronH with MoE layers (llama.cpp's
+    nemotron_h_moe: sigmoid routing with the score-correction bias, renormalized top-2 scaled by 2.5, latent
+    experts, shared expert), full and pruned: 40 tokens (the HF scan runs 3 chunks of 16), f32 file and cache within
+    1e-5, f16 file within 2e-2."""
+    from minitron import gguf_runtime as R
+
+    model = ssm_model(case)
+    ids = ids_of(tokenizer, 40)
+    with torch.no_grad():
+        ref = model(ids).logits[0].numpy()
+    for qtype, atol in (("f32", 1e-5), ("f16", 2e-2)):
+        path = tmp_path / f"{qtype}.gguf"
+        export_gguf(model, tokenizer, path, qtype)
+        llm = R.load(path, n_ctx=64, logits_all=True, kv_f32=True)
+        got = R.logits(llm, ids[0].tolist())
+        llm.close()
+        np.testing.assert_allclose(got, ref, atol=atol, rtol=0, err_msg=f"{case} {qtype}")

@@ -13,6 +13,9 @@ them: ffn_gate_exps / ffn_up_exps [n_expert, width, hidden] (gate_up_proj's rows
 [n_expert, hidden, width]; the routers stay f32 in every file type, as llama.cpp's converter keeps them.
 Where llama.cpp's graph hard-codes what transformers reads from the config (Gemma2's sliding-window pattern,
 the MoE families' renormalization of the top-k routing weights), check_config refuses a model that differs.
+Mamba2 and NemotronH (hybrid Mamba2 / attention / MLP / MoE layers) map each parameter (A_log, D and dt_bias are
+parameters of no submodule) to llama.cpp's ssm_* tensors with A = -exp(A_log), and tell llama.cpp each hybrid
+layer's kind through per-layer head_count_kv / feed_forward_length arrays (0 on Mamba layers).
 
 Types: f32, f16, bf16 and the block types gguf.quants quantizes in numpy (q8_0, q4_0, q4_1, q5_0, q5_1); 1-D
 tensors (norms, biases) stay f32, and a matrix whose rows are not a whole number of blocks falls back to f16,
@@ -28,7 +31,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +88,30 @@ _SHARED_EXPERT = {"mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_e
                   "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
 _DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _MOE_BASE = {k: v for k, v in _LLAMA_LAYER.items() if k not in _DENSE_MLP} | _MOE_LAYER
-# tensors llama.cpp's converter always keeps in f32, whatever the file type: the routers
-_ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+# tensors llama.cpp's converter always keeps in f32, whatever the file type: the routers, the Mamba convolution and
+# gated norm (besides every 1-D tensor and every tensor without a .weight suffix, such as ssm_a / ssm_d)
+_ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight", "ssm_norm.weight")
+
+# ---- Mamba2 and hybrid families: a map per parameter (A_log, D, dt_bias are parameters without .weight) ----------
+
+# a Mamba2 layer (pre-norm + mixer, transformers 5): HF parameter inside the layer -> GGUF tensor inside blk.N, as
+# llama.cpp's mamba2 / nemotron_h graphs load it; the transforms (A = -exp(A_log), reshapes) are in _ssm_transform
+_MAMBA_PARAMS = {"norm.weight": "attn_norm.weight", "mixer.in_proj.weight": "ssm_in.weight",
+                 "mixer.conv1d.weight": "ssm_conv1d.weight", "mixer.conv1d.bias": "ssm_conv1d.bias",
+                 "mixer.dt_bias": "ssm_dt.bias", "mixer.A_log": "ssm_a", "mixer.D": "ssm_d",
+                 "mixer.norm.weight": "ssm_norm.weight", "mixer.out_proj.weight": "ssm_out.weight"}
+# NemotronH: one mixer per layer, of the kind config.layers_block_type names (Mamba2, attention without RoPE,
+# relu^2 MLP without a gate, or MoE: a sigmoid router with a score-correction bias, non-gated experts stacked
+# [n_expert, ...] as transformers already keeps them, a shared expert, optional latent projections)
+_NEMOTRON_H_PARAMS = {
+    **_MAMBA_PARAMS, "mixer.q_proj.weight": "attn_q.weight", "mixer.k_proj.weight": "attn_k.weight",
+    "mixer.v_proj.weight": "attn_v.weight", "mixer.o_proj.weight": "attn_output.weight",
+    "mixer.up_proj.weight": "ffn_up.weight", "mixer.down_proj.weight": "ffn_down.weight",
+    "mixer.gate.weight": "ffn_gate_inp.weight", "mixer.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mixer.experts.up_proj": "ffn_up_exps.weight", "mixer.experts.down_proj": "ffn_down_exps.weight",
+    "mixer.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mixer.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+    "mixer.fc1_latent_proj.weight": "ffn_latent_down.weight", "mixer.fc2_latent_proj.weight": "ffn_latent_up.weight"}
 
 
 @dataclass(frozen=True)
@@ -102,6 +127,11 @@ class GGUFFamily:
     q_is_hidden: bool = False      # llama.cpp's graph sizes q and o as hidden x hidden: heads * head_dim == hidden
     as_llama_if_not: bool = False  # ... else write it as the llama architecture (same maths, q/k permuted)
     output_required: bool = False  # llama.cpp needs output.weight even when the HF model ties it
+    # Mamba2 / hybrid families: {HF parameter inside a layer: GGUF tensor inside blk.N} (None: `layer` above),
+    # where the layers live, and {HF parameter outside the layers: GGUF tensor}
+    params: dict | None = None
+    layers: str = "model.layers"
+    top: dict | None = None
 
 
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
@@ -131,6 +161,13 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "qwen2_moe": GGUFFamily("qwen2moe", "neox", q_is_hidden=True, layer={**_MOE_BASE, **_SHARED_EXPERT}),  # biases
     "qwen3_moe": GGUFFamily("qwen3moe", "neox", layer={**_MOE_BASE, **_QK_NORMS}),
     "olmoe": GGUFFamily("olmoe", "neox", layer={**_MOE_BASE, **_QK_NORMS}),  # q/k norms over whole projections
+    # no RoPE anywhere; nemotron_h with MoE layers is written as nemotron_h_moe (resolve_family)
+    "mamba2": GGUFFamily("mamba2", "none", layer={}, params=_MAMBA_PARAMS, layers="backbone.layers", top={
+        "backbone.embeddings.weight": "token_embd.weight", "backbone.norm_f.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight"}),
+    "nemotron_h": GGUFFamily("nemotron_h", "none", layer={}, params=_NEMOTRON_H_PARAMS, top={
+        "model.embeddings.weight": "token_embd.weight", "model.norm_f.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight"}),
 }
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
@@ -164,8 +201,12 @@ def resolve_family(config) -> tuple[str, GGUFFamily]:
             f"writes {', '.join(sorted(GGUF_FAMILIES))}. Keep the Hugging Face export (load it with transformers), "
             "or add the family to GGUF_FAMILIES in minitron/export_gguf.py if llama.cpp has a graph for it.")
     fam = GGUF_FAMILIES[family]
+    if family == "nemotron_h" and "moe" in A.layer_kinds(config):
+        return family, replace(fam, arch="nemotron_h_moe")
+    if not fam.q_is_hidden:
+        return family, fam
     q_width = config.num_attention_heads * A.head_dim_of(config)
-    if fam.q_is_hidden and q_width != config.hidden_size:
+    if q_width != config.hidden_size:
         why = (f"llama.cpp's {fam.arch} graph assumes heads * head_dim == hidden, but this {family} model has "
                f"{config.num_attention_heads} x {A.head_dim_of(config)} = {q_width} != hidden {config.hidden_size}")
         if not fam.as_llama_if_not:
@@ -199,6 +240,8 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
     lm_head is left out (llama.cpp reuses token_embd) unless the family's graph requires output.weight."""
     config = model.config
     _, fam = resolve_family(config)
+    if fam.params is not None:
+        return ssm_tensors(model, fam)
     hd, rot = A.head_dim_of(config), _rotary_dims(config)
     heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     tied = bool(config.tie_word_embeddings)
@@ -246,6 +289,50 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
     return out + extra
 
 
+def ssm_tensors(model, fam: GGUFFamily) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, fp32 tensor) of a Mamba2 or NemotronH model: each parameter under its name in fam.params /
+    fam.top, transformed as llama.cpp loads it (_ssm_transform); a convolution without bias (use_conv_bias false)
+    gets a zero bias, which llama.cpp's graph always adds; a tied lm_head is left out (llama.cpp reuses
+    token_embd)."""
+    config = model.config
+    groups = getattr(config, A.get_arch(config).mamba.groups_key)
+    state = model.state_dict()
+    in_layer = re.compile(rf"{re.escape(fam.layers)}\.(\d+)\.(.+)")
+    out: list[tuple[str, torch.Tensor]] = []
+    for name, t in state.items():
+        t = t.detach().float().cpu()
+        m = in_layer.fullmatch(name)
+        if m is None:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            if name not in fam.top:
+                raise GGUFExportError(f"tensor {name} has no GGUF name for llama.cpp's {fam.arch}")
+            out.append((fam.top[name], t.contiguous()))
+            continue
+        i, part = m.groups()
+        if part not in fam.params:
+            raise GGUFExportError(f"tensor {name} has no GGUF name for llama.cpp's {fam.arch}; the model has parts "
+                                  "its family table in minitron/export_gguf.py does not know")
+        gname = fam.params[part]
+        out.append((f"blk.{i}.{gname}", _ssm_transform(gname, t, groups).contiguous()))
+        if part == "mixer.conv1d.weight" and f"{fam.layers}.{i}.mixer.conv1d.bias" not in state:
+            out.append((f"blk.{i}.ssm_conv1d.bias", torch.zeros(t.shape[0])))
+    return out
+
+
+def _ssm_transform(gname: str, t: torch.Tensor, groups: int) -> torch.Tensor:
+    """A Mamba2 parameter as llama.cpp's graph reads it (convert_hf_to_gguf's Mamba2 transforms)."""
+    if gname == "ssm_a":
+        return -torch.exp(t).reshape(-1, 1)   # A = -exp(A_log): [H] -> [H, 1]
+    if gname == "ssm_d":
+        return t.reshape(-1, 1)               # [H] -> [H, 1]
+    if gname == "ssm_conv1d.weight":
+        return t.squeeze(1)                   # depthwise [I + 2GN, 1, K] -> [I + 2GN, K]
+    if gname == "ssm_norm.weight":
+        return t.reshape(groups, -1)          # gated norm over G groups: [I] -> [G, I/G]
+    return t
+
+
 def _llama3_rope_freqs(config, rp: dict) -> torch.Tensor:
     """Llama-3.1 rope scaling as llama.cpp takes it: per-frequency divisors [rot/2] in rope_freqs.weight."""
     rot, base = _rotary_dims(config), rp.get("rope_theta", 10000.0)
@@ -273,7 +360,11 @@ def _rope_factor_tensors(config, fam: GGUFFamily) -> list[tuple[str, torch.Tenso
 def write_hparams(w, config, fam: GGUFFamily) -> None:
     """The {arch}.* keys llama.cpp reads: sizes, explicit head_dim (key/value_length: a pruned model's head_dim
     need not be hidden / heads), rotary settings, norm epsilon, Gemma3's sliding-window layers, Gemma2's
-    soft-caps, Granite's multipliers, and the expert counts and widths of MoE families."""
+    soft-caps, Granite's multipliers, and the expert counts and widths of MoE families; Mamba2 / NemotronH:
+    _write_ssm_hparams."""
+    if fam.params is not None:
+        _write_ssm_hparams(w, config, fam)
+        return
     hd = A.head_dim_of(config)
     w.add_context_length(int(getattr(config, "max_position_embeddings", None) or 2048))
     w.add_embedding_length(config.hidden_size)
@@ -310,6 +401,56 @@ def write_hparams(w, config, fam: GGUFFamily) -> None:
         _write_granite_keys(w, config)
     if A.get_arch(config).moe is not None:
         _write_moe_keys(w, config)
+
+
+def _write_ssm_hparams(w, config, fam: GGUFFamily) -> None:
+    """Mamba2 and NemotronH: the ssm.* keys (conv kernel, inner width H x P, state size, time_step_rank = the number
+    of heads, group count), RMS epsilon, a context length of 2^20 (no positions: no RoPE), and for NemotronH the
+    per-layer arrays that tell llama.cpp each layer's kind (_write_nemotron_h_layers)."""
+    mamba = A.get_arch(config).mamba
+    heads, head_dim = getattr(config, mamba.heads_key), getattr(config, mamba.head_dim_key)
+    w.add_context_length(2**20)                       # as llama.cpp's converter: no position limit
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(len(A.layer_kinds(config)))
+    w.add_vocab_size(config.vocab_size)
+    w.add_ssm_conv_kernel(int(config.conv_kernel))
+    w.add_ssm_inner_size(heads * head_dim)
+    w.add_ssm_state_size(int(getattr(config, mamba.state_key)))
+    w.add_ssm_time_step_rank(heads)                   # llama.cpp's name for the number of Mamba heads
+    w.add_ssm_group_count(int(getattr(config, mamba.groups_key)))
+    w.add_layer_norm_rms_eps(float(config.layer_norm_epsilon))
+    if fam.arch == "mamba2":
+        w.add_feed_forward_length(0)                  # no MLP, no attention: llama.cpp reads zeros
+        w.add_head_count(0)
+    else:
+        _write_nemotron_h_layers(w, config)
+
+
+def _write_nemotron_h_layers(w, config) -> None:
+    """NemotronH's layer kinds as llama.cpp reads them: a layer is Mamba when its head_count_kv and
+    feed_forward_length are both 0, attention when only feed_forward_length is 0, else MLP (or MoE). head_count
+    stays one number (llama.cpp takes the attention head size from it), the others are per-layer arrays; MoE:
+    expert counts, widths, the shared expert, top-k renormalization and scale, the latent size."""
+    kinds = A.layer_kinds(config)
+    kv = config.num_key_value_heads or config.num_attention_heads
+    moe = "moe" in kinds
+    ffn = config.moe_intermediate_size if moe else config.intermediate_size  # _check_ssm: not both kinds
+    w.add_layer_norm_eps(float(config.layer_norm_epsilon))  # a key llama.cpp's nemotron_h requires
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv([kv if k == "full_attention" else 0 for k in kinds])
+    w.add_key_length(A.head_dim_of(config))
+    w.add_value_length(A.head_dim_of(config))
+    w.add_feed_forward_length([ffn if k in ("mlp", "moe") else 0 for k in kinds])
+    if moe:
+        w.add_expert_count(config.n_routed_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        w.add_expert_shared_feed_forward_length(config.moe_shared_expert_intermediate_size)
+        w.add_expert_shared_count(getattr(config, "n_shared_experts", 1) or 1)
+        w.add_expert_weights_norm(bool(config.norm_topk_prob))
+        w.add_expert_weights_scale(float(config.routed_scaling_factor))
+        if getattr(config, "moe_latent_size", None):
+            w.add_moe_latent_size(int(config.moe_latent_size))
 
 
 def _write_gemma2_keys(w, config) -> None:
@@ -384,7 +525,61 @@ def check_config(config) -> None:
         _check_gemma2(config)
     if A.get_arch(config).moe is not None:
         _check_moe(config, family, fam)
+    if fam.params is not None:
+        _check_ssm(config, family)
+        return
     _write_rope_scaling(_NullWriter(), config, fam, _rope_params(config))
+
+
+def _check_ssm(config, family: str) -> None:
+    """Refuse Mamba2 / NemotronH configs llama.cpp's graphs would run differently: its Mamba2 mixer hard-codes a
+    SiLU convolution activation, in_proj / out_proj without bias and no clamp on the time step (transformers'
+    Mamba2 clamps to config.time_step_limit); NemotronH's MLP is relu^2 without bias (_check_nemotron_h_moe for
+    its MoE layers)."""
+    mamba2 = family == "mamba2"
+    act = config.hidden_act if mamba2 else config.mamba_hidden_act
+    if act != "silu":
+        raise GGUFExportError(f"llama.cpp's Mamba2 mixer applies SiLU after the convolution, but this {family} model "
+                              f"uses {act!r}. Use the Hugging Face export.")
+    if getattr(config, "use_bias", False) or getattr(config, "mamba_proj_bias", False):
+        raise GGUFExportError(f"this {family} model has in_proj / out_proj biases (use_bias), which llama.cpp's "
+                              "Mamba2 mixer has no tensor for. Use the Hugging Face export.")
+    if mamba2:
+        low, high = (float(x) for x in config.time_step_limit)
+        if low != 0.0 or high != math.inf:
+            raise GGUFExportError(f"this mamba2 model clamps its time step to time_step_limit=({low:g}, {high:g}), "
+                                  "which llama.cpp's Mamba2 graph does not; set time_step_limit=(0.0, inf) if the "
+                                  "model never reaches the limits, or use the Hugging Face export.")
+        return
+    kinds = A.layer_kinds(config)
+    unknown = sorted(set(kinds) - {"linear_attention", "full_attention", "mlp", "moe"})
+    if unknown:
+        raise GGUFExportError(f"this nemotron_h model has layer kinds {unknown} that llama.cpp's nemotron_h graph does "
+                              "not run. Use the Hugging Face export.")
+    if config.mlp_hidden_act != "relu2":
+        raise GGUFExportError(f"llama.cpp's nemotron_h graph runs MLP and experts with relu^2, but this model uses "
+                              f"{config.mlp_hidden_act!r}. Use the Hugging Face export.")
+    if getattr(config, "mlp_bias", False):
+        raise GGUFExportError("this nemotron_h model has MLP biases (mlp_bias), which minitron's GGUF export does not "
+                              "write. Use the Hugging Face export.")
+    if "moe" in kinds:
+        _check_nemotron_h_moe(config, kinds)
+
+
+def _check_nemotron_h_moe(config, kinds: list[str]) -> None:
+    """llama.cpp's nemotron_h_moe graph runs every MLP-kind layer as MoE once the model has experts, and routes
+    without expert groups: refuse dense MLP layers mixed with MoE layers, and group-limited routing."""
+    dense = [i for i, k in enumerate(kinds) if k == "mlp"]
+    if dense:
+        raise GGUFExportError(
+            f"this nemotron_h model mixes dense MLP layers {dense} with MoE layers, but llama.cpp's nemotron_h_moe "
+            "graph runs every feed-forward layer of a model with experts as MoE. Drop the dense MLP layers "
+            f"(--drop-layers {','.join(map(str, dense))}), or use the Hugging Face export.")
+    n_group, topk_group = getattr(config, "n_group", 1) or 1, getattr(config, "topk_group", 1) or 1
+    if n_group > 1 and topk_group < n_group:
+        raise GGUFExportError(f"this nemotron_h model routes within expert groups (n_group={n_group}, topk_group="
+                              f"{topk_group}), which llama.cpp's nemotron_h_moe graph does not. Use the Hugging "
+                              "Face export.")
 
 
 def _check_gemma2(config) -> None:
@@ -637,7 +832,8 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, qtype: str = "f16", n
         counts: dict[str, int] = {}
         types, odd_rows = _numpy_types(), set()
         for gname, t in gguf_tensors(model):
-            arr, raw, tname = _encode(t, "f32" if gname.endswith(_ALWAYS_F32) else qtype, types)
+            keep_f32 = gname.endswith(_ALWAYS_F32) or not gname.endswith(".weight")  # ssm_a, ssm_d, biases
+            arr, raw, tname = _encode(t, "f32" if keep_f32 else qtype, types)
             w.add_tensor(gname, arr, raw_dtype=raw)
             counts[tname] = counts.get(tname, 0) + 1
             if tname == "F16" and qtype not in ("f16", "f32"):
