@@ -627,18 +627,20 @@ def without_layers(model: nn.Module, drop: list[int]):
     layers = decoder_layers(model)
     config = model.config
     keep = [i for i in range(len(layers)) if i not in set(drop)]
-    saved = (config.num_hidden_layers, getattr(config, "layer_types", None))
+    # layer_types is rewritten only where it is a stored list (Mamba2 derives it from num_hidden_layers)
+    types = getattr(config, "layer_types", None) if get_arch(model).has_layer_types else None
+    saved = (config.num_hidden_layers, types)
     set_decoder_layers(model, nn.ModuleList([layers[i] for i in keep]))
     config.num_hidden_layers = len(keep)
-    if get_arch(model).has_layer_types and saved[1] is not None:
-        config.layer_types = [saved[1][i] for i in keep]
+    if types is not None:
+        config.layer_types = [types[i] for i in keep]
     try:
         yield model
     finally:
         set_decoder_layers(model, layers)
         config.num_hidden_layers = saved[0]
-        if saved[1] is not None:
-            config.layer_types = saved[1]
+        if types is not None:
+            config.layer_types = types
 
 
 # ---- output head: hidden states -> logits, as the family's CausalLM forward computes them -----------
