@@ -108,6 +108,7 @@ class DistillSection:
     eval_every: int = _dc("eval_every")
     save_every: int = _dc("save_every")
     topk: int = 0                         # > 0: cache the teacher's top-k log-probs once and reuse them
+    release_teacher: bool | None = _dc("release_teacher")  # with topk: free the teacher once the cache is built
     autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute)
     grad_checkpointing: bool = _dc("grad_checkpointing")  # activation checkpointing of the student
     distributed: str = _dc("distributed")  # auto (ddp under torchrun) | none | ddp | fsdp
@@ -152,8 +153,9 @@ class RunConfig:
     export: ExportSection = field(default_factory=ExportSection)
 
     def check(self) -> None:
-        if not (self.target.params or self.target.hidden or self.target.ffn or self.target.heads
-                or self.target.kv_heads or self.target.layers or self.target.drop_layers
+        t = self.target
+        if not (t.params or t.hidden or t.ffn or t.heads or t.kv_heads or t.layers or t.drop_layers or t.experts
+                or t.top_k or t.shared_ffn or t.mamba_heads or t.mamba_head_dim
                 or self.search.enabled or self.iterative.budgets):
             raise PlanError("the recipe prunes nothing: set target.params (e.g. 70M) or target dims, "
                             "or enable search / iterative")
@@ -370,7 +372,8 @@ def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, to
               topk_cache=str(Path(cfg.out) / "teacher_topk") if d.topk > 0 else None, topk=max(d.topk, 1),
               seed=cfg.data.seed, split_seed=cfg.data.seed, device=cfg.model.device, dtype=cfg.model.dtype,
               autocast=d.autocast, grad_checkpointing=d.grad_checkpointing, distributed=d.distributed,
-              teacher_dtype=d.teacher_dtype, data_root=cfg.data.data_dir, resume=can_resume(folder), progress=True)
+              teacher_dtype=d.teacher_dtype, release_teacher=d.release_teacher, data_root=cfg.data.data_dir,
+              resume=can_resume(folder), progress=True)
     return DistillConfig(**{**kw, **over})
 
 
