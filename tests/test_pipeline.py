@@ -64,6 +64,44 @@ def test_recipe_end_to_end(setup, tmp_path):
     assert (out / "eval" / "results.json").stat().st_mtime_ns != before
 
 
+HYBRID_TARGETS = {  # Mamba2: explicit dims (hidden x expand = heads x head_dim); NemotronH: a budget + Mamba heads
+    "mamba2": {"target.hidden": 32, "target.mamba_heads": 4, "target.layers": 2},
+    "nemotron_h": {"target.params": 80000, "target.mamba_heads": 4, "target.layers": 4,
+                   "target.depth_types": "[mamba,mlp]"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(HYBRID_TARGETS))
+def test_hybrid_recipe_end_to_end(setup, tokenizer, tmp_path, family):
+    """`minitron run` on a tiny Mamba2 and a tiny NemotronH: importance (with its Mamba panel) -> plan (LM-loss
+    depth) -> prune -> distill -> eval (held-out LM loss and a zero-shot task) -> HF export that reloads with
+    from_pretrained at the planned size and generates; report.md and the model card name the Mamba dims."""
+    from test_hybrid import make_mamba2
+    from test_hybrid import make_model as make_nemotron_h
+
+    root, _, corpus = setup
+    teacher = tmp_path / family
+    (make_mamba2() if family == "mamba2" else make_nemotron_h()).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    out = tmp_path / "run"
+    run(load_config(RunConfig, None, tiny_overrides(root, teacher, corpus, out, **{
+        "target.params": None, **HYBRID_TARGETS[family], "distill.tokens": 512, "eval.ppl_limit": 2})))
+    for stage in ("importance/importance.png", "prune/importance.png", "prune/plan.json", "distill/metrics.jsonl",
+                  "eval/results.json", "export/config.json", "export/README.md", "report.md"):
+        assert (out / stage).is_file(), stage
+    plan = json.loads((out / "prune" / "plan.json").read_text())
+    assert plan["target"]["mamba_heads"] == 4 and len(plan["dropped_layers"]) == 1
+    student = AutoModelForCausalLM.from_pretrained(out / "export")
+    assert sum(p.numel() for p in student.parameters()) == plan["params_after"]["total"]
+    assert student.generate(tokenizer("the model", return_tensors="pt").input_ids, max_new_tokens=4,
+                            do_sample=False).shape[1] > 2
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert all(f"loss:{corpus}" in m["tasks"] and "piqa" in m["tasks"] for m in results["models"].values())
+    assert "## Evaluation" in (out / "report.md").read_text()
+    assert "| Mamba heads | Mamba head dim |" in (out / "export" / "README.md").read_text()
+    load_config(RunConfig, None, ["target.mamba_heads=4"])  # a Mamba axis alone is something to prune
+
+
 def test_iterative_and_search(setup, tmp_path):
     root, teacher, corpus = setup
     out = tmp_path / "iter"
