@@ -320,6 +320,32 @@ def test_search_candidates_prune_mamba_heads():
         assert resolve_dims(config, target_of(d, cfg)) == d
 
 
+def test_search_skips_depth_candidates_that_drop_the_only_attention_layer(tokenizer, tmp_path):
+    """A depth candidate whose least important block holds NemotronH's only attention layer is refused by the
+    planner: the search skips it with the reason (printed, listed after the ranked rows, a 'skipped' row in
+    search.md) and ranks the rest; when every candidate is refused, the search says why."""
+    from minitron.plan import count_params
+    from minitron.search import SearchConfig, save_table, search
+
+    model = make_model()
+    d = arch.dims_of(model.config)
+    scores = _scores(d)
+    scores["block_bi.2"] = torch.tensor([0.9, 0.1, 0.8, 0.7])  # blocks of 2: the best one (1-2) holds layer 2
+    cfg = SearchConfig(params=0.8 * count_params(model.config)["total"], tolerance=0.3, axes=["hidden", "layers"],
+                       layer_fractions=[0.6, 1.0], layer_metric="bi")
+    rows = search(model, scores, _calib(tokenizer)[:2], cfg, batch_size=2)
+    ranked = [r for r in rows if "skipped" not in r]
+    skipped = rows[len(ranked):]
+    assert ranked and skipped and all("skipped" in r for r in skipped)
+    assert all(r["dims"]["layers"] == 5 for r in ranked) and all(r["dims"]["layers"] == 3 for r in skipped)
+    assert all("drops every full_attention layer" in r["skipped"] for r in skipped)
+    table = (save_table(rows, tmp_path, cfg) / "search.md").read_text()
+    assert table.count("| — |") >= len(skipped) and "skipped: the plan drops every full_attention layer" in table
+    with pytest.raises(PlanError, match="every search candidate was refused.*full_attention"):
+        search(model, scores, _calib(tokenizer)[:2], SearchConfig(
+            params=cfg.params, tolerance=0.3, axes=["layers"], layer_fractions=[0.6], layer_metric="bi"))
+
+
 def test_moe_layers_prune_along_hidden_and_depth(tokenizer, corpus_dir, tmp_path):
     """A NemotronH with an MoE layer through the prune stage (Mamba heads, hidden, MLP, depth dropping the MoE
     layer's neighbour or itself by BI): the output reloads with from_pretrained and generates the same with and

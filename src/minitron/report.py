@@ -130,6 +130,7 @@ def plot_search(rows: list[dict], path: Path) -> Path:
     """Candidates: parameters against validation loss after pruning and after short training."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
+    rows = [r for r in rows if "skipped" not in r]  # candidates the planner refused have no loss
     params = [r["params"]["total"] / 1e6 for r in rows]
     ax.scatter(params, [r["loss_pruned"] for r in rows], label="after pruning", marker="o")
     trained = [(p, r["loss_trained"]) for p, r in zip(params, rows, strict=True) if "loss_trained" in r]

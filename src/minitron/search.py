@@ -2,7 +2,7 @@
 each pruned from the cached importance scores (no recalibration), ranked by validation loss.
 
     candidates(config, SearchConfig(params=70e6))        -> list of Dims within budget +- tolerance
-    search(model, scores, validation, cfg, train=...)    -> table rows, best first
+    search(model, scores, validation, cfg, train=...)    -> table rows, best first (then skipped ones)
 `train(model) -> model` is the short distillation of each candidate (minitron.distill); without it the
 ranking is by the loss right after pruning, which the paper shows can differ from the ranking after
 retraining.
@@ -118,7 +118,8 @@ def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg
            train: Callable | None = None, batch_size: int = 8, rank_blocks: torch.Tensor | None = None
            ) -> list[dict]:
     """Prune every candidate from `scores`, keep the best cfg.max_candidates by loss after pruning,
-    train each with `train` (if given) and rank by validation loss [N, T]. Returns rows, best first."""
+    train each with `train` (if given) and rank by validation loss [N, T]. Returns rows, best first, then the
+    candidates the planner refused (a "skipped" reason instead of losses; search.skipped_row)."""
     cfg.check()
     cands = candidates(model.config, cfg)
     L = arch.dims_of(model.config).layers
@@ -132,11 +133,18 @@ def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg
     if missing and cfg.layer_metric == "lm-loss":  # LM-loss of removing each contiguous block of the needed sizes
         scores = {**scores, **layer_lm_loss(model, validation if rank_blocks is None else rank_blocks, missing,
                                              batch_size)}
-    rows = []
+    rows, skipped = [], []
     for dims in tqdm(cands, desc="search: prune candidates", unit="cand"):
-        plan = make_plan(model.config, scores, target_of(dims, cfg))
+        try:
+            plan = make_plan(model.config, scores, target_of(dims, cfg))
+        except PlanError as e:  # e.g. a hybrid's best block to drop holds its only attention layer
+            skipped.append(skipped_row(model.config, dims, str(e)))
+            continue
         rows.append({"dims": dims.to_dict(), "params": plan.params_after, "dropped_layers": plan.dropped_layers,
                      "loss_pruned": loss_after_pruning(model, plan, validation, batch_size)})
+    if not rows:
+        raise PlanError("every search candidate was refused by the planner: "
+                        + "; ".join(sorted({r["skipped"] for r in skipped})))
     rows.sort(key=lambda r: r["loss_pruned"])
     for row in tqdm(rows[: cfg.max_candidates], desc="search: train candidates", unit="cand"):
         if train is None:
@@ -147,7 +155,16 @@ def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg
         del student
     key = "loss_trained" if train is not None else "loss_pruned"
     rows.sort(key=lambda r: (key not in r, r.get(key, float("inf"))))
-    return rows
+    return rows + skipped
+
+
+def skipped_row(config, dims: arch.Dims, why: str) -> dict:
+    """A table row for a candidate the planner refused (why: the PlanError's message), printed as it is
+    skipped; search() lists these after the ranked rows."""
+    short = f"L{dims.layers} h{dims.hidden} f{dims.ffn} H{dims.heads}" + (
+        f" M{dims.mamba_heads}" if dims.mamba_heads else "")
+    print(f"[minitron] search: candidate {short} skipped: {why}")
+    return {"dims": dims.to_dict(), "params": count_params(config_with_dims(config, dims)), "skipped": why}
 
 
 def save_table(rows: list[dict], out_dir: Path, cfg: SearchConfig) -> Path:
@@ -155,13 +172,19 @@ def save_table(rows: list[dict], out_dir: Path, cfg: SearchConfig) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "search.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
-    lines = ["| rank | layers | hidden | ffn | heads | params | loss after pruning | loss after training |",
-             "|---|---|---|---|---|---|---|---|"]
+    mamba = any(r["dims"].get("mamba_heads") for r in rows)
+    lines = ["| rank | layers | hidden | ffn | heads | " + ("Mamba heads | " if mamba else "")
+             + "params | loss after pruning | loss after training |", "|---" * (9 if mamba else 8) + "|"]
     for i, r in enumerate(rows):
         d = r["dims"]
-        trained = f"{r['loss_trained']:.4f}" if "loss_trained" in r else "—"
-        lines.append(f"| {i + 1} | {d['layers']} | {d['hidden']} | {d['ffn']} | {d['heads']} | "
-                     f"{r['params']['total'] / 1e6:.2f}M | {r['loss_pruned']:.4f} | {trained} |")
+        cells = [str(d[k]) for k in ("layers", "hidden", "ffn", "heads")] + ([str(d["mamba_heads"])] if mamba else [])
+        if "skipped" in r:  # refused by the planner (search.skipped_row)
+            losses = f"skipped: {r['skipped']} | —"
+            rank = "—"
+        else:
+            losses = f"{r['loss_pruned']:.4f} | " + (f"{r['loss_trained']:.4f}" if "loss_trained" in r else "—")
+            rank = str(i + 1)
+        lines.append(f"| {rank} | {' | '.join(cells)} | {r['params']['total'] / 1e6:.2f}M | {losses} |")
     (out_dir / "search.md").write_text("\n".join(lines) + "\n")
     from minitron.report import plot_search
 
