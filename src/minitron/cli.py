@@ -19,7 +19,7 @@ def _add_common(p: argparse.ArgumentParser, cls) -> None:
 
 
 def _prune_parser(sub) -> None:
-    from minitron.config import add_option
+    from minitron.config import add_option, default_of
     from minitron.importance import BATCH_AGGS, CRITERIA, SEQ_AGGS
     from minitron.prune import PruneConfig
 
@@ -34,7 +34,7 @@ def _prune_parser(sub) -> None:
     add_option(g, Target, "params_kind", "what --params counts: all parameters, those outside the embedding and "
                "lm_head, or (MoE) the parameters one token runs through", choices=list(PARAMS_KINDS))
     g.add_argument("--non-embedding", dest="params_kind", action="store_const", const="non_embedding",
-                   help="the same as --params-kind non_embedding")
+                   default=default_of(Target, "params_kind"), help="the same as --params-kind non_embedding")
     add_option(g, Target, "hidden")
     add_option(g, Target, "ffn", "MLP intermediate size")
     add_option(g, Target, "heads", "query heads per layer (a multiple of --kv-heads)")
