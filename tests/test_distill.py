@@ -161,6 +161,27 @@ def test_topk_cache_full_k_matches_logits_and_is_reused(pair, tmp_path):
     assert json.loads((cache / "meta.json").read_text())["teacher_id"] != meta8["teacher_id"]
 
 
+def test_release_teacher_evaluates_from_top_k(pair, tmp_path, monkeypatch):
+    """release_teacher: after the cache is built the teacher is never run again (it is freed), and the
+    validation KL comes from its top-k + rest buckets: with k = vocab that is the full KL of a kept teacher."""
+    import minitron.distill.student as student_mod
+
+    cache = str(tmp_path / "cache")
+    kept = distill(cfg_for(pair, tmp_path / "kept", steps=4, topk_cache=cache, topk=384))
+    calls = []
+    monkeypatch.setattr(student_mod, "teacher_pass", lambda *a, **k: calls.append(1))
+    freed = distill(cfg_for(pair, tmp_path / "freed", steps=4, topk_cache=cache, topk=384, release_teacher=True))
+    assert calls == []
+    evals = [r for r in read_metrics(freed / "metrics.jsonl") if "val_lm_loss" in r]
+    kept_evals = [r for r in read_metrics(kept / "metrics.jsonl") if "val_lm_loss" in r]
+    assert all(r["val_kl"] is None for r in evals) and len(evals) == len(kept_evals) == 2
+    torch.testing.assert_close(torch.tensor([r["val_kl_topk"] for r in evals]),
+                               torch.tensor([r["val_kl"] for r in kept_evals]), rtol=1e-4, atol=1e-6)
+    assert losses(freed) == losses(kept)
+    with pytest.raises(DistillError, match="release_teacher"):
+        cfg_for(pair, tmp_path / "no-cache", release_teacher=True)
+
+
 def test_topk_cache_small_k_learns(pair, tmp_path):
     out = distill(cfg_for(pair, tmp_path / "k64", steps=16, topk_cache=str(tmp_path / "c64"), topk=64))
     info = json.loads((out / "minitron_distill.json").read_text())

@@ -78,6 +78,19 @@ def test_distill_estimate_of_tiny_llama_by_hand():
     assert est.note.startswith("peak at end of forward")
 
 
+def test_release_teacher_takes_the_teacher_out_of_the_step():
+    """With a top-k cache and release_teacher, the teacher's weights are resident only while the cache is built."""
+    t = E.shape_of(make_config("llama", layers=8, intermediate_size=512))
+    s = E.shape_of(_tiny())
+    ts = dict(batch_size=2, grad_accum=1, seq_len=16, mode="fp32", checkpointing=False, world=1, parallel="none",
+              chunk=512, teacher="topk")
+    kept = E.train_estimate("distill", s, t, 4, E.TrainSettings(**ts), cuda=False)
+    freed = E.train_estimate("distill", s, t, 4, E.TrainSettings(**ts, release_teacher=True), cuda=False)
+    assert kept.terms["teacher weights"] == 4 * t.params
+    assert freed.total < kept.total and freed.total >= 4 * t.params  # the cache build is the peak here
+    assert freed.note.startswith("peak at top-k cache build")
+
+
 def test_importance_stage_of_tiny_llama_by_hand(tmp_path):
     _tiny().save_pretrained(tmp_path / "tiny")
     cfg = load_config(RunConfig, None, [f"model.teacher={tmp_path / 'tiny'}", "model.device=cpu", "data.seq_len=16",

@@ -350,6 +350,7 @@ class TrainSettings:
     parallel: str             # none | ddp | fsdp
     chunk: int
     teacher: str              # full | topk | none
+    release_teacher: bool = False  # topk: the teacher is freed once the cache is built
 
 
 def _peak(parts: dict[str, dict[str, int]]) -> tuple[dict[str, int], str]:
@@ -368,7 +369,7 @@ def train_estimate(stage: str, s: Shape, t: Shape | None, teacher_bytes: int, ts
     states = master_states(s, ts.world, ts.parallel)
     grads = states.pop("grads")
     terms = dict(states)
-    if t is not None:
+    if t is not None and not ts.release_teacher:
         terms["teacher weights"] = weights(t.params, teacher_bytes)
     if cuda:
         terms["CUDA context"] = CUDA_OVERHEAD
@@ -398,6 +399,9 @@ def train_estimate(stage: str, s: Shape, t: Shape | None, teacher_bytes: int, ts
         phases["teacher forward"] = {**held_grads, "teacher layer temporaries": forward_working(t, tokens,
                                                                                                 teacher_bytes),
                                      "teacher hidden states": tokens * t.hidden * teacher_bytes}
+    if t is not None and ts.release_teacher:  # before the first step: the teacher builds the cache, then goes
+        phases["top-k cache build"] = {"teacher weights": weights(t.params, teacher_bytes),
+                                       "teacher layer temporaries": forward_working(t, tokens, teacher_bytes)}
     phase, name = _peak(phases)
     terms.update({k: v for k, v in phase.items() if v})
     note = (f"peak at {name}; {ts.batch_size} x {ts.seq_len} tokens/rank, {ts.mode} compute"
@@ -452,7 +456,8 @@ def _train_settings(section, cfg, world: int, teacher: str) -> TrainSettings:
     mode = ("bf16" if parallel == "fsdp" else "autocast") if bf16 else "fp32"
     return TrainSettings(batch_size=get("batch_size"), grad_accum=get("grad_accum"), seq_len=cfg.data.seq_len,
                          mode=mode, checkpointing=bool(get("grad_checkpointing")), world=world, parallel=parallel,
-                         chunk=default_of(DistillConfig, "chunk_size"), teacher=teacher)
+                         chunk=default_of(DistillConfig, "chunk_size"), teacher=teacher,
+                         release_teacher=teacher == "topk" and bool(get("release_teacher")))
 
 
 def _teacher_bytes(cfg, cuda: bool) -> int:

@@ -108,6 +108,7 @@ class DistillSection:
     eval_every: int = _dc("eval_every")
     save_every: int = _dc("save_every")
     topk: int = 0                         # > 0: cache the teacher's top-k log-probs once and reuse them
+    release_teacher: bool | None = _dc("release_teacher")  # with topk: free the teacher once the cache is built
     autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute)
     grad_checkpointing: bool = _dc("grad_checkpointing")  # activation checkpointing of the student
     distributed: str = _dc("distributed")  # auto (ddp under torchrun) | none | ddp | fsdp

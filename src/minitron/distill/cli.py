@@ -65,6 +65,9 @@ def add_distill_parsers(subparsers) -> None:
     add_option(p, DistillConfig, "topk_cache", "dir of the teacher top-k log-prob cache (built once if missing; "
                "rebuilt when the teacher, data or settings differ)")
     add_option(p, DistillConfig, "topk")
+    p.add_argument("--release-teacher", action="store_true", default=None,
+                   help="with --topk-cache: free the teacher once the cache is built (its memory goes to the "
+                        "student); the validation KL is then taken over the top-k + rest buckets (val_kl_topk)")
     _common_options(p)
     p.set_defaults(func=run_distill)
     c = subparsers.add_parser("correct", help="teacher correction: LM-loss fine-tune on the distillation data")
@@ -84,7 +87,7 @@ def run_distill(args) -> Path:
     cfg = DistillConfig(student=args.student, teacher=args.teacher, loss=args.loss, temperature=args.temperature,
                         jsd_beta=args.jsd_beta, ce_weight=args.ce_weight, kd_weight=args.kd_weight,
                         hidden_loss=args.hidden_loss, hidden_weight=args.hidden_weight, layer_map=args.layer_map,
-                        topk_cache=args.topk_cache, topk=args.topk, **kw)
+                        topk_cache=args.topk_cache, topk=args.topk, release_teacher=args.release_teacher, **kw)
     return distill(cfg)
 
 

@@ -44,6 +44,9 @@ class DistillConfig:
     layer_map: list[int] | None = None    # teacher layer per student layer (default: spread evenly)
     topk_cache: str | None = None         # dir of the teacher top-k cache (built once if missing)
     topk: int = 64                        # k of the cache
+    # with a cache: free the teacher once the cache (and the validation blocks' top-k) is built, and log the
+    # validation KL over the cache's k + 1 buckets (val_kl_topk) instead of the full KL; None / False: keep it
+    release_teacher: bool | None = None
     lr: float = 1e-4                      # peak learning rate
     min_lr: float = 1e-5                  # cosine floor
     warmup_steps: int | None = None       # default: 2% of steps (at least 1)
@@ -83,6 +86,9 @@ class DistillConfig:
             raise DistillError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
         if self.distributed not in ("auto", "none", "ddp", "fsdp"):
             raise DistillError(f"distributed must be auto|none|ddp|fsdp, got {self.distributed!r}")
+        if self.release_teacher and not (self.topk_cache and self.teacher is not None and self.hidden_loss == "none"):
+            raise DistillError("release_teacher frees the teacher after building the top-k cache: it needs a teacher, "
+                               "a topk_cache and hidden_loss none (a hidden-state loss runs the teacher every step)")
         if self.teacher is None and (self.kd_weight or self.hidden_loss != "none") and not self.topk_cache:
             raise DistillError("no teacher given but the loss needs one; pass --teacher or set kd_weight=0")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from minitron.distill.config import (
 )
 from minitron.distill.metrics import append_metrics, plot_metrics, read_metrics, truncate_metrics
 from minitron.distill.parallel import Dist, init_distributed, unwrap, wrap
-from minitron.distill.student import LayerTap, Student, evaluate_all, teacher_pass
+from minitron.distill.student import LayerTap, Student, evaluate_all, teacher_pass, val_topk
 from minitron.fingerprint import content_id
 from minitron.losses import (
     default_layer_map,
@@ -169,6 +170,13 @@ def distill(cfg: DistillConfig) -> Path:
                               seed=cfg.seed, rank=d.rank, world=d.world, barrier=d.barrier,
                               progress=cfg.progress and d.main,
                               teacher_id=content_id(inputs["teacher"]) if cfg.teacher else "")
+    topk_val = None
+    if cache is not None and cfg.release_teacher:  # the steps read the cache; evaluation reads topk_val
+        topk_val = val_topk(teacher, val, cfg, d, device)
+        teacher = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     metrics_path = out / "metrics.jsonl"
     start = 0
@@ -190,7 +198,7 @@ def distill(cfg: DistillConfig) -> Path:
     autocast = _autocast(prec["compute"], device)
     tokens_per_step = per_step * cfg.seq_len
     if start == 0:
-        ev = evaluate_all(model, teacher, val, extra_val, cfg, d, device, autocast)
+        ev = evaluate_all(model, teacher, val, extra_val, cfg, d, device, autocast, topk_val)
         if d.main:
             append_metrics(metrics_path, {"step": 0, "tokens": 0, **ev})
 
@@ -242,7 +250,7 @@ def distill(cfg: DistillConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{logged[0].item():.4f}", tok_s=f"{rate:.0f}")
         if done_steps == total or (cfg.eval_every and done_steps % cfg.eval_every == 0):
-            ev = evaluate_all(model, teacher, val, extra_val, cfg, d, device, autocast)
+            ev = evaluate_all(model, teacher, val, extra_val, cfg, d, device, autocast, topk_val)
             if d.main:
                 append_metrics(metrics_path, {"step": done_steps, "tokens": done_steps * tokens_per_step, **ev})
         if cfg.save_every and done_steps % cfg.save_every == 0 and done_steps < total:

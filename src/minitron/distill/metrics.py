@@ -36,8 +36,9 @@ def plot_metrics(metrics: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.6)
     ax.plot([r["tokens"] for r in evals], [r["val_lm_loss"] for r in evals], "o-", label="val LM loss")
-    if any(r.get("val_kl") is not None for r in evals):
-        ax.plot([r["tokens"] for r in evals], [r["val_kl"] for r in evals], "s-", label="val KL to teacher")
+    for key, label in (("val_kl", "val KL to teacher"), ("val_kl_topk", "val KL to teacher (top-k buckets)")):
+        if any(r.get(key) is not None for r in evals):
+            ax.plot([r["tokens"] for r in evals], [r.get(key) for r in evals], "s-", label=label)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)

@@ -93,39 +93,61 @@ def teacher_pass(teacher, tap: LayerTap | None, input_ids, attention_mask):
 # ---- evaluation -------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, teacher, val: torch.Tensor, cfg: DistillConfig, d: Dist, device, autocast) -> dict:
-    """Validation LM loss of the student and forward KL (T = 1) to the teacher, per predicted token."""
-    model.eval()
+def val_batches(val: torch.Tensor, cfg: DistillConfig, d: Dist) -> tuple[list[list[int]], int]:
+    """This rank's validation batches (block ids) and how many are real: padded to the largest rank's count
+    with dummy batches (FSDP needs every rank in every forward: a short rank runs uncounted passes)."""
     n_blocks = min(val.shape[0], cfg.eval_batches * cfg.batch_size * d.world)
     mine = list(range(d.rank, n_blocks, d.world))
+    batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    n_batches = int(d.max(d.tensor([len(batches)], dtype=torch.int64)))
+    return batches + [mine[:1] or [0]] * (n_batches - len(batches)), len(batches)
+
+
+@torch.no_grad()
+def val_topk(teacher, val: torch.Tensor, cfg: DistillConfig, d: Dist, device) -> list[tuple[torch.Tensor, ...]]:
+    """The teacher's top-k (at T = 1) on each of this rank's validation batches -> [(idx, logp [B, T-1, k])],
+    so that evaluation can go on without the teacher (release_teacher)."""
+    from minitron.topk_cache import teacher_topk
+
+    return [teacher_topk(teacher, val[b].to(device), cfg.topk, 1.0, cfg.chunk_size) for b in val_batches(val, cfg, d)[0]]
+
+
+def evaluate(model, teacher, val: torch.Tensor, cfg: DistillConfig, d: Dist, device, autocast,
+             topk: list[tuple[torch.Tensor, ...]] | None = None) -> dict:
+    """Validation LM loss of the student and forward KL (T = 1) to the teacher, per predicted token: the full KL
+    with the teacher, or over the top-k + rest buckets of `topk` (val_topk's output) once it is released."""
+    model.eval()
     sums = d.tensor([0.0, 0.0, 0.0])  # ce sum, kl sum, tokens (on the training device: collectives)
     ce_cfg = LossConfig(kd_weight=0.0, ce_weight=1.0, chunk_size=cfg.chunk_size)
     kl_cfg = LossConfig(loss="fkl", temperature=1.0, chunk_size=cfg.chunk_size)
-    batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-    n_batches = d.max(d.tensor([len(batches)], dtype=torch.int64))  # FSDP needs every rank in every forward:
-    # the short ranks run empty passes
-    for b in range(int(n_batches)):
-        ids = val[batches[b] if b < len(batches) else mine[:1] or [0]].to(device)      # [B, T]
+    batches, n_real = val_batches(val, cfg, d)
+    for b, blocks in enumerate(batches):
+        ids = val[blocks].to(device)                                                 # [B, T]
         att = torch.ones_like(ids)
-        count = b < len(batches)
         with autocast():
-            t_hidden = teacher_pass(teacher, None, ids, att)[0] if teacher is not None else None
             ce = model(ids, att, ce_cfg, 1.0)[1]
-            kl = model(ids, att, kl_cfg, 1.0, teacher_hidden=t_hidden)[1] if teacher is not None else 0.0
-        if count:
+            kl = 0.0
+            if teacher is not None:
+                kl = model(ids, att, kl_cfg, 1.0, teacher_hidden=teacher_pass(teacher, None, ids, att)[0])[1]
+            elif topk is not None:
+                idx, lp = topk[b]                                                    # [B, T-1, k]
+                kl = model(ids, att, kl_cfg, 1.0, teacher_topk=(idx.reshape(-1, idx.shape[-1]).to(device),
+                                                                 lp.reshape(-1, lp.shape[-1]).to(device)))[1]
+        if b < n_real:
             sums += torch.stack([ce.double(), torch.as_tensor(kl, device=sums.device).double(),
                                  d.tensor(float(ids.shape[0] * (ids.shape[1] - 1)))])
     d.sum(sums)
     model.train()
-    return {"val_lm_loss": sums[0].item() / sums[2].item(),
-            "val_kl": sums[1].item() / sums[2].item() if teacher is not None else None}
+    kl = sums[1].item() / sums[2].item()
+    return {"val_lm_loss": sums[0].item() / sums[2].item(), "val_kl": kl if teacher is not None else None,
+            **({"val_kl_topk": kl} if teacher is None and topk is not None else {})}
 
 
 def evaluate_all(model, teacher, val: torch.Tensor, extra: dict[str, torch.Tensor], cfg: DistillConfig, d: Dist,
-                 device, autocast) -> dict:
+                 device, autocast, topk: list[tuple[torch.Tensor, ...]] | None = None) -> dict:
     """evaluate() on the validation split, plus the LM loss on each extra held-out corpus
     (logged as `val_lm_loss:<source>`)."""
-    ev = evaluate(model, teacher, val, cfg, d, device, autocast)
+    ev = evaluate(model, teacher, val, cfg, d, device, autocast, topk)
     for source, blocks in extra.items():
         ev[f"val_lm_loss:{source}"] = evaluate(model, None, blocks, cfg, d, device, autocast)["val_lm_loss"]
     return ev
