@@ -77,6 +77,42 @@ def test_budget_caches_only_its_blocks_and_bytes_per_token(teacher, tmp_path, ca
     assert tc.index_dtype(65536) == torch.uint16 and tc.index_dtype(65537) == torch.int32
 
 
+def test_killed_build_resumes_from_its_finished_shards(teacher, tmp_path, monkeypatch, capsys):
+    """A build killed after 2 of its 4 shards resumes: only the 2 missing shards are computed, and the cache
+    equals an uninterrupted build's; another plan (here another k) starts afresh instead."""
+    monkeypatch.setattr(tc, "SHARD_BLOCKS", 2)
+    train = blocks(40)
+    whole = build(tmp_path / "whole", teacher, train, steps=2, per_step=4)  # 8 blocks: 4 shards of 2
+    real, calls = tc.teacher_topk, []
+
+    def counting(*a, fail_after=None, **kw):
+        calls.append(1)
+        if fail_after is not None and len(calls) > fail_after:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tc, "teacher_topk", lambda *a, **kw: counting(*a, fail_after=2, **kw))
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "c", teacher, train, steps=2, per_step=4)  # batch 2: one call per shard
+    assert len(list((tmp_path / ".c.building").glob("r000-*.safetensors"))) == 2
+    calls.clear()
+    monkeypatch.setattr(tc, "teacher_topk", counting)
+    cache = build(tmp_path / "c", teacher, train, steps=2, per_step=4)
+    assert len(calls) == 2 and "resuming the interrupted top-k cache build" in capsys.readouterr().out
+    ids = whole.rows.tolist()
+    for a, b in zip(cache.get(ids), whole.get(ids), strict=True):
+        assert torch.equal(a, b)
+    # a kill under another plan: its shards are not reused
+    calls.clear()
+    monkeypatch.setattr(tc, "teacher_topk", lambda *a, **kw: counting(*a, fail_after=2, **kw))
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "d", teacher, train, steps=2, per_step=4)
+    calls.clear()
+    monkeypatch.setattr(tc, "teacher_topk", counting)
+    build(tmp_path / "d", teacher, train, steps=2, per_step=4, k=4)
+    assert len(calls) == 4
+
+
 def test_16bit_logprobs_loss_within_tolerance_of_fp32(teacher, tmp_path):
     """The loss (forward KL with the rest bucket) from the fp16 cache is within 1e-3 (relative) of the loss from
     fp32 log-probs of the same teacher, and its gradient within 1e-2 (measured on SmolLM2's real logits:

@@ -129,7 +129,8 @@ def build_rank(teacher, train, rows: np.ndarray, out: Path, rank: int, k: int, t
                batch_size: int = 8, device="cpu", progress: bool = False) -> int:
     """Compute this rank's share: the teacher top-k of train rows `rows` [n_r] (ascending) -> shard files
     `r<rank>-<i>.safetensors` (indices [n, T-1, k], logp fp16 [n, T-1, k]) and `r<rank>-blocks.npy`, each
-    written to a temp name and renamed. train: a tensor [N, T] or a store.BlockView. Returns the shard count."""
+    written to a temp name and renamed; shards already in `out` (an interrupted build of the same plan) are
+    kept, not recomputed. train: a tensor [N, T] or a store.BlockView. Returns the shard count."""
     from tqdm.auto import tqdm
 
     vocab = lm_head(teacher).weight.shape[0]
@@ -137,6 +138,9 @@ def build_rank(teacher, train, rows: np.ndarray, out: Path, rank: int, k: int, t
     pre = _rank_prefix(rank)
     starts = range(0, len(rows), SHARD_BLOCKS)
     for shard, s0 in enumerate(tqdm(starts, desc=f"teacher top-k cache (rank {rank})", disable=not progress)):
+        name = out / f"{pre}-{shard:05d}.safetensors"
+        if name.is_file():  # written (renamed into place) by an interrupted build of the same plan: kept
+            continue
         part = rows[s0:s0 + SHARD_BLOCKS]
         idx, lp = [], []
         for b0 in range(0, len(part), batch_size):
@@ -144,7 +148,6 @@ def build_rank(teacher, train, rows: np.ndarray, out: Path, rank: int, k: int, t
             i, v = teacher_topk(teacher, ids, k, temperature)
             idx.append(i.to(idx_dtype))
             lp.append(v.to(LOGP_DTYPE))
-        name = out / f"{pre}-{shard:05d}.safetensors"
         tmp = name.with_name(f".{name.name}.tmp")
         save_file({"indices": torch.cat(idx).contiguous(), "logp": torch.cat(lp).contiguous()}, str(tmp))
         os.replace(tmp, name)
@@ -271,8 +274,7 @@ def open_or_build(path, teacher, train, k: int, temperature: float, teacher_name
         if rank == 0:
             if old is not None:
                 print(f"[minitron] top-k cache {path} was built {why}; rebuilding it")
-            shutil.rmtree(building, ignore_errors=True)
-            building.mkdir(parents=True)
+            start_build(building, build_plan(expect, blocks, owner, world))
         _wait(barrier)
         mine = blocks[owner == rank]
         build_rank(teacher, train, mine, building, rank, k, temperature, batch_size, device, progress)
@@ -292,6 +294,31 @@ def open_or_build(path, teacher, train, k: int, temperature: float, teacher_name
             os.replace(building, path)
     _wait(barrier)
     return TopkCache(path, expect)
+
+
+def build_plan(expect: dict, blocks: np.ndarray, owner: np.ndarray, world: int) -> dict:
+    """What a build computes: the settings, the blocks [M] and their ranks [M], the shard size. A killed build
+    resumes only under the same plan (each rank's shards then hold the same rows)."""
+    assigned = hashlib.sha256(np.stack([blocks, owner]).astype(np.int64).tobytes()).hexdigest()
+    return {**expect, "world": int(world), "shard_blocks": SHARD_BLOCKS, "assigned": assigned}
+
+
+def start_build(building: Path, plan: dict) -> None:
+    """Rank 0: keep an interrupted build of the same plan (its finished shards are reused), else start afresh."""
+    record = building / "build.json"
+    try:
+        same = json.loads(record.read_text()) == json.loads(json.dumps(plan))
+    except (OSError, ValueError):
+        same = False
+    if same:
+        done = len(list(building.glob("r*-*.safetensors")))
+        print(f"[minitron] resuming the interrupted top-k cache build in {building} ({done} shards done)")
+        return
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    tmp = building / ".build.json.tmp"
+    tmp.write_text(json.dumps(plan, indent=1))
+    os.replace(tmp, record)
 
 
 def _wait(barrier) -> None:
