@@ -10,6 +10,7 @@ import torch
 
 from conftest import make_config
 from minitron import estimate as E
+from minitron import memory_terms as M
 from minitron.cli import main
 from minitron.config import load_config
 from minitron.pipeline import RunConfig
@@ -27,7 +28,7 @@ def _tiny():
 
 
 def test_shape_of_tiny_llama_by_hand():
-    s = E.shape_of(_tiny())
+    s = M.shape_of(_tiny())
     layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64   # q, k+v, o, gate/up/down, 2 norms
     assert s.layer_params == layer == 36992
     assert s.params == 384 * 64 + 2 * layer + 64                      # tied embedding once, final norm
@@ -38,31 +39,31 @@ def test_shape_of_tiny_llama_by_hand():
 
 
 def test_terms_of_tiny_llama_by_hand():
-    s = E.shape_of(_tiny())
+    s = M.shape_of(_tiny())
     P = s.params
-    assert E.master_states(s, 1, "none") == {"master weights": 4 * P, "grads": 4 * P, "AdamW states": 8 * P}
-    assert E.master_states(s, 4, "fsdp")["AdamW states"] == 8 * P // 4
-    assert E.master_states(s, 4, "ddp")["DDP buckets"] == 4 * P
+    assert M.master_states(s, 1, "none") == {"master weights": 4 * P, "grads": 4 * P, "AdamW states": 8 * P}
+    assert M.master_states(s, 4, "fsdp")["AdamW states"] == 8 * P // 4
+    assert M.master_states(s, 4, "ddp")["DDP buckets"] == 4 * P
     # per token and layer: fp32 24C + 8A + 8K + 4H + 16F + 8; autocast 26C + 4A + 4K + 4H + 8F + 8; bf16 16C + ...
-    assert E.layer_activations(s, "fp32") == 24 * 64 + 8 * 64 + 8 * 32 + 4 * 4 + 16 * 128 + 8 == 4376
-    assert E.layer_activations(s, "autocast") == 26 * 64 + 4 * 64 + 4 * 32 + 4 * 4 + 8 * 128 + 8 == 3096
-    assert E.layer_activations(s, "bf16") == 16 * 64 + 4 * 64 + 4 * 32 + 4 * 4 + 8 * 128 + 8 == 2456
+    assert M.layer_activations(s, "fp32") == 24 * 64 + 8 * 64 + 8 * 32 + 4 * 4 + 16 * 128 + 8 == 4376
+    assert M.layer_activations(s, "autocast") == 26 * 64 + 4 * 64 + 4 * 32 + 4 * 4 + 8 * 128 + 8 == 3096
+    assert M.layer_activations(s, "bf16") == 16 * 64 + 4 * 64 + 4 * 32 + 4 * 4 + 8 * 128 + 8 == 2456
     N = 32
-    assert E.saved_activations(s, N, "fp32", False) == 2 * N * 4376 + 8 * 64 * N
-    assert E.saved_activations(s, N, "fp32", True) == 2 * N * 64 * 4 + N * 4376 + 8 * 64 * N
-    assert E.logit_loss(s, N, 512, "full", "fp32") == {"held": N * 64 * 4 + 4 * 384 * 64, "chunk": 5 * 4 * N * 384}
+    assert M.saved_activations(s, N, "fp32", False) == 2 * N * 4376 + 8 * 64 * N
+    assert M.saved_activations(s, N, "fp32", True) == 2 * N * 64 * 4 + N * 4376 + 8 * 64 * N
+    assert M.logit_loss(s, N, 512, "full", "fp32") == {"held": N * 64 * 4 + 4 * 384 * 64, "chunk": 5 * 4 * N * 384}
     divergence = 3 * 4 * 512 * 384                                   # top-k: 3 [n, V] fp32 buffers
     weight_grad = 4 * 512 * 384 + 4 * 384 * 64 + 2 * 512 * 384 + 4 * 384 * 64  # g, fp32 [V, C], bf16 copies
-    assert E.logit_loss(s, 1024, 512, "topk", "autocast")["chunk"] == max(divergence, weight_grad) + 4 * 384 * 64
-    assert E.autocast_cache(s) == 2 * s.linear_params
-    assert E.optimizer_transient(s, 1, "none", cuda=True) == 0  # fused AdamW on one device / DDP
-    assert E.optimizer_transient(s, 4, "fsdp", cuda=True) == 4 * P // 4  # foreach on shards
-    assert E.optimizer_transient(s, 1, "none", cuda=False) == 8 * 384 * 64
-    assert E.kv_cache(s, 8, 160, 2) == 2 * 2 * 32 * 2 * 8 * 160
+    assert M.logit_loss(s, 1024, 512, "topk", "autocast")["chunk"] == max(divergence, weight_grad) + 4 * 384 * 64
+    assert M.autocast_cache(s) == 2 * s.linear_params
+    assert M.optimizer_transient(s, 1, "none", cuda=True) == 0  # fused AdamW on one device / DDP
+    assert M.optimizer_transient(s, 4, "fsdp", cuda=True) == 4 * P // 4  # foreach on shards
+    assert M.optimizer_transient(s, 1, "none", cuda=False) == 8 * 384 * 64
+    assert M.kv_cache(s, 8, 160, 2) == 2 * 2 * 32 * 2 * 8 * 160
 
 
 def test_distill_estimate_of_tiny_llama_by_hand():
-    s = E.shape_of(_tiny())
+    s = M.shape_of(_tiny())
     P, N, C, V = s.params, 2 * 16, 64, 384
     ts = E.TrainSettings(batch_size=2, grad_accum=1, seq_len=16, mode="fp32", checkpointing=False, world=1,
                          parallel="none", chunk=512, teacher="full")
@@ -80,8 +81,8 @@ def test_distill_estimate_of_tiny_llama_by_hand():
 
 def test_release_teacher_takes_the_teacher_out_of_the_step():
     """With a top-k cache and release_teacher, the teacher's weights are resident only while the cache is built."""
-    t = E.shape_of(make_config("llama", layers=8, intermediate_size=512))
-    s = E.shape_of(_tiny())
+    t = M.shape_of(make_config("llama", layers=8, intermediate_size=512))
+    s = M.shape_of(_tiny())
     ts = dict(batch_size=2, grad_accum=1, seq_len=16, mode="fp32", checkpointing=False, world=1, parallel="none",
               chunk=512, teacher="topk")
     kept = E.train_estimate("distill", s, t, 4, E.TrainSettings(**ts), cuda=False)
@@ -96,7 +97,7 @@ def test_importance_stage_of_tiny_llama_by_hand(tmp_path):
     cfg = load_config(RunConfig, None, [f"model.teacher={tmp_path / 'tiny'}", "model.device=cpu", "data.seq_len=16",
                                         "importance.batch_size=2", "target.ffn=64"])
     stages = {e.stage: e for e in E.estimate_run(cfg)}
-    P, N, C, F = E.shape_of(_tiny()).params, 32, 64, 128
+    P, N, C, F = M.shape_of(_tiny()).params, 32, 64, 128
     layer = N * (3 * 4 * F + 2 * 4 * C + 12 * C)               # forward temporaries > hooks and BI temporaries
     assert stages["importance"].terms == {"weights": 4 * P, "layer temporaries": layer, "BI states": 2 * N * C * 4,
                                           "fp32 statistics": 12 * 2 * (64 + F + 2 * C)}
@@ -136,7 +137,7 @@ def _saved_bytes(config, mode: str, seq: int = 24) -> int:
 def test_layer_activations_equal_what_autograd_saves(family, mode):
     """Bytes saved for backward by one more decoder layer equal layer_activations x tokens (Qwen3: q/k norms)."""
     saved = _saved_bytes(make_config(family, layers=2), mode) - _saved_bytes(make_config(family, layers=1), mode)
-    assert saved == 48 * E.layer_activations(E.shape_of(make_config(family, layers=2)), mode)
+    assert saved == 48 * M.layer_activations(M.shape_of(make_config(family, layers=2)), mode)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
@@ -148,9 +149,9 @@ def test_moe_layer_activations_equal_what_autograd_saves(family, mode):
     over = {"hidden_size": 40, ("intermediate_size" if family == "mixtral" else "moe_intermediate_size"): 24}
     saved = (_saved_bytes(make_config(family, layers=2, **over), mode, seq=26)
              - _saved_bytes(make_config(family, layers=1, **over), mode, seq=26))  # 52 tokens
-    s = E.shape_of(make_config(family, layers=2, **over))
+    s = M.shape_of(make_config(family, layers=2, **over))
     assert s.experts == 4 and s.top_k == 2
-    assert abs(saved - 52 * E.layer_activations(s, mode)) <= 0.01 * saved  # top-k renormalization: 12 B/token
+    assert abs(saved - 52 * M.layer_activations(s, mode)) <= 0.01 * saved  # top-k renormalization: 12 B/token
 
 
 @pytest.fixture
@@ -165,7 +166,7 @@ def llama8b(tmp_path):
 @pytest.mark.parametrize("recipe,world", [("gpu-8b.yaml", 1), ("gpu-8b-8gpu.yaml", 8)])
 def test_8b_recipes_fit_80gb(recipe, world, llama8b):
     cfg = load_config(RunConfig, RECIPES / recipe, [f"model.teacher={llama8b}"])
-    gpu = E.parse_memory("80GB")
+    gpu = M.parse_memory("80GB")
     shapes = E.resolve_shapes(cfg)
     stages = E.estimate_run(cfg, world, gpu, shapes)
     assert shapes["teacher"].params == 8_030_261_248  # Llama-3.1-8B
@@ -186,17 +187,17 @@ def test_one_gpu_cannot_hold_the_4b_student(llama8b):
     GPU (the reason recipes/gpu-8b.yaml prunes to 2.9B), and the advice is FSDP."""
     cfg = load_config(RunConfig, RECIPES / "gpu-8b.yaml", [f"model.teacher={llama8b}", "target.hidden=3072",
                                                            "target.ffn=9216"])
-    gpu = E.parse_memory("80GB")
+    gpu = M.parse_memory("80GB")
     shapes = E.resolve_shapes(cfg)
     warns = E.warnings_for(cfg, E.estimate_run(cfg, 1, gpu, shapes), 1, gpu, shapes)
     assert len(warns) == 1 and "stage distill" in warns[0] and "GPUs with FSDP" in warns[0]
 
 
 def test_parse_memory():
-    assert E.parse_memory("80GB") == E.parse_memory("80 GiB") == E.parse_memory("80G") == 80 * 2**30
-    assert E.parse_memory("512MB") == 512 * 2**20 and E.parse_memory(1000) == 1000
+    assert M.parse_memory("80GB") == M.parse_memory("80 GiB") == M.parse_memory("80G") == 80 * 2**30
+    assert M.parse_memory("512MB") == 512 * 2**20 and M.parse_memory(1000) == 1000
     with pytest.raises(ValueError, match="80GB"):
-        E.parse_memory("eighty")
+        M.parse_memory("eighty")
 
 
 def test_cli_prints_the_table(llama8b, capsys):

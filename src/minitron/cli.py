@@ -150,7 +150,8 @@ def _plan_parser(sub) -> None:
 
 def _run_plan(args) -> None:
     from minitron.config import load_config
-    from minitron.estimate import parse_memory, report
+    from minitron.estimate import report
+    from minitron.memory_terms import parse_memory
     from minitron.pipeline import RunConfig
 
     cfg = load_config(RunConfig, args.estimate, args.overrides)
