@@ -76,3 +76,57 @@ def test_taylor_equals_hand_computation(tokenizer):
         else:
             channels += x
     torch.testing.assert_close(s["channels"], channels, rtol=1e-4, atol=1e-6)
+
+
+# ---- hybrid / Mamba models: the Mamba axes ------------------------------------------------------------
+
+def test_magnitude_mamba_axes_by_hand():
+    """NemotronH: an inner channel's magnitude is the L2 of its x row of in_proj and its out_proj column;
+    mamba_heads [L, H] / mamba_head_dim [L, P] are the L2 of those over head-dim channels / heads (as the
+    activation scores); layers without a mixer part score zero there; a head with zero weights ranks last."""
+    from test_hybrid import H, P
+    from test_hybrid import make_model as make_hybrid
+
+    model = make_hybrid()
+    s = magnitude_scores(model)
+    assert s["mamba_channels"].shape == (5, H * P) and s["mamba_heads"].shape == (5, H)
+    assert s["heads"].shape == (5, 4) and s["neurons"].shape == (5, 128)
+    p = arch.mamba_parts(model, arch.decoder_layers(model)[3])
+    x_rows = p.in_proj.weight[H * P:2 * H * P].square().sum(1)  # [I]
+    by_hand = (x_rows + p.out_proj.weight.square().sum(0)).sqrt()  # [I]
+    torch.testing.assert_close(s["mamba_channels"][3], by_hand)
+    torch.testing.assert_close(s["mamba_heads"][3], by_hand.view(H, P).norm(dim=1))  # [I] -> [H, P] -> [H]
+    torch.testing.assert_close(s["mamba_head_dim"][3], by_hand.view(H, P).norm(dim=0))
+    assert torch.all(s["mamba_heads"][[1, 2, 4]] == 0) and torch.all(s["heads"][[0, 1, 3, 4]] == 0)
+    assert torch.all(s["neurons"][[0, 2, 3]] == 0) and torch.all(s["mamba_heads"][[0, 3]] > 0)
+    with torch.no_grad():
+        p.in_proj.weight[H * P + 5 * P:H * P + 6 * P] = 0  # head 5's x rows
+        p.out_proj.weight[:, 5 * P:6 * P] = 0  # and its out_proj columns
+    assert int(magnitude_scores(model)["mamba_heads"][3].argmin()) == 5
+
+
+def test_taylor_and_magnitude_plan_mamba_heads(tokenizer):
+    """taylor and magnitude score the Mamba axes of NemotronH and Mamba2 (no longer refused on hybrids): a head
+    whose x rows and out_proj columns are zero has zero first-order importance; score_model's scores plan a
+    Mamba-head target."""
+    from minitron.importance import ImportanceConfig, score_model
+    from minitron.plan import Target, make_plan
+    from test_hybrid import _calib, make_mamba2
+    from test_hybrid import make_model as make_hybrid
+
+    calib = _calib(tokenizer)[:4]
+    for model, (layers, heads, dim) in ((make_hybrid(), (5, 8, 8)), (make_mamba2(), (3, 8, 16))):
+        p = arch.mamba_parts(model, arch.decoder_layers(model)[0])
+        inner = heads * dim
+        with torch.no_grad():
+            p.in_proj.weight[inner + 2 * dim:inner + 3 * dim] = 0  # head 2's x rows
+            p.out_proj.weight[:, 2 * dim:3 * dim] = 0
+        t = taylor_scores(model, calib, batch_size=2)
+        assert t["mamba_heads"].shape == (layers, heads) and (t["mamba_channels"] >= 0).all()
+        assert t["mamba_heads"][0, 2] == 0 and t["mamba_heads"][0].sum() > 0
+        assert all(p.grad is None for p in model.parameters())
+        for criterion in ("taylor", "magnitude"):
+            scores, meta = score_model(model, calib, calib[:2], ImportanceConfig(batch_size=2), criterion)
+            assert meta["criterion"] == criterion
+            plan = make_plan(model.config, scores, Target(mamba_heads=4))
+            assert 2 not in plan.mamba_heads[0]
