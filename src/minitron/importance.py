@@ -420,7 +420,6 @@ def score_model(model, calib: torch.Tensor, select: torch.Tensor, cfg: Importanc
 
     if criterion not in CRITERIA:
         raise ValueError(f"criterion {criterion!r} unknown; choose from {', '.join(CRITERIA)}")
-    check_criterion(model, criterion)
     if task is not None:  # the block plots show BI beside the task drop of each size
         cfg = replace(cfg, bi_block_sizes=sorted({*cfg.bi_block_sizes, *task[2]}))
     scores = compute_importance(model, calib, cfg, heldout=select)
@@ -435,20 +434,11 @@ def score_model(model, calib: torch.Tensor, select: torch.Tensor, cfg: Importanc
     return scores, meta
 
 
-def check_criterion(model, criterion: str) -> None:
-    """The weight-based criteria (magnitude, taylor) know attention + MLP layers only: refuse them on hybrid
-    (Mamba) models, naming the criteria that work there."""
-    if criterion in ("magnitude", "taylor") and arch.get_arch(model).hybrid is not None:
-        raise ValueError(f"criterion {criterion} is not implemented for hybrid models ({model.config.model_type}: "
-                         "Mamba layers); use --criterion activation (the default) or random")
-
-
 def data_free_widths(model, scores: dict[str, torch.Tensor], criterion: str, seed: int = 0) -> dict:
     """Width axes of a data-free criterion (magnitude: the weights; random: the seed) in place of those in
     `scores`; depth scores kept. activation / taylor: scores unchanged."""
     from minitron.criteria import magnitude_scores
 
-    check_criterion(model, criterion)
     if criterion == "magnitude":
         return {**scores, **magnitude_scores(model)}
     if criterion == "random":
