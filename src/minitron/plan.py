@@ -192,11 +192,15 @@ def resolve_dims(config, target: Target) -> arch.Dims:
 
 def _fit_budget(config, dims: arch.Dims, target: Target) -> arch.Dims:
     """The paper's recommended shape: keep heads and depth, shrink hidden and MLP by one common ratio,
-    then give the MLP whatever budget the rounding of hidden left over."""
+    then give the MLP whatever budget the rounding of hidden left over. Hybrid models: Mamba heads (unless
+    target.mamba_heads fixes them) follow the same ratio in whole heads per B/C group; their head dim is kept,
+    as attention's is."""
     budget = target.params
     fixed_ffn = target.ffn is not None
     fixed_hidden = target.hidden is not None or arch.get_arch(config).hidden_is_q_width  # OLMoE: hidden = heads*D
     fixed_shared = target.shared_ffn is not None
+    fixed_mamba = target.mamba_heads is not None or not dims.mamba_heads
+    groups = 1 if fixed_mamba else getattr(config, arch.get_arch(config).mamba.groups_key)  # B/C groups
     if fixed_hidden and fixed_ffn:
         raise PlanError("--params with both --hidden and --ffn leaves nothing to fit; drop one of them")
     if target.split not in ("loss", "ratio"):
@@ -211,18 +215,22 @@ def _fit_budget(config, dims: arch.Dims, target: Target) -> arch.Dims:
             ffn = dims.ffn if fixed_ffn else min(dims.ffn, _round(dims.ffn * ratio, target.round_to))
         shared = dims.shared_ffn if fixed_shared or not dims.shared_ffn else min(
             dims.shared_ffn, _round(dims.shared_ffn * ratio, target.round_to))
-        return arch.Dims(**{**dims.to_dict(), "hidden": hidden, "ffn": ffn, "shared_ffn": shared})
+        mamba_heads = dims.mamba_heads if fixed_mamba else min(dims.mamba_heads, _round(dims.mamba_heads * ratio, groups))
+        return arch.Dims(**{**dims.to_dict(), "hidden": hidden, "ffn": ffn, "shared_ffn": shared,
+                            "mamba_heads": mamba_heads})
 
     def params(d: arch.Dims) -> int:
         return count_params(config_with_dims(config, d))[target.params_kind]
 
     full = params(at(1.0))
+    if budget >= full and (fixed_hidden or fixed_ffn) and target.hidden is not None:
+        return at(1.0)  # the fixed hidden width (a split's) leaves the budget room for the whole MLP: nothing to fit
     if budget >= full:
         raise PlanError(f"target {budget / 1e6:.4g}M {target.params_kind} params is not smaller than the model "
                         f"at these dims ({full / 1e6:.4g}M); give a smaller --params")
     if params(at(1e-6)) > budget:
         raise PlanError(f"target {budget / 1e6:.4g}M {target.params_kind} params is below the smallest model reachable by "
-                        "shrinking hidden and MLP; also lower --layers/--heads, or raise --params")
+                        "shrinking hidden and MLP (and Mamba heads); also lower --layers/--heads, or raise --params")
     lo, hi = 1e-6, 1.0
     for _ in range(30):  # the largest common ratio whose rounded dims fit the budget
         mid = (lo + hi) / 2
