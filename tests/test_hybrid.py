@@ -305,6 +305,23 @@ def test_pruned_hybrid_student_distills(tokenizer, corpus_dir, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).config.mamba_num_heads == 4
 
 
+def test_budget_shrinks_mamba_heads_with_hidden_and_mlp():
+    """A parameter budget on NemotronH shrinks the Mamba heads by the common ratio of hidden and MLP (whole heads
+    per B/C group, head dim kept), every hidden / MLP split of the prune stage included; target.mamba_heads fixes
+    them instead."""
+    from minitron.plan import budget_splits, config_with_dims, count_params
+
+    config = make_config()
+    budget = 0.6 * count_params(config)["total"]
+    d = resolve_dims(config, Target(params=budget, split="ratio"))
+    assert d.mamba_heads < H and d.mamba_heads % G == 0 and d.mamba_head_dim == P and d.hidden < 64
+    assert count_params(config_with_dims(config, d))["total"] <= budget
+    splits = [resolve_dims(config, t) for t in budget_splits(config, Target(params=budget))]
+    assert splits and all(s.mamba_heads % G == 0 and s.mamba_heads < H for s in splits)
+    fixed = resolve_dims(config, Target(params=budget, mamba_heads=H))
+    assert fixed.mamba_heads == H and count_params(config_with_dims(config, fixed))["total"] <= budget
+
+
 def test_search_candidates_prune_mamba_heads():
     """search.axes may free mamba_heads: candidates keep whole heads per B/C group, and each candidate's Target
     (search.target_of) resolves back to its dims."""
