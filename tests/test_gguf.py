@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import FAMILIES, make_model, make_text
@@ -306,12 +307,28 @@ def test_run_writes_gguf_and_reports_it(tmp_path, tokenizer, corpus_dir):
     export = tmp_path / "run" / "export"
     g = json.loads((export / "gguf.json").read_text())
     assert g["file"] == "student-Q8_0.gguf" and (export / g["file"]).stat().st_size == g["bytes"]
+    # the budget's widths were chosen in multiples of q8_0's block: every matrix quantized, none left f16
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["target"]["round_to"] == 32
+    dims = json.loads((tmp_path / "run" / "prune" / "plan.json").read_text())["target"]
+    assert dims["hidden"] % 32 == 0 and dims["ffn"] % 32 == 0 and g["unquantized_rows"] == []
     assert "## GGUF for llama.cpp" in (export / "README.md").read_text()
     assert "student-Q8_0.gguf" in (tmp_path / "run" / "report.md").read_text()
     student = AutoModelForCausalLM.from_pretrained(export)
     back = read_back(export / g["file"])
     ids = ids_of(tokenizer, 64)
     assert abs(_loss(back, ids) - _loss(student, ids)) < 0.02
+
+
+def test_quantized_export_rounds_budget_widths_and_warns_on_explicit_ones(capsys):
+    from minitron.config import load_config
+    from minitron.pipeline import RunConfig, widths_for_gguf
+
+    f16 = load_config(RunConfig, None, ["export.gguf=f16", "target.params=70M"])
+    assert widths_for_gguf(f16) is f16  # f16 quantizes nothing: widths as the recipe says
+    q = widths_for_gguf(load_config(RunConfig, None, ["export.gguf=q4_k_m", "target.hidden=500", "target.round_to=48"]))
+    assert q.target.round_to == 96 and q.search.round_to == 32 and q.target.hidden == 500
+    out = capsys.readouterr().out
+    assert "target.round_to 48 -> 96" in out and "target {'hidden': 500} not a multiple of 32" in out
 
 
 # ---- llama.cpp itself ---------------------------------------------------------------------------------------

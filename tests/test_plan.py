@@ -86,6 +86,10 @@ def test_budget_splits_span_hidden_from_source_to_common_ratio():
     assert len(few) <= 3 and set(few) <= set(hidden) and few[-1] == hidden[-1]
     with pytest.raises(PlanError, match="split 'sideways' unknown"):
         resolve_dims(config, Target(params=120_000, split="sideways"))
+    # coarse rounding (round_to 32, as for a quantized GGUF export) can leave a split whose hidden width fits
+    # the budget with the whole MLP: that split keeps the MLP, it is not refused as "not smaller"
+    coarse = budget_splits(config, Target(params=120_000, round_to=32))
+    assert [t.hidden for t in coarse] == [32] and resolve_dims(config, coarse[0]).ffn == 128
 
 
 def test_llama_hidden_stays_a_multiple_of_heads(tmp_path):

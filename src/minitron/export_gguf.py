@@ -59,6 +59,14 @@ LLAMA_CPP_TYPES = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s
 NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
+def row_multiple(qtype: str) -> int:
+    """The row length (a matrix's input width) that GGUF type `qtype` quantizes: 1 for f32 / f16 / bf16; 32 for
+    the block types (q8_0, q4_0, ...) and for the k-quants, whose 256-wide super-blocks llama.cpp replaces by a
+    32-block fallback type on other rows. Rows that are not a multiple stay f16 (larger, slower files)."""
+    t = check_type(qtype)
+    return 1 if t in ("f32", "f16", "bf16") else 32
+
+
 def check_type(qtype: str) -> str:
     """The lower-case type name, or GGUFExportError naming the types there are."""
     t = str(qtype).lower()

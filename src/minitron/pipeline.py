@@ -15,6 +15,7 @@ checkpoint when its record is unchanged. `from_stage` redoes a stage and everyth
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -521,6 +522,27 @@ def check_target(cfg: RunConfig) -> None:
         check_config(config)
 
 
+def widths_for_gguf(cfg: RunConfig) -> RunConfig:
+    """With a quantized export.gguf, the widths a budget or the search chooses are multiples of the type's row
+    block (export_gguf.row_multiple: 32), so every matrix of the student quantizes; explicit target widths stay
+    the user's, with a warning naming those llama.cpp will keep in f16. Returns the config the run records."""
+    from minitron.export_gguf import row_multiple
+
+    m = row_multiple(cfg.export.gguf) if cfg.export.gguf else 1
+    if m == 1:
+        return cfg
+    target, search = (replace(sec, round_to=math.lcm(sec.round_to, m)) for sec in (cfg.target, cfg.search))
+    if (target.round_to, search.round_to) != (cfg.target.round_to, cfg.search.round_to):
+        print(f"[minitron] export.gguf={cfg.export.gguf}: hidden / MLP widths chosen in multiples of {m} "
+              f"(target.round_to {cfg.target.round_to} -> {target.round_to}, search.round_to {cfg.search.round_to} "
+              f"-> {search.round_to}) so that every matrix quantizes")
+    odd = {k: v for k in ("hidden", "ffn", "shared_ffn") if (v := getattr(cfg.target, k)) and v % m}
+    if odd:
+        print(f"[minitron] warning: target {odd} not a multiple of {m}: llama.cpp keeps the matrices that read "
+              f"them in f16 in the {cfg.export.gguf} file; choose multiples of {m} to quantize every matrix")
+    return replace(cfg, target=target, search=search)
+
+
 def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file, not a folder; choose another out (e.g. out=runs/name)")
@@ -529,6 +551,7 @@ def check_out(out: Path) -> None:
 def run(cfg: RunConfig, from_stage: str | None = None) -> Path:
     """Teacher -> distilled, evaluated, exported student, in `cfg.out`."""
     cfg.check()
+    cfg = widths_for_gguf(cfg)
     out = Path(cfg.out)
     check_out(out)
     check_eval_inputs(cfg)

@@ -27,7 +27,7 @@ from minitron.importance import (
 from minitron.mamba import slice_mixer
 from minitron.models import lm_loss, load_model
 from minitron.moe import slice_experts
-from minitron.plan import PrunePlan, Target, budget_splits, make_plan, resolve_dims, source_config
+from minitron.plan import PlanError, PrunePlan, Target, budget_splits, make_plan, resolve_dims, source_config
 from minitron.report import plot_blocks, plot_importance
 
 
@@ -196,6 +196,9 @@ def choose_split(model, scores: dict[str, torch.Tensor], heldout: torch.Tensor, 
         plan = make_plan(model.config, scores, t)
         rows.append({"hidden": plan.target["hidden"], "ffn": plan.target["ffn"], "params": plan.params_after["total"],
                      "loss_pruned": loss_after_pruning(model, plan, heldout, batch_size)})
+    if not rows:
+        raise PlanError(f"no hidden/MLP split of {target.params:.0f} {target.params_kind} params at multiples of "
+                        f"{target.round_to} fits; lower target.round_to or change target.params")
     rows.sort(key=lambda r: r["loss_pruned"])
     return replace(target, hidden=rows[0]["hidden"]), rows
 
