@@ -143,7 +143,7 @@ def pack(docs: list[str], tokenizer, seq_len: int, max_blocks: int | None = None
 class Splits:
     """Packed blocks split deterministically: train [N_train, T], validation [N_val, T]."""
 
-    train: torch.Tensor                   # or a minitron.store.BlockView (load_splits(lazy=True)): same rows
+    train: torch.Tensor                   # or a minitron.store_blocks.BlockView (load_splits(lazy=True)): same rows
     validation: torch.Tensor              # likewise; selection_blocks / report_blocks give tensors of either
     blend: dict | None = None             # a blend corpus: the blend drawn (store.write_blend's json), for the report
 
@@ -182,8 +182,8 @@ def load_splits(source: str, tokenizer, seq_len: int, val_fraction: float = 0.05
 
     The same blocks as pack(shuffle_docs(read_texts(source), seed), ...): max_blocks takes documents from
     across the corpus (not its first files), and validation holds out whole documents. A blend file
-    (`*.blend.yaml`, minitron.store.read_blend) draws blocks from several corpora by weight; its tail blocks
-    are validation (each source's later documents). lazy: train and validation are store.BlockViews that read
+    (`*.blend.yaml`, minitron.store_blends.read_blend) draws blocks from several corpora by weight; its tail blocks
+    are validation (each source's later documents). lazy: train and validation are store_blocks.BlockViews that read
     the blocks a loop indexes (same rows), so a large corpus is never held in memory; selection_blocks and
     report_blocks read only the blocks they return."""
     from minitron.store import ensure_store
@@ -242,18 +242,18 @@ def _half(validation: torch.Tensor) -> int:
 
 
 def _rows(blocks, start: int, stop: int, n: int | None) -> torch.Tensor:
-    """blocks[start:stop][:n] -> [<=n, T], reading only those rows of a store.BlockView."""
+    """blocks[start:stop][:n] -> [<=n, T], reading only those rows of a store_blocks.BlockView."""
     return blocks[start:stop if n is None else min(stop, start + max(n, 0))]
 
 
 def selection_blocks(validation: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """Held-out blocks that CHOOSE (budget split, depth block, search candidate): the first half of the
-    validation split [N, T] (a tensor or a store.BlockView), at most n -> [<=n, T]. Disjoint from report_blocks,
+    validation split [N, T] (a tensor or a store_blocks.BlockView), at most n -> [<=n, T]. Disjoint from report_blocks,
     so a reported loss is never measured on the blocks that picked the model."""
     return _rows(validation, 0, _half(validation), n)
 
 
 def report_blocks(validation: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """Held-out blocks that REPORT (loss after pruning, distillation validation, eval's loss:<corpus>): the
-    second half of the validation split [N, T] (a tensor or a store.BlockView), at most n -> [<=n, T]."""
+    second half of the validation split [N, T] (a tensor or a store_blocks.BlockView), at most n -> [<=n, T]."""
     return _rows(validation, _half(validation), validation.shape[0], n)

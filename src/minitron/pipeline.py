@@ -186,7 +186,7 @@ def _data(cfg: RunConfig) -> dict:
 
 
 def _corpus(cfg: RunConfig) -> dict:
-    """The corpus' identity; a blend file (minitron.store.read_blend) by each source's identity and weight."""
+    """The corpus' identity; a blend file (minitron.store_blends.read_blend) by each source's identity and weight."""
     from minitron.store_blends import blend_identity, is_blend
 
     if is_blend(cfg.data.corpus):

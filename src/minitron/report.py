@@ -185,7 +185,7 @@ def gguf_lines(g: dict) -> list[str]:
 
 
 def blend_lines(drawn: dict, title: str) -> list[str]:
-    """Markdown of a blend drawn (store.blend_summary's json): per source the weight asked and what was drawn."""
+    """Markdown of a blend drawn (store_blends.blend_summary's json): per source the weight asked and what was drawn."""
     lines = [f"## {title}", "", f"{drawn['blocks']:,} blocks of {drawn['seq_len']} tokens drawn (train + validation):",
              "", "| source | weight asked | blocks drawn | share drawn | tokens drawn |", "|---|---:|---:|---:|---:|"]
     for d in drawn["sources"]:

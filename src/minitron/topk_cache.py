@@ -58,7 +58,7 @@ def fingerprint(blocks: torch.Tensor) -> str:
 
 
 def blocks_identity(train) -> dict:
-    """The training blocks' identity without reading them: a store.BlockView by its store's fingerprint, seq_len,
+    """The training blocks' identity without reading them: a store_blocks.BlockView by its store's fingerprint, seq_len,
     seed and the digest of its rows; an in-memory tensor [N, T] by the SHA-256 of its tokens."""
     from minitron.store_blocks import BlockView
 
@@ -130,7 +130,7 @@ def build_rank(teacher, train, rows: np.ndarray, out: Path, rank: int, k: int, t
     """Compute this rank's share: the teacher top-k of train rows `rows` [n_r] (ascending) -> shard files
     `r<rank>-<i>.safetensors` (indices [n, T-1, k], logp fp16 [n, T-1, k]) and `r<rank>-blocks.npy`, each
     written to a temp name and renamed; shards already in `out` (an interrupted build of the same plan) are
-    kept, not recomputed. train: a tensor [N, T] or a store.BlockView. Returns the shard count."""
+    kept, not recomputed. train: a tensor [N, T] or a store_blocks.BlockView. Returns the shard count."""
     from tqdm.auto import tqdm
 
     vocab = lm_head(teacher).weight.shape[0]
@@ -254,7 +254,7 @@ def open_or_build(path, teacher, train, k: int, temperature: float, teacher_name
                   *, steps: int, per_step: int, seed: int, rank: int = 0, world: int = 1, barrier=None,
                   progress: bool = False, teacher_id: str = "") -> TopkCache:
     """The cache at `path` for the blocks `steps` training steps read (`schedule`; train [N, T] is a tensor or a
-    store.BlockView): reused when it was made by this teacher (teacher_id) from this data with these settings
+    store_blocks.BlockView): reused when it was made by this teacher (teacher_id) from this data with these settings
     and holds those blocks; else every rank builds its share (rank 0 says why) and rank 0 moves it into place.
     Every rank reads the old meta before the first barrier, so all decide alike."""
     path = Path(path)
