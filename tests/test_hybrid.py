@@ -36,16 +36,26 @@ def make_config(pattern=PATTERN, eps: float = 1e-5, **over):
     return AutoConfig.for_model("nemotron_h", **kw)
 
 
+def _nontrivial_(name: str, p: torch.nn.Parameter) -> bool:
+    """Norm gains around 1 and non-zero D / conv biases (a fresh model's are 1 and 0), in place; True if `name`
+    was one of them."""
+    if p.ndim == 1 and "norm" in name:
+        p.copy_(1.0 + 0.5 * torch.randn_like(p))
+    elif name.endswith(("D", "conv1d.bias")):
+        p.copy_(0.5 * torch.randn_like(p))
+    else:
+        return False
+    return True
+
+
 def make_model(seed: int = 0, **over):
     """A tiny random NemotronH in eval mode with non-trivial norm gains, per-head A/D/dt and conv biases."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(make_config(**over), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1.0 + 0.5 * torch.randn_like(p))
-            elif name.endswith(("D", "conv1d.bias")):
-                p.copy_(0.5 * torch.randn_like(p))
+            if _nontrivial_(name, p):
+                pass
             elif name.endswith("dt_bias"):
                 p.copy_(torch.randn_like(p) - 1.0)
             elif name.endswith("A_log"):
@@ -399,10 +409,7 @@ def make_mamba2(seed: int = 0):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1.0 + 0.5 * torch.randn_like(p))
-            elif name.endswith(("D", "conv1d.bias")):
-                p.copy_(0.5 * torch.randn_like(p))
+            _nontrivial_(name, p)
     return model.eval()
 
 
