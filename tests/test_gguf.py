@@ -333,6 +333,23 @@ def test_quantized_export_rounds_budget_widths_and_warns_on_explicit_ones(capsys
 
 # ---- llama.cpp itself ---------------------------------------------------------------------------------------
 
+def assert_llama_cpp_logits(model, tokenizer, tmp_path, atol: dict[str, float], label: str) -> None:
+    """Export `model` to each GGUF type of `atol` and check llama.cpp's logits (f32 KV cache) on 40 tokens against
+    transformers' [T, V], within that type's absolute tolerance."""
+    from minitron import gguf_runtime as R
+
+    ids = ids_of(tokenizer, 40)
+    with torch.no_grad():
+        ref = model(ids).logits[0].numpy()
+    for qtype, tol in atol.items():
+        path = tmp_path / f"{qtype}.gguf"
+        export_gguf(model, tokenizer, path, qtype)
+        llm = R.load(path, n_ctx=64, logits_all=True, kv_f32=True)
+        got = R.logits(llm, ids[0].tolist())
+        llm.close()
+        np.testing.assert_allclose(got, ref, atol=tol, rtol=0, err_msg=f"{label} {qtype}")
+
+
 @needs_llama_cpp
 @pytest.mark.parametrize("family", GGUF_FAMILIES)
 @pytest.mark.parametrize("prune_it", [False, True], ids=["full", "pruned"])
@@ -340,20 +357,12 @@ def test_llama_cpp_logits_match_transformers(family, prune_it, tokenizer, tmp_pa
     """The file run by llama.cpp gives the logits transformers gives, for every family and its pruned model
     (head_dim != hidden / heads): f32 file and f32 KV cache, within 1e-5 (measured ~3e-7); Gemma3 within 5e-3
     (measured 1.4e-3: ggml evaluates GELU from an f16 table)."""
-    from minitron import gguf_runtime as R
 
     if prune_it and family == "nemotron":
         pytest.skip("refused: llama.cpp's nemotron graph needs heads * head_dim == hidden")
     model = pruned(family) if prune_it else make_model(family)
-    path = tmp_path / "m.gguf"
-    export_gguf(model, tokenizer, path, "f32")
-    ids = ids_of(tokenizer, 40)  # > gemma3's sliding window of 8: both attention kinds are exercised
-    with torch.no_grad():
-        ref = model(ids).logits[0].numpy()
-    llm = R.load(path, n_ctx=64, logits_all=True, kv_f32=True)
-    got = R.logits(llm, ids[0].tolist())
-    llm.close()
-    np.testing.assert_allclose(got, ref, atol=5e-3 if family == "gemma3_text" else 1e-5, rtol=0)
+    # 40 tokens > gemma3's sliding window of 8: both attention kinds are exercised
+    assert_llama_cpp_logits(model, tokenizer, tmp_path, {"f32": 5e-3 if family == "gemma3_text" else 1e-5}, family)
 
 
 @needs_llama_cpp
@@ -617,19 +626,10 @@ def test_llama_cpp_runs_new_families_like_transformers(family, prune_it, tokeniz
     within 1e-5 (Gemma2 within 5e-3: ggml's GELU table is f16), f16 file within 2e-2. 40 tokens > Gemma2's window
     of 8, so both attention kinds run; MoE routing follows the same experts (a flipped choice would differ by far
     more than the tolerance)."""
-    from minitron import gguf_runtime as R
 
     model = pruned_new_family(family) if prune_it else new_family_model(family)
-    ids = ids_of(tokenizer, 40)
-    with torch.no_grad():
-        ref = model(ids).logits[0].numpy()
-    for qtype, atol in (("f32", 5e-3 if family == "gemma2" else 1e-5), ("f16", 2e-2)):
-        path = tmp_path / f"{qtype}.gguf"
-        export_gguf(model, tokenizer, path, qtype)
-        llm = R.load(path, n_ctx=64, logits_all=True, kv_f32=True)
-        got = R.logits(llm, ids[0].tolist())
-        llm.close()
-        np.testing.assert_allclose(got, ref, atol=atol, rtol=0, err_msg=f"{family} {qtype}")
+    assert_llama_cpp_logits(model, tokenizer, tmp_path, {"f32": 5e-3 if family == "gemma2" else 1e-5, "f16": 2e-2},
+                            family)
 
 
 # ---- Mamba2 and NemotronH (hybrid Mamba2 / attention / MLP / MoE layers) -------------------------------------
@@ -799,16 +799,5 @@ def test_llama_cpp_runs_ssm_families_like_transformers(case, tokenizer, tmp_path
     nemotron_h_moe: sigmoid routing with the score-correction bias, renormalized top-2 scaled by 2.5, latent
     experts, shared expert), full and pruned: 40 tokens (the HF scan runs 3 chunks of 16), f32 file and cache within
     1e-5, f16 file within 2e-2."""
-    from minitron import gguf_runtime as R
 
-    model = ssm_model(case)
-    ids = ids_of(tokenizer, 40)
-    with torch.no_grad():
-        ref = model(ids).logits[0].numpy()
-    for qtype, atol in (("f32", 1e-5), ("f16", 2e-2)):
-        path = tmp_path / f"{qtype}.gguf"
-        export_gguf(model, tokenizer, path, qtype)
-        llm = R.load(path, n_ctx=64, logits_all=True, kv_f32=True)
-        got = R.logits(llm, ids[0].tolist())
-        llm.close()
-        np.testing.assert_allclose(got, ref, atol=atol, rtol=0, err_msg=f"{case} {qtype}")
+    assert_llama_cpp_logits(ssm_model(case), tokenizer, tmp_path, {"f32": 1e-5, "f16": 2e-2}, case)
