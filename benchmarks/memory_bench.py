@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from git_src import source_at  # benchmarks/ is sys.path[0] when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("MEMORY_BENCH_DIR", "/tmp/minitron_memory_bench"))
 GiB = 1024**3
@@ -91,13 +93,7 @@ def model_path(name: str) -> str:
 
 def old_source() -> Path:
     """OLD_COMMIT's src/ (git archive), for the cases with code="old"."""
-    old = WORK / f"old-{OLD_COMMIT}"
-    if not (old / "src" / "minitron").is_dir():
-        old.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_COMMIT, "src"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-    return old / "src"
+    return source_at(OLD_COMMIT, WORK)
 
 
 def prepare(names: list[str]) -> None:
@@ -306,5 +302,5 @@ def main() -> None:
 if __name__ == "__main__":
     child = sys.argv[sys.argv.index("--child") + 1] if "--child" in sys.argv else None
     old = child is not None and CASES[child].get("code") == "old"
-    sys.path.insert(0, str(WORK / f"old-{OLD_COMMIT}" / "src" if old else ROOT / "src"))
+    sys.path.insert(0, str(old_source() if old else ROOT / "src"))
     main()

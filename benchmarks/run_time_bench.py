@@ -28,25 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from git_src import source_at  # benchmarks/ is sys.path[0] when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 OLD_COMMIT = "e1b5037"  # parent of 11d0c31, which made data.load_splits read the token store
 STAGES = ["correction", "importance", "search", "block_scores", "prune", "distill", "eval", "export", "report"]
 OVERRIDES = ["distill.tokens=2048", "importance.calib_samples=8", "importance.heldout_samples=2", "eval.limit=5",
              "eval.ppl_limit=1", "eval.speed_rounds=1"]  # what the store does not change, made small
-
-
-def source_at(commit: str, work: Path) -> Path:
-    """A commit's src/ (git archive): the old code, and the new code as committed (a snapshot, so edits made
-    to the checkout while the benchmark runs do not reach it)."""
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    where = work / f"src-{sha}"
-    if not (where / "src" / "minitron").is_dir():
-        where.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "src"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
-    return where / "src"
 
 
 def child(out: str, overrides: list[str]) -> None:
