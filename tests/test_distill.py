@@ -182,6 +182,30 @@ def test_release_teacher_evaluates_from_top_k(pair, tmp_path, monkeypatch):
         cfg_for(pair, tmp_path / "no-cache", release_teacher=True)
 
 
+def test_evaluation_runs_without_autograd():
+    """Validation forwards build no graph (a graph per validation batch would hold its activations)."""
+    from minitron.distill.parallel import Dist
+    from minitron.distill.student import evaluate
+
+    grad_modes = []
+
+    class Recorder:  # stands in for the trained module: records the grad mode of each forward
+        def eval(self):
+            pass
+
+        def train(self):
+            pass
+
+        def __call__(self, ids, *args, **kwargs):
+            grad_modes.append(torch.is_grad_enabled())
+            return (torch.zeros(()),) * 3
+
+    cfg = DistillConfig(student="s", out="o", steps=1, batch_size=2, eval_batches=2)
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731 - evaluate calls it per batch
+    ev = evaluate(Recorder(), None, torch.zeros(4, 8, dtype=torch.long), cfg, Dist(), "cpu", no_autocast)
+    assert grad_modes == [False, False] and ev["val_lm_loss"] == 0.0
+
+
 def test_topk_cache_small_k_learns(pair, tmp_path):
     out = distill(cfg_for(pair, tmp_path / "k64", steps=16, topk_cache=str(tmp_path / "c64"), topk=64))
     info = json.loads((out / "minitron_distill.json").read_text())

@@ -92,7 +92,6 @@ def teacher_pass(teacher, tap: LayerTap | None, input_ids, attention_mask):
 
 # ---- evaluation -------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def val_batches(val: torch.Tensor, cfg: DistillConfig, d: Dist) -> tuple[list[list[int]], int]:
     """This rank's validation batches (block ids) and how many are real: padded to the largest rank's count
     with dummy batches (FSDP needs every rank in every forward: a short rank runs uncounted passes)."""
@@ -112,6 +111,7 @@ def val_topk(teacher, val: torch.Tensor, cfg: DistillConfig, d: Dist, device) ->
     return [teacher_topk(teacher, val[b].to(device), cfg.topk, 1.0, cfg.chunk_size) for b in val_batches(val, cfg, d)[0]]
 
 
+@torch.no_grad()
 def evaluate(model, teacher, val: torch.Tensor, cfg: DistillConfig, d: Dist, device, autocast,
              topk: list[tuple[torch.Tensor, ...]] | None = None) -> dict:
     """Validation LM loss of the student and forward KL (T = 1) to the teacher, per predicted token: the full KL
