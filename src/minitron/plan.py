@@ -223,7 +223,7 @@ def _fit_budget(config, dims: arch.Dims, target: Target) -> arch.Dims:
         return count_params(config_with_dims(config, d))[target.params_kind]
 
     full = params(at(1.0))
-    if budget >= full and (fixed_hidden or fixed_ffn) and target.hidden is not None:
+    if budget >= full and target.hidden is not None:
         return at(1.0)  # the fixed hidden width (a split's) leaves the budget room for the whole MLP: nothing to fit
     if budget >= full:
         raise PlanError(f"target {budget / 1e6:.4g}M {target.params_kind} params is not smaller than the model "

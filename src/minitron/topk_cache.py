@@ -314,11 +314,11 @@ def start_build(building: Path, plan: dict) -> None:
         done = len(list(building.glob("r*-*.safetensors")))
         print(f"[minitron] resuming the interrupted top-k cache build in {building} ({done} shards done)")
         return
+    from minitron.store import write_json
+
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
-    tmp = building / ".build.json.tmp"
-    tmp.write_text(json.dumps(plan, indent=1))
-    os.replace(tmp, record)
+    write_json(record, plan)
 
 
 def _wait(barrier) -> None:
