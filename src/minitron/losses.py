@@ -233,9 +233,7 @@ def _chunk_loop(h, w, mask, labels, teacher, cfg: LossConfig, normalizer, need_h
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], cfg.chunk_size):
         sl = slice(start, start + cfg.chunk_size)
-        m = mask[sl]
-        if not bool(m.any()):
-            continue
+        m = mask[sl]  # a chunk with no valid token adds 0 (no host sync to skip it: the GPU keeps running)
         hc = h[sl].detach().to(w.dtype).requires_grad_(need_h)
         wc = w.detach().requires_grad_(need_w)
         t_logits = t_topk = None
@@ -259,11 +257,14 @@ def _chunk_loop(h, w, mask, labels, teacher, cfg: LossConfig, normalizer, need_h
                     g_logits.mul_(th.square_().neg_().add_(1.0))
                 if s_map[0] != 1.0:                                             # through the scaling
                     g_logits.div_(s_map[0])
+                # the gradient GEMMs run in the matmuls' dtype (bf16 under autocast, as autograd's backward of
+                # an autocast matmul would; fp32 otherwise), accumulating in fp32 (grad_w)
+                g_logits = g_logits.to(wc.dtype)
                 grads = []
                 if need_h:
-                    grads.append((g_logits @ wc.to(g_logits.dtype)).to(h.dtype))  # [n, C]
+                    grads.append((g_logits @ wc).to(h.dtype))                   # [n, C]
                 if need_w:
-                    grads.append(g_logits.T @ hc.to(g_logits.dtype))            # [V, C]
+                    grads.append(g_logits.T @ hc)                               # [V, C]
         else:
             with torch.enable_grad():
                 s_logits = map_logits((hc @ wc.T).float(), s_map)[0]            # [n, V]

@@ -209,7 +209,7 @@ def load_tokenizer(name: str):
 
 def load_model(name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                trust_remote_code: bool = False, with_tokenizer: bool = True):
-    """Load a causal LM (and its tokenizer) in eval mode.
+    """Load a causal LM (and its tokenizer) in eval mode, in `dtype` ("auto": the checkpoint's own).
 
     name: `default`, a local HF dir, or a hub id (hub only when online).
     Returns (model, tokenizer) or (model, None). Weights are read from safetensors (or with
@@ -220,8 +220,11 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: str | torch
     path = resolve_model_path(name)
     check_weight_files(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype),
-                                                     trust_remote_code=trust_remote_code)
+        # on a GPU, straight from the (memory-mapped) safetensors to the device: no full copy in host RAM
+        where = resolve_device(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else parse_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code,
+                                                     **({"device_map": {"": where}} if where.type == "cuda" else {}))
     except ValueError as e:
         if "Unrecognized" in str(e) or "model type" in str(e):
             from minitron.arch import FAMILIES
@@ -240,6 +243,19 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: str | torch
     model.to(resolve_device(device)).eval()
     check_finite(model, name)  # on the target device: a GPU sums an 8B model's weights in a blink
     return model, (load_tokenizer(name) if with_tokenizer else None)
+
+
+def empty_model(name: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
+    """The model `name` as built from its config with parameters on the meta device (nothing read, nothing
+    allocated: for FSDP2 to shard before any weight exists) and buffers real (RoPE's inv_freq is computed
+    at construction and is in no checkpoint). distill.parallel.fill_shards gives it its weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+    return model.eval()
 
 
 LOSS_CHUNK = 1024  # tokens per [chunk, V] logit slice of the LM loss (fp32: 512 MiB at a 128k vocab)

@@ -20,6 +20,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from minitron.audit import install_from_env
+
 R = TypeVar("R")
 # rank 0 alone prunes, or writes a scores file, while the others wait in a collective: a long timeout
 WAIT = timedelta(hours=6)
@@ -29,17 +31,20 @@ class RankFailed(RuntimeError):
     """Rank 0 failed in a step that the other ranks were waiting for."""
 
 
-def join(device: str) -> tuple[int, int]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl when `device` resolves to CUDA, else
-    gloo); on CUDA this process uses GPU LOCAL_RANK. Returns (rank, world size)."""
+def join(device: str, force: bool = False) -> tuple[int, int]:
+    """Join the torchrun process group when WORLD_SIZE > 1, or with force (a world of 1 under torchrun: FSDP2
+    needs a group), with WAIT as the collective timeout (nccl when `device` resolves to CUDA, else gloo); on
+    CUDA this process uses GPU LOCAL_RANK. Returns (rank, world size)."""
     from minitron.models import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        cuda = resolve_device(device).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=WAIT)
+    if (world > 1 or force) and not dist.is_initialized():
+        where = resolve_device(device)
+        if where.type == "cuda":
+            where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(where)
+        install_from_env(where)  # $MINITRON_AUDIT_COLLECTIVES: record every collective's devices
+        dist.init_process_group("nccl" if where.type == "cuda" else "gloo", timeout=WAIT)
     return rank(), size()
 
 

@@ -109,7 +109,7 @@ def teacher_topk(teacher, input_ids: torch.Tensor, k: int, temperature: float, c
 
     Logits are projected chunk by chunk from the final hidden states (no [B, T, V] tensor).
     """
-    h = teacher.base_model(input_ids=input_ids).last_hidden_state[:, :-1]            # [B, T-1, C]
+    h = teacher.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # [B, T-1, C]
     B, Tm1, C = h.shape
     h = h.reshape(B * Tm1, C)                                                        # [B*(T-1), C]
     w = lm_head(teacher).weight

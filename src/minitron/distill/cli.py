@@ -43,6 +43,9 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     opt("autocast", choices=["none", "bf16"])
     opt("grad_checkpointing", "activation checkpointing of the student")
     opt("distributed", choices=["auto", "none", "ddp", "fsdp"])
+    p.add_argument("--fsdp-reduce-every-micro", action="store_true", default=None,
+                   help="FSDP with --grad-accum: reduce-scatter gradients after every micro-batch (sharded gradients: "
+                        "4 bytes x parameters less per GPU, grad_accum times the communication)")
     opt("resume", "continue the unfinished run in --out")
     opt("keep_checkpoints", "keep checkpoints/ after a finished run")
     opt("progress", "no progress bar", flag="--no-progress")
@@ -79,7 +82,7 @@ def add_distill_parsers(subparsers) -> None:
 _SHARED = ("data", "out", "tokens", "steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
            "batch_size", "grad_accum", "seq_len", "chunk_size", "eval_every", "eval_batches", "save_every",
            "max_blocks", "data_root", "seed", "split_seed", "heldout", "device", "dtype", "teacher_dtype", "autocast", "grad_checkpointing",
-           "distributed", "resume", "keep_checkpoints", "progress")
+           "distributed", "fsdp_reduce_every_micro", "resume", "keep_checkpoints", "progress")
 
 
 def run_distill(args) -> Path:

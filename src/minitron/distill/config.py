@@ -71,6 +71,10 @@ class DistillConfig:
     autocast: str = "none"                # none | bf16
     grad_checkpointing: bool = False      # activation checkpointing of the student
     distributed: str = "auto"             # auto (ddp under torchrun) | none | ddp | fsdp
+    # FSDP with grad_accum > 1: reduce-scatter gradients after every micro-batch (None / False: after the last
+    # only, which keeps an unsharded fp32 gradient per rank, 4 bytes x parameters, and saves grad_accum - 1
+    # reductions per step; True: sharded gradients, grad_accum reductions per step)
+    fsdp_reduce_every_micro: bool | None = None
     resume: bool = False
     max_blocks: int | None = None         # cap on corpus blocks read
     data_root: str | None = None

@@ -27,13 +27,13 @@ from minitron.distill.config import (
     run_inputs,
 )
 from minitron.distill.metrics import append_metrics, plot_metrics, read_metrics, truncate_metrics
-from minitron.distill.parallel import Dist, init_distributed, unwrap, wrap
+from minitron.distill.parallel import Dist, fill_shards, init_distributed, real_state, unwrap, wrap
 from minitron.distill.student import LayerTap, Student, evaluate_all, teacher_pass, val_topk
 from minitron.fingerprint import content_id
 from minitron.losses import (
     default_layer_map,
 )
-from minitron.models import load_model, parse_dtype, resolve_model_path
+from minitron.models import empty_model, load_model, load_tokenizer, parse_dtype, resolve_model_path
 
 
 def lr_at(step: int, cfg: DistillConfig, total: int) -> float:
@@ -59,8 +59,6 @@ def global_block_ids(step: int, n_blocks: int, per_step: int, seed: int) -> list
 def check_vocab(teacher_name: str, student_name: str) -> None:
     """Fail at start, before any model is loaded, when teacher and student vocabularies differ."""
     from transformers import AutoConfig
-
-    from minitron.models import load_tokenizer
 
     tc = AutoConfig.from_pretrained(resolve_model_path(teacher_name))
     sc = AutoConfig.from_pretrained(resolve_model_path(student_name))
@@ -123,7 +121,12 @@ def distill(cfg: DistillConfig) -> Path:
     loss_cfg = cfg.loss_config()
 
     prec = precision(cfg, device)
-    student_model, tokenizer = load_model(cfg.student, device, prec["master"])
+    if device.type == "cuda" and prec["compute"] != torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 matmuls left under bf16 autocast: TF32
+    if d.mode == "fsdp":  # built on the meta device, sharded, then filled from rank 0's copy (fill_shards)
+        student_model, tokenizer = empty_model(cfg.student, prec["master"]), load_tokenizer(cfg.student)
+    else:
+        student_model, tokenizer = load_model(cfg.student, device, prec["master"])
     teacher = None
     if cfg.teacher is not None:
         teacher = load_model(cfg.teacher, device, prec["teacher"], with_tokenizer=False)[0]
@@ -149,11 +152,17 @@ def distill(cfg: DistillConfig) -> Path:
             raise DistillError(f"layer_map {layer_map} needs one teacher layer in [0, {n_t}) per student layer ({n_s})")
         t_tap = LayerTap(teacher, layer_map)
     module = Student(student_model, dims_of(teacher.config).hidden if teacher is not None else None,
-                     layer_map, cfg.hidden_loss).to(device)
+                     layer_map, cfg.hidden_loss)
     if cfg.grad_checkpointing:
         student_model.activation_checkpointing_enable({"use_reentrant": False})
     module.train()
-    model = wrap(module, d, device, prec["compute"] if prec["compute"] != torch.float32 else None)
+    if d.mode == "fsdp":
+        built = real_state(module)  # the projection (seeded alike on every rank) and the buffers
+        model = wrap(module, d, device, prec["compute"] if prec["compute"] != torch.float32 else None)
+        fill_shards(model, d, device, built, lambda: {f"model.{k}": v for k, v in
+                                                      load_model(cfg.student, "cpu", "auto")[0].state_dict().items()})
+    else:
+        model = wrap(module.to(device), d, device, prec["compute"] if prec["compute"] != torch.float32 else None)
     # fused on CUDA (one kernel, no per-parameter temporaries; foreach would allocate sqrt(exp_avg_sq) for
     # every parameter at once); FSDP2's sharded parameters keep the default
     fused = True if device.type == "cuda" and d.mode != "fsdp" else None  # None: torch's default (foreach)
@@ -218,13 +227,16 @@ def distill(cfg: DistillConfig) -> Path:
             mine = ids_all[off:off + cfg.batch_size]
             ids = splits.train[mine].to(device)                                      # [B, T]
             att = torch.ones_like(ids)
-            sync = micro == cfg.grad_accum - 1 or d.mode != "ddp"
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-                t_hidden, t_topk, t_layers = None, None, None
+            last = micro == cfg.grad_accum - 1  # gradients are reduced across ranks after the last micro-batch only
+            if d.mode == "fsdp" and cfg.grad_accum > 1:
+                model.set_requires_gradient_sync(last or bool(cfg.fsdp_reduce_every_micro))
+            t_hidden, t_topk, t_layers = None, None, None
+            if cache is not None:  # read outside autocast: the cache's fp16 log-probs are data, not compute
+                idx, lp = cache.get(mine)                                            # [B, T-1, k]
+                t_topk = (idx.reshape(-1, idx.shape[-1]).to(device, non_blocking=True),  # [B*(T-1), k]
+                          lp.reshape(-1, lp.shape[-1]).to(device, non_blocking=True))
+            with (model.no_sync() if d.mode == "ddp" and not last else contextlib.nullcontext()), autocast():
                 if cache is not None:
-                    idx, lp = cache.get(mine)                                        # [B, T-1, k]
-                    t_topk = (idx.reshape(-1, idx.shape[-1]).to(device),            # [B*(T-1), k]
-                              lp.reshape(-1, lp.shape[-1]).to(device))
                     if t_tap is not None:
                         t_layers = teacher_pass(teacher, t_tap, ids, att)[1]
                 elif teacher is not None:

@@ -55,7 +55,7 @@ class Student(nn.Module):
         """input_ids, attention_mask [B, T]; teacher_hidden (h_t [B*(T-1), Ct], w_t [V, Ct]) or
         teacher_topk (idx, logp [B*(T-1), k]); teacher_layers {teacher layer: [B, T, Ct]}.
         Returns (total loss, logit loss, hidden loss), each a scalar divided by normalizer."""
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)  # no KV cache
         h = out.last_hidden_state[:, :-1]                                            # [B, T-1, C]
         h = h.reshape(-1, h.shape[-1])                                               # [B*(T-1), C]
         labels = input_ids[:, 1:].reshape(-1)                                        # [B*(T-1)]
@@ -80,7 +80,7 @@ class Student(nn.Module):
 @torch.no_grad()
 def teacher_pass(teacher, tap: LayerTap | None, input_ids, attention_mask):
     """Teacher final hidden states [B*(T-1), Ct], lm_head weight [V, Ct] and logit map; tapped layers if any."""
-    out = teacher.base_model(input_ids=input_ids, attention_mask=attention_mask)
+    out = teacher.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)  # no KV cache
     h = out.last_hidden_state[:, :-1]                                                # [B, T-1, Ct]
     layers = dict(tap.outputs) if tap is not None else None
     if tap is not None:
