@@ -122,20 +122,29 @@ def test_iterative_and_search(setup, tmp_path):
     assert "loss_trained" in table[0] and "## Architecture search" in (out / "report.md").read_text()
 
 
-def test_kill_during_distill_then_resume(setup, tmp_path):
+def test_kill_during_distill_then_resume(setup, tmp_path, capsys):
     root, teacher, corpus = setup
     out = tmp_path / "killed"
     args = ["run", *tiny_overrides(root, teacher, corpus, out, **{"distill.tokens": 8192, "eval.tasks": "speed"})]
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from minitron.cli import main; sys.exit(main(sys.argv[1:]))",
                              *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and not list((out / "distill").glob("checkpoints/step*")):
+    latest = out / "distill" / "checkpoints" / "latest"  # a committed checkpoint (step-N.tmp is one being written)
+    while time.time() < deadline and not latest.is_file():
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert list((out / "distill").glob("checkpoints/step*")), "no checkpoint was written before the kill"
+    assert latest.is_file(), "no checkpoint was written before the kill"
     assert not (out / "export").exists()
-    assert main(args) == 0  # resumes distill from its checkpoint, then finishes
+    capsys.readouterr()
+    # resumes distill from its checkpoint, then finishes; eval_every / save_every / distributed are settings
+    # distillation resumes across (RESUMABLE_CHANGES), so changing them does not restart it
+    resumed = ["run", *tiny_overrides(root, teacher, corpus, out, **{
+        "distill.tokens": 8192, "eval.tasks": "speed", "distill.eval_every": 8, "distill.save_every": 4,
+        "distill.distributed": "none"})]
+    assert main(resumed) == 0
+    printed = capsys.readouterr().out
+    assert "distill: redoing" not in printed and f"resumed {out / 'distill'} at step" in printed
     steps = [json.loads(line)["step"] for line in (out / "distill/metrics.jsonl").read_text().splitlines()
              if "\"lr\"" in line]
     assert steps == list(range(1, 65)) and (out / "export/config.json").is_file()  # 8192 tokens / 128 per step
@@ -194,6 +203,133 @@ def test_rerun_with_new_settings_redoes_what_changed(setup, tmp_path, capsys):
     assert _stage_mtime(out, "prune/plan.json") == stamp
     assert json.loads((out / "distill/minitron_distill.json").read_text())["tokens"] == 512
     assert "512 tokens" in (out / "export/README.md").read_text()
+
+
+def test_resumable_distill_settings_keep_a_finished_distill(setup, tmp_path, capsys):
+    """eval_every / save_every / distributed change how distillation runs, not what it trains
+    (distill.config.RESUMABLE_CHANGES): a finished distill stays up to date when they change, and so does a
+    distill folder whose stage.json still holds them (written before the record left them out)."""
+    from dataclasses import asdict
+
+    from minitron.fingerprint import make_record, read_record, write_record
+    from minitron.pipeline import stage_distill
+
+    root, teacher, corpus = setup
+    out = tmp_path / "resumable"
+    fast = {"eval.tasks": f"loss:{corpus}", "eval.ppl_limit": 2, "distill.tokens": 512}
+    assert main(["run", *tiny_overrides(root, teacher, corpus, out, **fast)]) == 0
+    stamps = {p: _stage_mtime(out, p) for p in ("distill/minitron_distill.json", "eval/results.json")}
+    capsys.readouterr()
+    changed = {**fast, "distill.eval_every": 3, "distill.save_every": 0, "distill.distributed": "none"}
+    assert main(["run", *tiny_overrides(root, teacher, corpus, out, **changed)]) == 0
+    printed = capsys.readouterr().out
+    assert "distill: up to date" in printed and "eval: up to date" in printed and "redoing" not in printed
+    assert {p: _stage_mtime(out, p) for p in stamps} == stamps
+    assert "eval_every" not in read_record(out / "distill")["settings"]["distill"]
+
+    # a record from before: the same settings plus the resumable ones -> still up to date, record kept as it is
+    old = read_record(out / "distill")
+    cfg = load_config(RunConfig, None, tiny_overrides(root, teacher, corpus, out, **changed))
+    old["settings"]["distill"] = asdict(cfg.distill)
+    old = make_record("distill", old["settings"], old["inputs"])
+    write_record(out / "distill", old)
+    assert stage_distill(cfg, out / "distill", str(teacher), out / "prune", 512) == out / "distill"
+    assert "distill: up to date" in capsys.readouterr().out
+    assert read_record(out / "distill") == old and _stage_mtime(out, "distill/minitron_distill.json") == \
+        stamps["distill/minitron_distill.json"]
+    # ... while a setting that changes training still redoes it, naming that setting alone
+    from minitron.pipeline import up_to_date
+
+    resumable = ("eval_every", "save_every", "distributed")
+    settings = {**old["settings"], "distill": {k: v for k, v in old["settings"]["distill"].items()
+                                               if k not in resumable}}
+    settings["distill"]["lr"] = 1.0
+    assert not up_to_date(out / "distill", make_record("distill", settings, old["inputs"]), "minitron_distill.json",
+                          tuple(f"distill.{k}" for k in resumable))
+    printed = capsys.readouterr().out
+    assert "distill.lr: 0.0001 -> 1.0" in printed and "eval_every" not in printed
+
+
+BLOCK_SCORES_SCRIPT = """
+import json, sys
+from pathlib import Path
+import minitron.importance as imp
+from minitron import ranks
+from minitron.config import load_config
+from minitron.pipeline import RunConfig, _ensure_block_scores
+from minitron.plan import Target
+calls = []
+real = imp.layer_lm_loss
+def counted(*a, **k):
+    calls.append(1)
+    return real(*a, **k)
+imp.layer_lm_loss = counted
+cfg = load_config(RunConfig, None, json.loads(sys.argv[1]))
+ranks.join("cpu")
+path = _ensure_block_scores(cfg, Path(sys.argv[2]), cfg.model.teacher, Target(layers=2))
+Path(sys.argv[3]).joinpath(f"rank{ranks.rank()}.json").write_text(json.dumps({"calls": len(calls), "path": str(path)}))
+ranks.leave()
+"""
+
+
+def _scores_without_blocks(folder):
+    import torch
+
+    from minitron.importance import save_scores
+
+    scores = {"heads": torch.rand(4, 4), "kv_groups": torch.rand(4, 2), "neurons": torch.rand(4, 128),
+              "channels": torch.rand(64), "layer_bi": torch.rand(4), "block_bi.1": torch.rand(4)}
+    save_scores(scores, folder, {"criterion": "activation"})
+    return scores
+
+
+def test_block_scores_rank0_alone_and_atomic(setup, tmp_path, monkeypatch):
+    """_ensure_block_scores (a searched depth target's LM-loss block scores) under torchrun: rank 0 alone
+    computes and writes them, the other rank waits and gets the path; the write is atomic, so a failed write
+    leaves the scores file as it was."""
+    import os
+
+    import torch
+
+    import minitron.importance as imp
+    from minitron.importance import load_scores
+    from minitron.pipeline import _ensure_block_scores
+    from minitron.plan import Target
+
+    root, teacher, corpus = setup
+    args = tiny_overrides(root, teacher, corpus, tmp_path / "o")
+    folder = tmp_path / "importance"
+    before = _scores_without_blocks(folder)
+    script = tmp_path / "blocks.py"
+    script.write_text(BLOCK_SCORES_SCRIPT)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*torchrun, str(script), json.dumps(args), str(folder), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [g["calls"] for g in got] == [1, 0]  # rank 1 neither computed nor wrote
+    assert got[0]["path"] == got[1]["path"] == str(folder / "scores.safetensors")
+    scores, meta = load_scores(folder)
+    assert "block_lm_loss.2" in scores and meta == {"criterion": "activation"}
+    torch.testing.assert_close(scores["heads"], before["heads"])
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp left behind
+
+    # a write that fails half way leaves the scores file as it was
+    folder2 = tmp_path / "importance2"
+    _scores_without_blocks(folder2)
+    good = (folder2 / "scores.safetensors").read_bytes()
+
+    def broken(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(imp, "save_file", broken)
+    cfg = load_config(RunConfig, None, args)
+    with pytest.raises(OSError, match="disk went away"):
+        _ensure_block_scores(cfg, folder2, str(teacher), Target(layers=2))
+    assert (folder2 / "scores.safetensors").read_bytes() == good
+    assert "block_lm_loss.2" not in load_scores(folder2)[0]
 
 
 def test_cache_follows_the_corrected_teacher(setup, tmp_path, capsys):

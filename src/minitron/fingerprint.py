@@ -7,7 +7,9 @@ its fingerprint, so a change anywhere upstream changes every later fingerprint. 
 record it would write with the one on disk (`stale_reason`): equal -> the stage is skipped; different ->
 the stage and every later one are redone, and the message names what changed. A setting that a newer
 minitron added and that is None (unset: the behaviour before it existed) does not make a record stale, so an
-upgrade that adds e.g. `target.experts` does not redo a finished dense run.
+upgrade that adds e.g. `target.experts` does not redo a finished dense run; likewise a setting a newer record
+leaves out on purpose (`stale_reason(..., left_out)`: distillation's resumable settings) is ignored in an older
+record that still holds it.
 
 Identities are cheap (no weight file is read): a model dir is its config.json and tokenizer files by
 content hash and its weight files by size and modification time; a dir written by a minitron stage is
@@ -133,13 +135,33 @@ def read_record(folder: Path) -> dict | None:
         return None
 
 
-def stale_reason(folder: Path, record: dict) -> str | None:
-    """None when `folder` was made from exactly `record`; else why it is stale (a readable sentence)."""
+def without_settings(record: dict, keys: tuple[str, ...] | list[str]) -> dict:
+    """`record` less the settings named by dotted `keys` (e.g. 'distill.eval_every'), its fingerprint recomputed."""
+    settings = json.loads(json.dumps(record.get("settings", {}), default=str))
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = settings
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return make_record(record.get("stage"), settings, record.get("inputs", {}))
+
+
+def stale_reason(folder: Path, record: dict, left_out: tuple[str, ...] = ()) -> str | None:
+    """None when `folder` was made from exactly `record`; else why it is stale (a readable sentence).
+
+    left_out: dotted settings that `record` leaves out on purpose (e.g. distillation's resumable settings); a
+    record on disk written while they were still recorded matches when it differs only by them."""
     old = read_record(folder)
     if old is None:
         return "it has no record of what it was made from (an older minitron or an interrupted write)"
     if old.get("fingerprint") == record["fingerprint"] or only_new_unset_settings(old, record):
         return None
+    if left_out:
+        old = without_settings(old, left_out)
+        if old["fingerprint"] == record["fingerprint"] or only_new_unset_settings(old, record):
+            return None
     return "; ".join(differences(old, record)) or "its record differs in form (no setting or input changed)"
 
 

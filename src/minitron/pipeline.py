@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from minitron import arch, ranks
 from minitron.config import ConfigError, default_of, save_config
 from minitron.data import calibration_sample, load_splits, selection_blocks
+from minitron.distill.config import RESUMABLE_CHANGES
 from minitron.files import atomic_dir
 from minitron.fingerprint import (
     corpus_identity,
@@ -194,17 +197,30 @@ def _corpus(cfg: RunConfig) -> dict:
     return corpus_identity(cfg.data.corpus, cfg.data.data_dir)
 
 
-def up_to_date(folder: Path, record: dict, marker: str) -> bool:
+def _resumable(section: str, values) -> tuple[dict, tuple[str, ...]]:
+    """A distillation section (`distill`, `correction`) as a stage record holds it, and the dotted names of what
+    it leaves out: the settings distillation itself resumes across (minitron.distill.config.RESUMABLE_CHANGES:
+    eval_every, save_every, distributed, ...), so that changing them continues the distillation (or keeps a
+    finished one) instead of redoing it."""
+    settings = asdict(values)
+    left_out = tuple(k for k in RESUMABLE_CHANGES if k in settings)
+    return ({k: v for k, v in settings.items() if k not in left_out},
+            tuple(f"{section}.{k}" for k in left_out))
+
+
+def up_to_date(folder: Path, record: dict, marker: str, left_out: tuple[str, ...] = ()) -> bool:
     """True when `folder` holds this stage, finished (`marker` exists), made from `record`: skip it.
     A folder made from another record is removed, with a message naming what changed; an unfinished
-    folder with the same record is left for the stage to resume. Decided by rank 0 under torchrun."""
-    return ranks.main_only(lambda: _up_to_date(folder, record, marker))
+    folder with the same record is left for the stage to resume. `left_out`: dotted settings the record leaves
+    out on purpose; a record on disk from before, which still holds them, is compared without them.
+    Decided by rank 0 under torchrun."""
+    return ranks.main_only(lambda: _up_to_date(folder, record, marker, left_out))
 
 
-def _up_to_date(folder: Path, record: dict, marker: str) -> bool:
+def _up_to_date(folder: Path, record: dict, marker: str, left_out: tuple[str, ...] = ()) -> bool:
     if not folder.exists():
         return False
-    reason = stale_reason(folder, record)
+    reason = stale_reason(folder, record, left_out)
     if reason is None:
         if (folder / marker).exists():
             print(f"[minitron] {record['stage']}: up to date, skipped ({folder})")
@@ -224,10 +240,10 @@ def stage_correction(cfg: RunConfig, out: Path) -> str:
         return cfg.model.teacher
     from minitron.distill import FINISHED, DistillConfig, can_resume, distill
 
-    record = make_record("correction", {"correction": asdict(cfg.correction), "data": _data(cfg),
-                                        "dtype": cfg.model.dtype},
+    correction, left_out = _resumable("correction", cfg.correction)
+    record = make_record("correction", {"correction": correction, "data": _data(cfg), "dtype": cfg.model.dtype},
                          {"teacher": model_identity(cfg.model.teacher), "corpus": _corpus(cfg)})
-    if not up_to_date(folder, record, FINISHED):
+    if not up_to_date(folder, record, FINISHED, left_out):
         ranks.main_only(lambda: write_record(folder, record))
         distill(DistillConfig(student=cfg.model.teacher, teacher=None, out=str(folder), data=cfg.data.corpus,
                               tokens=cfg.correction.tokens, lr=cfg.correction.lr, min_lr=cfg.correction.lr / 10,
@@ -296,10 +312,11 @@ def stage_search(cfg: RunConfig, out: Path, teacher: str, scores_path: Path) -> 
     folder, work = out / "search", out / "search_work"
     if not cfg.search.enabled:
         return cfg.target
+    distill_settings, left_out = _resumable("distill", cfg.distill)
     record = make_record("search", {"search": asdict(cfg.search), "importance": asdict(cfg.importance),
-                                    "distill": asdict(cfg.distill), "data": _data(cfg), "dtype": cfg.model.dtype},
+                                    "distill": distill_settings, "data": _data(cfg), "dtype": cfg.model.dtype},
                          {"importance": dir_identity(scores_path.parent), "teacher": model_identity(teacher)})
-    if not up_to_date(folder, record, "search.json"):
+    if not up_to_date(folder, record, "search.json", left_out):
         if ranks.size() > 1:
             raise ConfigError("the architecture search runs in one process: run `minitron search RECIPE` first "
                               "(no torchrun), then this torchrun command again; it reuses the finished search")
@@ -383,11 +400,12 @@ def stage_distill(cfg: RunConfig, folder: Path, teacher: str, student: Path, tok
     top-k cache, when used, is keyed by the teacher's identity and rebuilt for another teacher."""
     from minitron.distill import FINISHED, distill
 
-    record = make_record("distill", {"distill": asdict(cfg.distill), "tokens": tokens, "data": _data(cfg),
+    distill_settings, left_out = _resumable("distill", cfg.distill)  # eval_every etc.: a changed one resumes
+    record = make_record("distill", {"distill": distill_settings, "tokens": tokens, "data": _data(cfg),
                                      "dtype": cfg.model.dtype},
                          {"teacher": model_identity(teacher), "student": model_identity(str(student)),
                           "corpus": _corpus(cfg)})
-    if up_to_date(folder, record, FINISHED):
+    if up_to_date(folder, record, FINISHED, left_out):
         return folder
     ranks.main_only(lambda: write_record(folder, record))
     return distill(_distill_config(cfg, teacher, str(student), folder, tokens))
@@ -617,7 +635,13 @@ def run_search(cfg: RunConfig) -> Path:
 
 
 def _ensure_block_scores(cfg: RunConfig, folder: Path, teacher: str, target: Target) -> Path:
-    """Add LM-loss block scores that a depth target needs to an existing scores file (selection blocks)."""
+    """Add LM-loss block scores that a depth target needs to an existing scores file (selection blocks). Under
+    torchrun rank 0 alone computes them (layer_lm_loss is not split over ranks) and writes the file atomically;
+    the others wait, as for the importance and prune stages, and every rank returns its path."""
+    return ranks.main_only(lambda: _add_block_scores(cfg, folder, teacher, target))
+
+
+def _add_block_scores(cfg: RunConfig, folder: Path, teacher: str, target: Target) -> Path:
     from minitron.importance import layer_lm_loss
 
     path = folder / "scores.safetensors"
@@ -630,8 +654,20 @@ def _ensure_block_scores(cfg: RunConfig, folder: Path, teacher: str, target: Tar
                          data_root=cfg.data.data_dir, lazy=True)  # the token store; blocks read as used
     scores.update(layer_lm_loss(model, selection_blocks(splits.validation, cfg.importance.heldout_samples),
                                 [1, n_drop], cfg.importance.batch_size))
-    save_scores(scores, folder, meta)
+    _replace_scores(scores, folder, meta)
     return path
+
+
+def _replace_scores(scores: dict, folder: Path, meta: dict) -> None:
+    """save_scores into a temp dir inside `folder`, then each file renamed over the old one (os.replace): a
+    reader never sees, and a failed write never leaves, half a scores file."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".scores.tmp-{os.getpid()}-", dir=folder))
+    try:
+        save_scores(scores, tmp, meta)
+        for name in ("scores.json", "scores.safetensors"):  # the .safetensors last: it is what readers load
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _card(cfg: RunConfig, out: Path, teacher: str, results: dict) -> dict:
