@@ -463,3 +463,120 @@ def test_prune_and_eval_loss_read_only_their_budget(tmp_path, tokenizer, monkeyp
     read.clear()
     out = heldout_loss(model, tokenizer, corpus, 16, limit=3)
     assert out["blocks"] == 3 and sum(read) == 3
+
+
+def _teacher(tmp_path, tokenizer):
+    from conftest import make_model
+
+    teacher = tmp_path / "teacher"
+    make_model("llama").save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    return teacher
+
+
+def _text_folder(tmp_path, n=8, words=300):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(n):
+        (corpus / f"{i}.txt").write_text(make_text(words, seed=900 + i))
+    return corpus
+
+
+def test_store_by_path_wherever_a_corpus_is_taken(tmp_path, tokenizer, capsys):
+    """`minitron data corpus --out store`, then the store's path as the corpus of `prune --calib-data`,
+    `distill --data / --heldout` and `eval --tasks loss:<store>` (any seq_len: the store keeps documents, blocks
+    are cut when read): it is opened as a store (no second store, no lock, never read as a .json source), gives the
+    same blocks as its corpus, and is identified by its fingerprint. A store of another tokenizer is refused with
+    the command that makes the right one."""
+    from transformers import AutoTokenizer
+
+    from minitron.cli import main
+    from minitron.fingerprint import corpus_identity
+
+    teacher, corpus, store = _teacher(tmp_path, tokenizer), _text_folder(tmp_path), tmp_path / "store"
+    assert main(["data", str(corpus), "--tokenizer", str(teacher), "--out", str(store)]) == 0
+    capsys.readouterr()
+    (tmp_path / ".store.lock").unlink()  # the builder's lock
+    tokens = tmp_path / "cache" / "tokens"
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(teacher), "--calib-data", str(store), "--calib-samples", "8", "--seq-len",
+                 "32", "--hidden", "48", "--device", "cpu", "--out", str(pruned)]) == 0, capsys.readouterr().err
+    kd = tmp_path / "kd"
+    assert main(["distill", "--teacher", str(teacher), "--student", str(pruned), "--data", str(store), "--heldout",
+                 str(store), "--out", str(kd), "--steps", "2", "--seq-len", "16", "--batch-size", "2",
+                 "--eval-batches", "1", "--eval-every", "0", "--save-every", "0", "--device", "cpu",
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert (kd / "minitron_distill.json").is_file()
+    assert main(["eval", "--model", str(pruned), "--tasks", f"loss:{store}", "--limit", "2", "--seq-len", "16",
+                 "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0, capsys.readouterr().err
+    assert "tokenizing" not in capsys.readouterr().out and not tokens.exists()  # the store itself, read as it is
+    assert not list(tmp_path.glob(".store.lock"))  # read only: a store on a shared disk needs no lock
+    for seq_len in (16, 32):
+        a, b = load_splits(str(store), tokenizer, seq_len), load_splits(str(corpus), tokenizer, seq_len)
+        assert torch.equal(a.train, b.train) and torch.equal(a.validation, b.validation)
+    ident = corpus_identity(str(store))
+    assert ident["store"] == json.loads((store / "meta.json").read_text())["fingerprint"]
+    assert sources.source_identity(Source(str(store)))["store"] == ident["store"]
+    from minitron.pipeline import DataSection, RunConfig, _corpus
+
+    assert _corpus(RunConfig(data=DataSection(corpus=str(store))))["store"] == ident["store"]  # a recipe's data.corpus
+    spec = tmp_path / "mix.blend.yaml"  # a blend entry
+    spec.write_text("sources:\n  - {corpus: store, weight: 1}\n  - {corpus: corpus, weight: 1}\n")
+    assert bl.blend_identity(spec)["blend"][0][0]["store"] == ident["store"]
+    assert load_splits(str(spec), tokenizer, 16, max_blocks=40).train.shape == (38, 16)
+
+    # made by another tokenizer: refused, naming the store, both tokenizers and the command that makes the right one
+    tokenizer.save_pretrained(tmp_path / "tok")
+    other = AutoTokenizer.from_pretrained(tmp_path / "tok", bos_token="<|endoftext|>")
+    other.add_tokens(["newtoken"])
+    other.save_pretrained(tmp_path / "other-tok")
+    assert main(["data", str(corpus), "--tokenizer", str(tmp_path / "other-tok"), "--out", str(tmp_path / "s2")]) == 0
+    capsys.readouterr()
+    assert main(["prune", "--model", str(teacher), "--calib-data", str(tmp_path / "s2"), "--calib-samples", "8",
+                 "--seq-len", "32", "--hidden", "48", "--device", "cpu", "--out", str(tmp_path / "p2")]) == 2
+    err = capsys.readouterr().err
+    assert "made by another tokenizer" in err and f"minitron data {corpus} --tokenizer {teacher}" in err
+    with pytest.raises(StoreError, match="made by another tokenizer"):
+        load_splits(str(tmp_path / "s2"), tokenizer, 16)
+    # a store is not a source to tokenize again
+    assert main(["data", str(store), "--tokenizer", str(teacher), "--out", str(tmp_path / "s3")]) == 2
+    assert "already a token store" in capsys.readouterr().err
+    assert main(["data", str(store), "--tokenizer", str(teacher)]) == 0  # itself: opened and checked
+    with pytest.raises(DataError, match="token store"):
+        read_texts(str(store))
+
+
+STORE_RANK_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from transformers import AutoTokenizer
+from minitron.data import load_splits
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+splits = load_splits(sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[2]), 16, lazy=True)
+got = [None] * world
+dist.all_gather_object(got, splits.validation[:].tolist())
+if rank == 0:
+    json.dump(got, open(sys.argv[3], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_store_by_path_two_gloo_ranks(tmp_path, tokenizer):
+    """Tokenized once, every torchrun rank pointed at the store: each reads it as it is (nothing tokenized, no
+    lock taken beside it) and all see the same blocks."""
+    corpus, store = _text_folder(tmp_path, n=6, words=120), tmp_path / "shared" / "store"
+    ensure_store(str(corpus), tokenizer, store, **QUIET)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "r.py").write_text(STORE_RANK_SCRIPT)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
+    before = sorted(p.name for p in store.parent.iterdir())
+    proc = subprocess.run([*torchrun, str(tmp_path / "r.py"), str(store), str(tmp_path / "tok"),
+                           str(tmp_path / "got.json")], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1",
+                               "MINITRON_CACHE": str(tmp_path / "rank-cache")})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "tokenizing" not in proc.stdout + proc.stderr and not (tmp_path / "rank-cache" / "tokens").exists()
+    assert sorted(p.name for p in store.parent.iterdir()) == before
+    got = json.loads((tmp_path / "got.json").read_text())
+    assert got[0] == got[1] == load_splits(str(corpus), tokenizer, 16).validation.tolist()

@@ -71,12 +71,17 @@ def content_id(identity: dict) -> str:
 
 
 def corpus_identity(source: str, data_root: str | os.PathLike | None = None) -> dict:
-    """A corpus (see minitron.data.resolve_source): every file's relative path, size and mtime."""
+    """A corpus (see minitron.data.resolve_source): every file's relative path, size and mtime; a token store
+    (`minitron data --out`) by its fingerprint (its source's identity, tokenizer, dtype and bad-bytes policy)."""
     from minitron.data import resolve_source
+    from minitron.store_sources import store_meta
 
     path = resolve_source(source, data_root)
     if isinstance(path, str):
         return {"corpus": source, "dataset": path}
+    meta = store_meta(path) if path.is_dir() else None
+    if meta is not None:
+        return {"corpus": source, "store": meta["fingerprint"]}
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     listing = [[str(p.relative_to(path)) if p != path else p.name, *_stat(p)] for p in files]
     return {"corpus": source, "files": len(listing), "digest": digest(listing)}

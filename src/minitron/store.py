@@ -34,7 +34,7 @@ import numpy as np
 
 from minitron.data import DataError
 from minitron.fingerprint import digest
-from minitron.store_sources import Source, Stats, iter_documents, source_identity
+from minitron.store_sources import Source, Stats, iter_documents, resolve, source_identity
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +292,9 @@ def _build(source: Source, tokenizer, out: Path, fp: str, ident: dict, dtype: st
         log.warning("token store %s: skipped or repaired %s%s", out, skipped, eg)
 
 
-def open_store(path: str | os.PathLike, tokenizer=None) -> Store:
-    """Open a finished store; with `tokenizer`, refuse one made by another tokenizer."""
+def open_store(path: str | os.PathLike, tokenizer=None, fix: str | None = None) -> Store:
+    """Open a finished store; with `tokenizer`, refuse one made by another tokenizer (`fix`: what the error
+    tells the user to do instead)."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         hint = " (a build was interrupted: rerun the same command to resume it)" if \
@@ -306,10 +307,39 @@ def open_store(path: str | os.PathLike, tokenizer=None) -> Store:
         if mine["digest"] != meta["tokenizer"]["digest"]:
             raise StoreError(f"the token store {path} was made by another tokenizer ({meta['tokenizer']['name']!r}, "
                              f"vocab {meta['tokenizer']['vocab']}) than this one ({mine['name']!r}, vocab "
-                             f"{mine['vocab']}); its ids would be wrong for this model. Build a store for this "
-                             "tokenizer (another --out), or pass --overwrite")
+                             f"{mine['vocab']}); its ids would be wrong for this model. "
+                             + (fix or "Build a store for this tokenizer (another --out), or pass --overwrite"))
     tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r") if meta["n_tokens"] else np.zeros(0)
     return Store(path, tokens, np.load(path / "offsets.npy", mmap_mode="r"), meta)
+
+
+def given_store(path: Path, tokenizer, out: str | os.PathLike | None = None) -> Store:
+    """A corpus that is a token store already (`minitron data SOURCE --out DIR`, then DIR as --data /
+    --calib-data / data.corpus / loss:DIR / --heldout): opened as it is, read only (no lock, nothing written, so
+    every torchrun rank can read one store on a shared disk), after checking that this tokenizer made it. It holds
+    documents, so blocks of any seq_len are cut from it."""
+    if out is not None and Path(out).resolve() != path.resolve():
+        raise StoreError(f"{path} is already a token store; pass it as the corpus as it is (it is read, not "
+                         "tokenized again), or make another store from the corpus it was made from "
+                         f"({_made_from(path)})")
+    meta = json.loads((path / "meta.json").read_text())
+    name = str(getattr(tokenizer, "name_or_path", "")) or "MODEL"
+    fix = (f"Make a store of its corpus with this model's tokenizer, `minitron data {_made_from(path)} --tokenizer "
+           f"{name} --out NEW_DIR`, and pass NEW_DIR (or pass the corpus itself: the store is then made and kept "
+           "in the cache)")
+    if meta.get("format") != FORMAT:
+        raise StoreError(f"{path} is a token store of format {meta.get('format')}, not {FORMAT} (another minitron); "
+                         f"make it again: `minitron data {_made_from(path)} --tokenizer {name} --out {path} "
+                         "--overwrite`")
+    return open_store(path, tokenizer, fix)
+
+
+def _made_from(path: Path) -> str:
+    """The source a store was made from, as its meta.json names it."""
+    try:
+        return str(json.loads((path / "meta.json").read_text())["source"]["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "SOURCE"
 
 
 def default_store_dir(fp: str) -> Path:
@@ -324,10 +354,14 @@ def ensure_store(source: Source | str, tokenizer, out: str | os.PathLike | None 
                  errors: str = "replace", overwrite: bool = False, progress: bool = True) -> Store:
     """The store of `source` tokenized by `tokenizer`: reused when one with the same fingerprint exists, else
     built (or resumed). `out` None: in the cache, keyed by the fingerprint. An `out` holding a store of
-    another tokenizer or source is refused unless `overwrite`."""
+    another tokenizer or source is refused unless `overwrite`. A `source` that is a store itself is opened as it
+    is (given_store)."""
     source = Source(source) if isinstance(source, str) else source
     if errors not in ("replace", "skip", "strict"):
         raise DataError(f"errors must be replace, skip or strict, not {errors!r}")
+    kind, where = resolve(source, data_root)
+    if kind == "store":
+        return given_store(Path(where), tokenizer, out)
     dtype = dtype or token_dtype(len(tokenizer))
     if np.iinfo(dtype).max < len(tokenizer) - 1:
         raise DataError(f"{dtype} cannot hold ids of a vocabulary of {len(tokenizer)}; use uint32")

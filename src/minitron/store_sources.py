@@ -2,7 +2,8 @@
 
 A source (`Source`) is a text/jsonl/json/parquet/arrow file, a folder of them (recursive, sorted), a glob, a name
 under the data dir, `default` (the default corpus), a `datasets.save_to_disk` folder, or a Hugging Face dataset id
-(config, split, streaming; `datasets` imported lazily). A text file is one document; each row of the tables and
+(config, split, streaming; `datasets` imported lazily). A folder that is a token store (`store_meta`) is no source of
+documents: minitron.store opens it as it is. A text file is one document; each row of the tables and
 datasets is one (its named field). Bad input is an error naming the file and line, or a skip counted in `Stats`
 (blank documents, empty files, bytes that are not UTF-8). `minitron.store` tokenizes what `iter_documents` yields.
 """
@@ -77,8 +78,25 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / m).is_file() for m in DATASET_MARKERS)
 
 
+STORE_META_KEYS = {"format", "fingerprint", "dtype", "tokenizer", "n_tokens"}
+
+
+def store_meta(path: str | os.PathLike) -> dict | None:
+    """The meta.json of a finished token store (a folder `minitron data --out` wrote: meta.json, offsets.npy,
+    tokens.bin), else None. Such a folder is a corpus already tokenized, not a folder of .json sources."""
+    path = Path(path)
+    if not ((path / "meta.json").is_file() and (path / "offsets.npy").is_file()):
+        return None
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and STORE_META_KEYS <= meta.keys() else None
+
+
 def resolve(source: Source, data_root: str | os.PathLike | None = None) -> tuple[str, object]:
-    """-> ("files", [Path, ...]) | ("saved", Path) | ("hub", name). Raises DataError for a missing path."""
+    """-> ("files", [Path, ...]) | ("saved", Path) | ("store", Path: a token store) | ("hub", name). Raises
+    DataError for a missing path."""
     from minitron.data import resolve_source
 
     if _is_glob(source.path):
@@ -90,6 +108,8 @@ def resolve(source: Source, data_root: str | os.PathLike | None = None) -> tuple
     path = resolve_source(source.path, data_root)
     if isinstance(path, str):
         return "hub", path
+    if path.is_dir() and store_meta(path) is not None:
+        return "store", path
     if _is_saved_dataset(path):
         return "saved", path
     if path.is_dir():
@@ -102,6 +122,8 @@ def source_identity(source: Source, data_root: str | os.PathLike | None = None) 
     a hub dataset by name, config and split (a new upstream revision is not noticed: pass another --out)."""
     kind, where = resolve(source, data_root)
     ident = {"source": source.path, "field": source.field}
+    if kind == "store":  # its fingerprint: its source's identity, the tokenizer, dtype and bad-bytes policy
+        return {"source": source.path, "store": store_meta(where)["fingerprint"]}
     if kind == "hub":
         return {**ident, "dataset": where, "config": source.config, "split": source.split}
     files = sorted(p for p in Path(where).rglob("*") if p.is_file()) if kind == "saved" else where
@@ -243,6 +265,10 @@ def iter_documents(source: Source, data_root=None, errors: str = "replace",
     so a document's position never depends on what is kept."""
     stats = stats if stats is not None else Stats()
     kind, where = resolve(source, data_root)
+    if kind == "store":
+        raise DataError(f"{where} is a token store (a corpus tokenized already): it gives token blocks, not text. "
+                        "Pass it where a corpus is read (--data, --calib-data, data.corpus, loss:<corpus>, "
+                        "--heldout), or pass the corpus it was made from")
     if kind in ("hub", "saved"):
         yield from _dataset_rows(source, kind, where, stats)
         return
