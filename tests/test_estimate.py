@@ -222,3 +222,30 @@ def test_dry_run_warns_before_a_stage(llama8b, capsys):
     bad = load_config(RunConfig, None, ["model.teacher=/no/such/model", "target.params=70M"])
     assert E.dry_run(bad, "distill", memory="80GB") == []  # never raises
     assert "memory estimate unavailable" in capsys.readouterr().err
+
+
+def test_fsdp_accumulation_and_loading(llama8b):
+    """FSDP with grad_accum > 1 holds every unsharded fp32 gradient (4P per GPU) until the step's one
+    reduce-scatter, unless fsdp_reduce_every_micro; loading: rank 0's copy of the checkpoint in host RAM
+    (P x its bytes), on each GPU the frozen teacher + its fp32 shard + one tensor in flight."""
+    gpu = M.parse_memory("80GB")
+    cfg = load_config(RunConfig, RECIPES / "gpu-8b-8gpu.yaml", [f"model.teacher={llama8b}"])
+    shapes = E.resolve_shapes(cfg)
+    S, T = shapes["student"], shapes["teacher"]
+    est = {e.stage: e for e in E.estimate_run(cfg, 8, gpu, shapes)}
+    assert est["distill"].terms["grads (unsharded fp32, accumulated)"] == 4 * S.params
+    assert est["correction"].terms["grads (unsharded fp32, accumulated)"] == 4 * T.params
+    sharded = load_config(RunConfig, RECIPES / "gpu-8b-8gpu.yaml", [f"model.teacher={llama8b}",
+                                                                    "distill.fsdp_reduce_every_micro=true"])
+    d2 = {e.stage: e for e in E.estimate_run(sharded, 8, gpu, shapes)}["distill"]
+    assert not any("unsharded" in k for k in d2.terms) and d2.total < est["distill"].total - 3 * S.params
+    d, c = est["distill"], est["correction"]
+    assert d.host == 2 * S.params and c.host == 2 * T.params  # bf16 checkpoints, rank 0 only
+    assert d.load == 2 * T.params + 4 * S.params // 8 + S.largest_tensor * (2 + 4) < d.total
+    assert est["importance"].load == 2 * T.params and est["importance"].host == 0
+    one = load_config(RunConfig, RECIPES / "gpu-8b.yaml", [f"model.teacher={llama8b}"])
+    d1 = {e.stage: e for e in E.estimate_run(one, 1, gpu)}["distill"]
+    assert d1.host == 0 and d1.load == 2 * T.params + d1.terms["master weights"]  # fp32 student, one GPU
+    assert "| distill |" in E.format_loading(list(est.values())) and E.format_loading(
+        E.estimate_run(load_config(RunConfig, RECIPES / "gpu-8b.yaml", [f"model.teacher={llama8b}",
+                                                                       "model.device=cpu"]), 1)) == ""

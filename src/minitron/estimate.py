@@ -23,7 +23,10 @@ What is modelled (the design in minitron.distill, minitron.importance, minitron.
   [n, V] fp32 buffers and the [V, C] fp32 gradient of the LM head, never [B, T, V].
 - forward-only stages (importance, prune, search, eval) hold the model in model.dtype, one layer's
   temporaries at a time, fp32 statistics, and the chunked LM loss of minitron.models.token_nll_sum.
-- the steady state of training (AdamW states allocated); the first step peaks lower.
+- the steady state of training (AdamW states allocated); the first step peaks lower. Under FSDP with
+  grad_accum > 1 the unsharded fp32 gradients accumulate between reduce-scatters (unless
+  fsdp_reduce_every_micro).
+- loading (CUDA): each stage's peak per GPU while its models load and the host RAM per node (load_estimate).
 Not modelled: the taylor criterion's backward pass, hidden-state distillation losses, memory held by other
 processes, and allocator fragmentation beyond the margin (`MARGIN`) that the fit check keeps free.
 """
@@ -41,6 +44,7 @@ from minitron.memory_terms import (
     backward_working,
     dtype_bytes,
     forward_working,
+    fsdp_accumulated_grads,
     fsdp_gathered,
     fsdp_reduce,
     importance_working,
@@ -52,6 +56,7 @@ from minitron.memory_terms import (
     parse_memory,
     saved_activations,
     shape_of,
+    sharded_load,
     student_shape,
     weights,
 )
@@ -75,6 +80,9 @@ class StageEstimate:
     note: str = ""
     skipped: bool = False
     kind: str = ""            # "train" for correction/distill (what the suggestions change)
+    load: int = 0             # peak on one GPU while the stage loads its models (load_estimate)
+    host: int = 0             # host RAM per node while loading, beyond the page cache
+    load_note: str = ""
 
     @property
     def total(self) -> int:
@@ -95,6 +103,7 @@ class TrainSettings:
     chunk: int
     teacher: str              # full | topk | none
     release_teacher: bool = False  # topk: the teacher is freed once the cache is built
+    reduce_every_micro: bool = False  # fsdp: reduce-scatter after every micro-batch (no unsharded accumulation)
 
 
 def _peak(parts: dict[str, dict[str, int]]) -> tuple[dict[str, int], str]:
@@ -113,11 +122,15 @@ def train_estimate(stage: str, s: Shape, t: Shape | None, teacher_bytes: int, ts
     states = master_states(s, ts.world, ts.parallel)
     grads = states.pop("grads")
     terms = dict(states)
+    # FSDP accumulating without a reduce-scatter per micro-batch holds every unsharded fp32 gradient
+    accumulated = ts.parallel == "fsdp" and ts.grad_accum > 1 and not ts.reduce_every_micro
     if t is not None and not ts.release_teacher:
         terms["teacher weights"] = weights(t.params, teacher_bytes)
     if cuda:
         terms["CUDA context"] = CUDA_OVERHEAD
     held_grads = {"grads": grads} if ts.grad_accum > 1 else {}
+    if accumulated:
+        held_grads = {"grads (unsharded fp32, accumulated)": fsdp_accumulated_grads(s)}
     common: dict[str, int] = {}
     if ts.mode == "autocast":
         common["autocast bf16 weights"] = autocast_cache(s)
@@ -152,6 +165,33 @@ def train_estimate(stage: str, s: Shape, t: Shape | None, teacher_bytes: int, ts
             f"{', checkpointing' if ts.checkpointing else ''}, {ts.parallel if ts.world > 1 else 'one device'}"
             f"{f' x {ts.world}' if ts.world > 1 else ''}")
     return StageEstimate(stage, terms, note, kind="train")
+
+
+def load_estimate(est: StageEstimate, trained: Shape | None, file_bytes: int, frozen: int, ts: TrainSettings | None,
+                  cuda: bool) -> StageEstimate:
+    """Fill est.load (peak on one GPU while the stage loads its models) and est.host (host RAM per node beyond the
+    page cache). On a GPU every model loads straight from its memory-mapped safetensors to the device (models.
+    load_model's device_map): `frozen` bytes of frozen / forward-only weights, the trained model in fp32. Under FSDP
+    the trained model is built on the meta device and rank 0 alone reads its checkpoint on the CPU, in the file's
+    dtype, broadcasting it tensor by tensor into every rank's shards (distill.parallel.fill_shards)."""
+    if not cuda or est.skipped:
+        return est
+    if ts is None:
+        est.load, est.load_note = frozen, "straight to the GPU"
+    elif ts.parallel == "fsdp":
+        est.load = frozen + sharded_load(trained, file_bytes, ts.world)
+        est.host = trained.params * file_bytes
+        est.load_note = "FSDP: meta-device build; rank 0 reads the checkpoint on the CPU and broadcasts the shards"
+    else:
+        est.load = frozen + 4 * trained.params
+        est.load_note = "straight to the GPU, the trained model in fp32" + (" on every rank" if ts.world > 1 else "")
+    return est
+
+
+def checkpoint_bytes(config) -> int:
+    """Bytes per parameter of a model's safetensors as its config says (config.dtype; bf16 when unsaid)."""
+    name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16")
+    return dtype_bytes(name.removeprefix("torch."))
 
 
 def forward_estimate(stage: str, resident: dict[str, int], transient: dict[str, int], cuda: bool,
@@ -201,7 +241,8 @@ def _train_settings(section, cfg, world: int, teacher: str) -> TrainSettings:
     return TrainSettings(batch_size=get("batch_size"), grad_accum=get("grad_accum"), seq_len=cfg.data.seq_len,
                          mode=mode, checkpointing=bool(get("grad_checkpointing")), world=world, parallel=parallel,
                          chunk=default_of(DistillConfig, "chunk_size"), teacher=teacher,
-                         release_teacher=teacher == "topk" and bool(get("release_teacher")))
+                         release_teacher=teacher == "topk" and bool(get("release_teacher")),
+                         reduce_every_micro=bool(get("fsdp_reduce_every_micro")))
 
 
 def _teacher_bytes(cfg, cuda: bool) -> int:
@@ -248,7 +289,8 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
 
     if cfg.correction.enabled:
         ts = _train_settings(cfg.correction, cfg, world_size, "none")
-        out.append(train_estimate("correction", T, None, 0, ts, cuda))
+        out.append(load_estimate(train_estimate("correction", T, None, 0, ts, cuda), T,
+                                 checkpoint_bytes(shapes["config"]), 0, ts, cuda))
     else:
         out.append(StageEstimate("correction", note="off (correction.enabled: false)", skipped=True))
 
@@ -263,7 +305,8 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
     note = f"{imp.batch_size} x {seq} tokens per forward, {cfg.model.dtype}"
     if imp.criterion == "taylor":
         note += "; the taylor criterion's backward pass is not modelled"
-    out.append(forward_estimate("importance", {"weights": weights(T.params, b)}, work, cuda, note))
+    out.append(load_estimate(forward_estimate("importance", {"weights": weights(T.params, b)}, work, cuda, note),
+                             None, b, weights(T.params, b), None, cuda))
 
     if cfg.search.enabled:
         resident = {"teacher weights": weights(T.params, b), "candidate (pruned in place)": weights(S.params, b)}
@@ -276,9 +319,10 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
             d.terms = {"search's teacher + candidate": resident["teacher weights"]
                        + resident["candidate (pruned in place)"], **d.terms}
             d.note = f"{note}; short distillation of each candidate ({d.note})"
-            out.append(d)
+            out.append(load_estimate(d, None, b, sum(resident.values()), None, cuda))
         else:
-            out.append(forward_estimate("search", resident, trans, cuda, note))
+            out.append(load_estimate(forward_estimate("search", resident, trans, cuda, note), None, b,
+                                     sum(resident.values()), None, cuda))
     elif cfg.target.params and cfg.target.split == "loss" and not (cfg.target.hidden or cfg.target.ffn):
         out.append(StageEstimate("search", note="split choice runs inside prune", skipped=True))
     else:
@@ -293,12 +337,17 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
     if split:
         resident["candidate split (pruned in place)"] = weights(S.params, b)
         note = "hidden/MLP split chosen by held-out loss (each candidate pruned in place)"
-    out.append(forward_estimate("prune", resident, trans, cuda, note))
+    out.append(load_estimate(forward_estimate("prune", resident, trans, cuda, note), None, b,
+                             sum(resident.values()), None, cuda))
 
     ts = _train_settings(cfg.distill, cfg, world_size, "topk" if cfg.distill.topk else "full")
-    out.append(train_estimate("distill", S, T, _teacher_bytes(cfg, cuda), ts, cuda))
+    teacher_bytes = _teacher_bytes(cfg, cuda)
+    out.append(load_estimate(train_estimate("distill", S, T, teacher_bytes, ts, cuda), S, b,
+                             weights(T.params, teacher_bytes), ts, cuda))
 
-    out.append(eval_estimate(cfg, T, S, b, cuda))
+    both = "speed" in cfg.eval.tasks  # the speed task holds teacher and student at once
+    out.append(load_estimate(eval_estimate(cfg, T, S, b, cuda), None, b,
+                             weights(T.params + (S.params if both else 0), b), None, cuda))
     return out
 
 
@@ -367,6 +416,10 @@ def suggestions(cfg, stage: str, world_size: int, gpu_bytes: int, shapes: dict) 
             opts.append((f"{name}.grad_checkpointing=true", ckpt))
         if getattr(sec, "autocast", "bf16") != "bf16" and cfg.model.dtype not in ("bfloat16", "bf16"):
             opts.append((f"{name}.autocast=bf16", {"autocast": "bf16"}))
+        if (world_size > 1 and getattr(sec, "distributed", "") == "fsdp" and acc > 1
+                and not getattr(sec, "fsdp_reduce_every_micro", None)):
+            opts.append((f"{name}.fsdp_reduce_every_micro=true (sharded gradients; more communication)",
+                         {"fsdp_reduce_every_micro": True}))
         b = bs
         while b > 1:
             b //= 2
@@ -438,6 +491,16 @@ def format_table(stages: list[StageEstimate], gpu_bytes: int | None = None) -> s
     return "\n".join(lines)
 
 
+def format_loading(stages: list[StageEstimate]) -> str:
+    """A markdown table of the loading peaks (CUDA only; empty on CPU): per GPU, host RAM per node, how."""
+    rows = [e for e in stages if not e.skipped and e.load]
+    if not rows:
+        return ""
+    lines = ["| stage | load peak per GPU | host RAM per node | how the weights load |", "|---|---|---|---|"]
+    lines += [f"| {e.stage} | {e.load / GiB:.2f} GiB | {e.host / GiB:.2f} GiB | {e.load_note} |" for e in rows]
+    return "\n".join(lines)
+
+
 def report(cfg, world_size: int = 1, gpu_bytes: int | None = None, recipe: str | None = None) -> str:
     """The text `minitron plan --estimate` prints: shapes, the table, warnings."""
     shapes = resolve_shapes(cfg)
@@ -448,6 +511,9 @@ def report(cfg, world_size: int = 1, gpu_bytes: int | None = None, recipe: str |
              f"teacher: {shapes['teacher'].describe()}",
              f"student ({shapes['student_from']}): {shapes['student'].describe()}", "",
              format_table(stages, gpu_bytes)]
+    loading = format_loading(stages)
+    if loading:
+        lines += ["", loading]
     if gpu_bytes:
         warns = warnings_for(cfg, stages, world_size, gpu_bytes, shapes)
         lines += [""] + (warns or [f"Every stage fits {gpu_bytes / GiB:.0f} GiB (with {1 - MARGIN:.0%} kept free)."])

@@ -133,6 +133,19 @@ def master_states(s: Shape, world: int, mode: str) -> dict[str, int]:
     return out
 
 
+def fsdp_accumulated_grads(s: Shape) -> int:
+    """FSDP2 with gradient accumulation and no reduce-scatter between micro-batches (set_requires_gradient_sync):
+    every parameter's unsharded gradient, accumulated in the reduce dtype (fp32), lives on every rank until the
+    last micro-batch's backward reduce-scatters it: 4P."""
+    return 4 * s.params
+
+
+def sharded_load(s: Shape, file_bytes: int, world: int) -> int:
+    """FSDP2 load (distill.parallel.fill_shards): this rank's fp32 shards, 4P / W, plus one full tensor in flight
+    from rank 0 (the broadcast buffer in the checkpoint's dtype and its fp32 shard copy): largest x (bytes + 4)."""
+    return 4 * s.params // world + s.largest_tensor * (file_bytes + 4)
+
+
 def optimizer_transient(s: Shape, world: int, mode: str, cuda: bool) -> int:
     """AdamW.step temporaries: on CUDA under FSDP (foreach) sqrt(exp_avg_sq) for every parameter shard at once,
     4P / W; on CUDA otherwise none (distill uses the fused kernel); on CPU (one tensor at a time) sqrt and its

@@ -87,6 +87,7 @@ class CorrectionSection:
     autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute)
     grad_checkpointing: bool = _dc("grad_checkpointing")  # activation checkpointing
     distributed: str = _dc("distributed")  # auto (ddp under torchrun) | none | ddp | fsdp
+    fsdp_reduce_every_micro: bool | None = _dc("fsdp_reduce_every_micro")  # fsdp: a reduction per micro-batch
 
 
 @dataclass
@@ -116,6 +117,7 @@ class DistillSection:
     autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute)
     grad_checkpointing: bool = _dc("grad_checkpointing")  # activation checkpointing of the student
     distributed: str = _dc("distributed")  # auto (ddp under torchrun) | none | ddp | fsdp
+    fsdp_reduce_every_micro: bool | None = _dc("fsdp_reduce_every_micro")  # fsdp: a reduction per micro-batch
     teacher_dtype: str | None = _dc("teacher_dtype")  # None: bfloat16 on CUDA, else model.dtype
 
 
@@ -252,6 +254,7 @@ def stage_correction(cfg: RunConfig, out: Path) -> str:
                               batch_size=cfg.correction.batch_size, grad_accum=cfg.correction.grad_accum,
                               autocast=cfg.correction.autocast, grad_checkpointing=cfg.correction.grad_checkpointing,
                               distributed=cfg.correction.distributed,
+                              fsdp_reduce_every_micro=cfg.correction.fsdp_reduce_every_micro,
                               device=cfg.model.device, dtype=cfg.model.dtype, data_root=cfg.data.data_dir,
                               resume=can_resume(folder)))
     return str(folder)
@@ -390,6 +393,7 @@ def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, to
               topk_cache=str(Path(cfg.out) / "teacher_topk") if d.topk > 0 else None, topk=max(d.topk, 1),
               seed=cfg.data.seed, split_seed=cfg.data.seed, device=cfg.model.device, dtype=cfg.model.dtype,
               autocast=d.autocast, grad_checkpointing=d.grad_checkpointing, distributed=d.distributed,
+              fsdp_reduce_every_micro=d.fsdp_reduce_every_micro,
               teacher_dtype=d.teacher_dtype, release_teacher=d.release_teacher, data_root=cfg.data.data_dir,
               resume=can_resume(folder), progress=True)
     return DistillConfig(**{**kw, **over})

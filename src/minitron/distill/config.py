@@ -105,7 +105,7 @@ class DistillConfig:
 
 # fields that may change between a run and its resumption (they do not change what is trained)
 RESUMABLE_CHANGES = ("resume", "progress", "keep_checkpoints", "eval_every", "eval_batches", "save_every",
-                     "device", "distributed")
+                     "device", "distributed", "fsdp_reduce_every_micro")
 
 
 def run_inputs(cfg: DistillConfig) -> dict:
