@@ -153,8 +153,12 @@ def distill(cfg: DistillConfig) -> Path:
         t_tap = LayerTap(teacher, layer_map)
     module = Student(student_model, dims_of(teacher.config).hidden if teacher is not None else None,
                      layer_map, cfg.hidden_loss)
-    if cfg.grad_checkpointing:
-        student_model.activation_checkpointing_enable({"use_reentrant": False})
+    if cfg.grad_checkpointing:  # activation_checkpointing_enable is transformers' newer name (not in 5.17)
+        enable = getattr(student_model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            student_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module.train()
     if d.mode == "fsdp":
         built = real_state(module)  # the projection (seeded alike on every rank) and the buffers
