@@ -286,25 +286,16 @@ def run_stage(stage: str, mode: str, work: Path, recipe: Path, env: dict, deadli
 
 
 def estimates(recipe: Path) -> dict[str, dict]:
-    """minitron.estimate's estimate of each measured stage for the recipe: distill as FSDP2 over one rank (what
-    torchrun with one process and distributed: fsdp runs; estimate_run's world of 1 models one device instead),
-    comparable = the larger of the steady state and the loading peak, less the CUDA context term."""
-    from dataclasses import replace
-
+    """minitron.estimate's estimate of each measured stage for the recipe, as torchrun with one process runs it
+    (distributed: fsdp is FSDP2 over one rank there), comparable = the larger of the steady state and the loading
+    peak, less the CUDA context term."""
     from minitron import estimate as E
     from minitron.config import load_config
-    from minitron.memory_terms import weights
     from minitron.pipeline import RunConfig
 
     cfg = load_config(RunConfig, str(recipe))
     shapes = E.resolve_shapes(cfg)
-    stages = {e.stage: e for e in E.estimate_run(cfg, 1, None, shapes)}
-    cuda = E._device_is_cuda(cfg, None)
-    ts = replace(E._train_settings(cfg.distill, cfg, 2, "topk" if cfg.distill.topk else "full"), world=1)
-    tb = E._teacher_bytes(cfg, cuda)
-    stages["distill"] = E.load_estimate(E.train_estimate("distill", shapes["student"], shapes["teacher"], tb, ts, cuda),
-                                        shapes["student"], E.dtype_bytes(cfg.model.dtype),
-                                        weights(shapes["teacher"].params, tb), ts, cuda)
+    stages = {e.stage: e for e in E.estimate_run(cfg, 1, None, shapes, torchrun=True)}
     out = {}
     for name, e in stages.items():
         if e.skipped:

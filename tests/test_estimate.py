@@ -249,3 +249,14 @@ def test_fsdp_accumulation_and_loading(llama8b):
     assert "| distill |" in E.format_loading(list(est.values())) and E.format_loading(
         E.estimate_run(load_config(RunConfig, RECIPES / "gpu-8b.yaml", [f"model.teacher={llama8b}",
                                                                        "model.device=cpu"]), 1)) == ""
+
+
+def test_fsdp_on_one_gpu_under_torchrun(llama8b):
+    """`distributed: fsdp` with one torchrun process runs FSDP2 over a world of 1 (distill.parallel), and the
+    estimate follows: FSDP2's load and bf16 parameters under torchrun, one device's autocast without."""
+    cfg = load_config(RunConfig, RECIPES / "gpu-8b.yaml", [f"model.teacher={llama8b}", "distill.distributed=fsdp"])
+    gpu = M.parse_memory("80GB")
+    under = {e.stage: e for e in E.estimate_run(cfg, 1, gpu, torchrun=True)}["distill"]
+    plain = {e.stage: e for e in E.estimate_run(cfg, 1, gpu, torchrun=False)}["distill"]
+    assert under.load_note.startswith("FSDP") and under.host > 0 and "bf16 compute" in under.note
+    assert not plain.load_note.startswith("FSDP") and plain.host == 0 and "autocast compute" in plain.note

@@ -205,3 +205,23 @@ def test_fsdp_of_one_rank_under_torchrun(pair, tmp_path):  # noqa: F811
     assert info["distributed"] == "fsdp" and os.path.exists(tmp_path / "seen.rank0")
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "fsdp1")), torch.tensor(losses(one)), rtol=2e-2,
                                atol=1e-3)
+
+
+def test_checkpointing_on_transformers_with_only_the_old_name():
+    """transformers 5.17 (GPU images) has only gradient_checkpointing_enable; newer 5.x
+    activation_checkpointing_enable (the old name deprecated): arch.enable_checkpointing calls what there is."""
+    from minitron.arch import enable_checkpointing
+
+    calls = []
+
+    class Old:
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(("old", gradient_checkpointing_kwargs))
+
+    class New(Old):
+        def activation_checkpointing_enable(self, kwargs=None):
+            calls.append(("new", kwargs))
+
+    enable_checkpointing(Old())
+    enable_checkpointing(New())
+    assert calls == [("old", {"use_reentrant": False}), ("new", {"use_reentrant": False})]

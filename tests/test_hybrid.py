@@ -478,3 +478,28 @@ def test_importance_plot_panels_follow_the_scores(build, panels, tokenizer, tmp_
     assert importance_panels(scores) == panels
     path = plot_importance(scores, tmp_path / "importance.png", title="t")
     assert path.stat().st_size > 1000
+
+
+def test_depth_pruning_keeps_the_first_cache_layer():
+    """transformers reads the cached length from the first layer's cache: a NemotronH whose first layer is an MLP
+    cannot generate with its cache (DummyLayer has no get_seq_length). Depth pruning never drops the first layer
+    that holds a cache, by depth_types, contiguous block or scattered layers, however unimportant it scores; Mamba2
+    (every layer holds one) and dense families are free."""
+    from minitron.plan import choose_layers
+
+    config = make_config()  # M - * M -
+    keep = arch.first_cache_layer(config)
+    assert keep == 0 and arch.first_cache_layer(make_config(["mlp", "full_attention", "mlp"])) == 1
+    assert arch.first_cache_layer(AutoConfig.for_model("llama")) is None
+    n = len(PATTERN)
+    scores = {"layer_lm_loss": torch.arange(n, dtype=torch.float32),            # layer 0 the least important
+              "block_lm_loss.2": torch.arange(n - 1, dtype=torch.float32)}
+    depth = Target(layer_metric="lm-loss", depth_types=["mamba", "mlp"])
+    allowed = [i for i, k in enumerate(PATTERN) if k in ("linear_attention", "mlp")]
+    assert choose_layers(scores, n, 1, depth, allowed, keep)[0] == [1]
+    assert choose_layers(scores, n, 1, depth, allowed, None)[0] == [0]            # what it chose before
+    assert choose_layers(scores, n, 2, Target(layer_metric="lm-loss"), None, keep)[0] == [1, 2]
+    assert choose_layers(scores, n, 2, Target(layer_metric="lm-loss", contiguous=False), None, keep)[0] == [1, 2]
+    plan = make_plan(config, {**_scores(arch.dims_of(config)), "layer_lm_loss": scores["layer_lm_loss"]},
+                     Target(layers=4, layer_metric="lm-loss", depth_types=["mamba", "mlp"]))
+    assert 0 not in plan.dropped_layers

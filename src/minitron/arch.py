@@ -91,6 +91,9 @@ class HybridArch:
     # transformers' hybrid cache counts the sequence on attention layers: without one the model cannot generate
     # with the cache, so depth pruning must keep at least one "full_attention" layer
     keeps_attention: str | None = "full_attention"
+    # the kinds whose layers hold a cache; transformers (5.2x) reads the cached length from the first layer, so a
+    # model whose first layer is of another kind (an MLP / MoE layer) cannot generate with its cache
+    cache_kinds: tuple[str, ...] = ("linear_attention", "full_attention")
     # the short names a user may give for a kind (Target.depth_types) -> the config's name
     aliases: tuple[tuple[str, str], ...] = (("mamba", "linear_attention"), ("M", "linear_attention"),
                                             ("attention", "full_attention"), ("*", "full_attention"),
@@ -414,6 +417,17 @@ def layer_kinds(config) -> list[str]:
     return list(getattr(config, a.hybrid.types_key))
 
 
+def first_cache_layer(config) -> int | None:
+    """The layer depth pruning must keep so that the pruned model's first layer holds a cache (hybrid families with
+    layers that hold none, e.g. NemotronH's MLP layers): the first layer of a cache kind; None when any first
+    layer will do (dense, MoE, Mamba2: every layer holds a cache)."""
+    a = get_arch(config)
+    kinds = layer_kinds(config)
+    if a.hybrid is None or all(k in a.hybrid.cache_kinds for k in kinds):
+        return None
+    return next((i for i, k in enumerate(kinds) if k in a.hybrid.cache_kinds), None)
+
+
 def layer_parts(model_or_config) -> list[frozenset[str]]:
     """The prunable parts of each layer: {"attn", "mlp"} in a dense / MoE family (its MLP is the MoE block
     there); hybrid layers hold one of {"mamba"}, {"attn"}, {"mlp"}, {"moe"}."""
@@ -644,6 +658,17 @@ def without_layers(model: nn.Module, drop: list[int]):
 
 
 # ---- output head: hidden states -> logits, as the family's CausalLM forward computes them -----------
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant). transformers >= 5.2x names it
+    activation_checkpointing_enable (gradient_checkpointing_enable is its deprecated alias, to go in v6); earlier
+    5.x releases (5.17, on GPU images) have only gradient_checkpointing_enable."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
 
 def backbone(model: nn.Module) -> nn.Module:
     """The decoder stack without the LM head (`model.model` for every family here): called with input_ids

@@ -215,10 +215,12 @@ def _device_is_cuda(cfg, gpu_bytes: int | None) -> bool:
     return device.startswith("cuda")
 
 
-def _parallel(section, world: int) -> str:
+def _parallel(section, world: int, torchrun: bool) -> str:
+    """none | ddp | fsdp, as distill.parallel.init_distributed decides: one process is unsharded, except
+    `distributed: fsdp` under torchrun, which runs FSDP2 over a world of 1."""
     mode = getattr(section, "distributed", "auto")
     if world <= 1:
-        return "none"
+        return "fsdp" if torchrun and mode == "fsdp" else "none"
     if mode == "auto":
         return "ddp"
     if mode == "none":
@@ -228,7 +230,7 @@ def _parallel(section, world: int) -> str:
     return mode
 
 
-def _train_settings(section, cfg, world: int, teacher: str) -> TrainSettings:
+def _train_settings(section, cfg, world: int, teacher: str, torchrun: bool = False) -> TrainSettings:
     from minitron.config import default_of
     from minitron.distill import DistillConfig
 
@@ -236,7 +238,7 @@ def _train_settings(section, cfg, world: int, teacher: str) -> TrainSettings:
         return getattr(section, name, default_of(DistillConfig, name))
 
     bf16 = get("autocast") == "bf16" or cfg.model.dtype in ("bfloat16", "bf16")
-    parallel = _parallel(section, world)
+    parallel = _parallel(section, world, torchrun)
     mode = ("bf16" if parallel == "fsdp" else "autocast") if bf16 else "fp32"
     return TrainSettings(batch_size=get("batch_size"), grad_accum=get("grad_accum"), seq_len=cfg.data.seq_len,
                          mode=mode, checkpointing=bool(get("grad_checkpointing")), world=world, parallel=parallel,
@@ -277,9 +279,11 @@ def resolve_shapes(cfg) -> dict:
             "student_from": how, "n_drop": teacher.layers - dims.layers}
 
 
-def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes: dict | None = None
-                 ) -> list[StageEstimate]:
-    """Every stage of `cfg` (a pipeline.RunConfig) on one of `world_size` GPUs, in pipeline order."""
+def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes: dict | None = None,
+                 torchrun: bool | None = None) -> list[StageEstimate]:
+    """Every stage of `cfg` (a pipeline.RunConfig) on one of `world_size` GPUs, in pipeline order. torchrun: the
+    run is launched by torchrun (None: this process is), which matters for `distributed: fsdp` on one GPU."""
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ if torchrun is None else torchrun
     shapes = shapes or resolve_shapes(cfg)
     T, S = shapes["teacher"], shapes["student"]
     cuda = _device_is_cuda(cfg, gpu_bytes)
@@ -288,7 +292,7 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
     out: list[StageEstimate] = []
 
     if cfg.correction.enabled:
-        ts = _train_settings(cfg.correction, cfg, world_size, "none")
+        ts = _train_settings(cfg.correction, cfg, world_size, "none", torchrun)
         out.append(load_estimate(train_estimate("correction", T, None, 0, ts, cuda), T,
                                  checkpoint_bytes(shapes["config"]), 0, ts, cuda))
     else:
@@ -314,7 +318,8 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
         note = f"largest candidate {S.params / 1e6:.4g}M"
         if cfg.search.train_tokens > 0:
             d = train_estimate("search", S, T, _teacher_bytes(cfg, cuda),
-                               _train_settings(cfg.distill, cfg, world_size, "topk" if cfg.distill.topk else "full"),
+                               _train_settings(cfg.distill, cfg, world_size, "topk" if cfg.distill.topk else "full",
+                                               torchrun),
                                cuda)
             d.terms = {"search's teacher + candidate": resident["teacher weights"]
                        + resident["candidate (pruned in place)"], **d.terms}
@@ -340,7 +345,7 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
     out.append(load_estimate(forward_estimate("prune", resident, trans, cuda, note), None, b,
                              sum(resident.values()), None, cuda))
 
-    ts = _train_settings(cfg.distill, cfg, world_size, "topk" if cfg.distill.topk else "full")
+    ts = _train_settings(cfg.distill, cfg, world_size, "topk" if cfg.distill.topk else "full", torchrun)
     teacher_bytes = _teacher_bytes(cfg, cuda)
     out.append(load_estimate(train_estimate("distill", S, T, teacher_bytes, ts, cuda), S, b,
                              weights(T.params, teacher_bytes), ts, cuda))

@@ -335,9 +335,10 @@ def _check_kept_kinds(config, kept_layers: list[int]) -> None:
 
 
 def choose_layers(scores: dict, n_layers: int, n_drop: int, target: Target,
-                  allowed: list[int] | None = None) -> tuple[list[int], dict]:
+                  allowed: list[int] | None = None, keep: int | None = None) -> tuple[list[int], dict]:
     """Layers to drop: the least important contiguous block (or scattered layers) by the layer metric;
-    with `allowed` (hybrid depth_types), the least important scattered layers among those indices."""
+    with `allowed` (hybrid depth_types), the least important scattered layers among those indices. `keep`: a layer
+    no choice may drop (arch.first_cache_layer); explicit drop_layers are the user's."""
     if n_drop == 0:
         return [], {}
     if target.drop_layers:
@@ -347,7 +348,7 @@ def choose_layers(scores: dict, n_layers: int, n_drop: int, target: Target,
         name = f"layer_{key}"
         if name not in scores:
             raise PlanError(f"scores hold no {name}; rerun importance with --layer-metric {target.layer_metric}")
-        order = sorted(allowed, key=lambda i: float(scores[name][i]))
+        order = sorted((i for i in allowed if i != keep), key=lambda i: float(scores[name][i]))
         return sorted(order[:n_drop]), {"how": f"scattered layers of kinds {target.depth_types} by "
                                                f"{target.layer_metric}", "layer_scores": scores[name].tolist()}
     if target.contiguous:
@@ -356,13 +357,19 @@ def choose_layers(scores: dict, n_layers: int, n_drop: int, target: Target,
             raise PlanError(f"scores hold no {name}: rerun importance with the {target.layer_metric} metric for "
                             f"blocks of {n_drop} layers (prune computes it when --layers is given), or use "
                             "--layer-metric bi")
-        start = int(torch.argmin(scores[name]))
+        block = scores[name].float().clone()                                        # [L - n_drop + 1]
+        if keep is not None:  # no block that covers it
+            block[max(0, keep - n_drop + 1):keep + 1] = float("inf")
+        start = int(torch.argmin(block))
         return list(range(start, start + n_drop)), {"how": f"contiguous block by {target.layer_metric}",
                                                      "block_scores": scores[name].tolist()}
     name = f"layer_{key}"
     if name not in scores:
         raise PlanError(f"scores hold no {name}; rerun importance with --layer-metric {target.layer_metric}")
-    drop = torch.argsort(scores[name])[:n_drop].sort().values.tolist()
+    layer = scores[name].float().clone()                                            # [L]
+    if keep is not None:
+        layer[keep] = float("inf")
+    drop = torch.argsort(layer)[:n_drop].sort().values.tolist()
     return drop, {"how": f"scattered layers by {target.layer_metric}", "layer_scores": scores[name].tolist()}
 
 
@@ -377,7 +384,8 @@ def make_plan(config, scores: dict[str, torch.Tensor], target: Target) -> PruneP
     if target.depth_types is not None:  # hybrid: drop only layers of these kinds
         kinds = {arch.kind_name(config, k) for k in target.depth_types}
         allowed = [i for i, k in enumerate(arch.layer_kinds(config)) if k in kinds]
-    dropped, layer_choice = choose_layers(scores, src.layers, src.layers - dims.layers, target, allowed)
+    dropped, layer_choice = choose_layers(scores, src.layers, src.layers - dims.layers, target, allowed,
+                                          arch.first_cache_layer(config))
     kept_layers = [i for i in range(src.layers) if i not in set(dropped)]
     _check_kept_kinds(config, kept_layers)
     group, new_group = (src.heads // src.kv_heads, dims.heads // dims.kv_heads) if src.heads else (0, 0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from minitron.arch import dims_of
+from minitron.arch import dims_of, enable_checkpointing
 from minitron.data import DataError, corpus_blocks, load_splits, report_blocks, resolve_source
 from minitron.distill.checkpoint import full_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from minitron.distill.config import (
@@ -153,12 +153,8 @@ def distill(cfg: DistillConfig) -> Path:
         t_tap = LayerTap(teacher, layer_map)
     module = Student(student_model, dims_of(teacher.config).hidden if teacher is not None else None,
                      layer_map, cfg.hidden_loss)
-    if cfg.grad_checkpointing:  # activation_checkpointing_enable is transformers' newer name (not in 5.17)
-        enable = getattr(student_model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            student_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_checkpointing:
+        enable_checkpointing(student_model)
     module.train()
     if d.mode == "fsdp":
         built = real_state(module)  # the projection (seeded alike on every rank) and the buffers
