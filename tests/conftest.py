@@ -10,6 +10,10 @@ from minitron.tiny import make_config, make_model, make_text, make_tokenizer  # 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never reaches for the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: each worker takes its share of the cores
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "nemotron"]
 

@@ -380,34 +380,20 @@ def test_collectives_refuse_tensors_off_the_training_device():
     assert d.sum(d.tensor([1.0, 2.0])).device.type == "meta"
 
 
-RECORD_SCRIPT = """
-import json, sys
-import torch, torch.distributed as dist
-from minitron.distill import DistillConfig, distill
-seen = []
-def recording(name, fn):
-    def call(tensor, *a, **k):
-        tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
-        seen.extend((name, str(t.device)) for t in tensors if isinstance(t, torch.Tensor))
-        return fn(tensor, *a, **k)
-    return call
-for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"):
-    setattr(dist, name, recording(name, getattr(dist, name)))
-cfg = DistillConfig(**json.loads(sys.argv[1]))
-distill(cfg)
-json.dump(seen, open(sys.argv[2] + f".{dist.get_rank() if dist.is_initialized() else 0}", "w"))
-"""
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_every_collective_runs_on_the_training_device(pair, tmp_path, mode):
-    """2 gloo ranks record the device of every tensor handed to a collective: all on the training device."""
+    """2 gloo ranks under the collective audit (minitron.audit): every tensor, object transport and barrier of every
+    collective (DDP's and FSDP2's inside torch, DCP's, DTensor's included) is on the training device."""
     cfg = cfg_for(pair, tmp_path / mode, steps=2, batch_size=2, eval_every=1, distributed=mode, device="cpu")
-    (tmp_path / "rec.py").write_text(RECORD_SCRIPT)
+    (tmp_path / "run.py").write_text(DIST_SCRIPT)
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run([*torchrun, str(tmp_path / "rec.py"), json.dumps(cfg.__dict__), str(tmp_path / "seen")],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*torchrun, str(tmp_path / "run.py"), json.dumps(cfg.__dict__)], capture_output=True,
+                          env={**ENV, "MINITRON_AUDIT_COLLECTIVES": str(tmp_path / "audit")}, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
-        seen = json.loads((tmp_path / f"seen.{rank}").read_text())
-        assert {name for name, _ in seen} >= {"all_reduce"} and {dev for _, dev in seen} == {"cpu"}
+        rec = json.loads((tmp_path / f"audit.rank{rank}.json").read_text())
+        ops = {c["op"] for c in rec["calls"]}
+        assert rec["device"] == "cpu" and rec["violations"] == []
+        # DDP's bucketed gradient all-reduce runs in its C++ reducer, on the parameters' device; FSDP2's are seen
+        assert {"all_reduce", "barrier"} <= ops and (mode == "ddp" or {"broadcast_object_list", "reduce_scatter_single",
+                                                                        "all_gather_single"} <= ops), ops

@@ -10,7 +10,9 @@ were off the expected device, with the minitron line that led to them.
     MINITRON_AUDIT_COLLECTIVES=/tmp/audit torchrun ... minitron run recipe.yaml
     # each rank writes /tmp/audit.rank<r>.json: {"device": ..., "calls": [...], "violations": [...]}
 
-ranks.join installs it when that variable is set; tests and benchmarks/gpu_check.py read the files.
+ranks.join installs it when that variable is set; tests and benchmarks/gpu_check.py read the files. It sees the
+calls made through Python; DDP's bucketed gradient all-reduce runs inside its C++ reducer (on the buckets, which
+live on the parameters' device) and is not recorded.
 """
 
 from __future__ import annotations
