@@ -659,6 +659,30 @@ def without_layers(model: nn.Module, drop: list[int]):
 
 # ---- output head: hidden states -> logits, as the family's CausalLM forward computes them -----------
 
+# ---- slicing (shared by dense, MoE and Mamba trimming) -----------------------------------------------
+
+def slice_linear(lin: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> None:
+    """Keep rows out_idx and columns in_idx of a Linear (and its bias rows), in place."""
+    w = lin.weight.data  # [out, in]
+    if out_idx is not None:
+        w = w.index_select(0, out_idx.to(w.device))
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias.data.index_select(0, out_idx.to(w.device)).clone())
+    if in_idx is not None:
+        w = w.index_select(1, in_idx.to(w.device))
+    lin.weight = nn.Parameter(w.clone())
+    lin.out_features, lin.in_features = w.shape
+
+
+def slice_norm(norm: nn.Module, idx: torch.Tensor) -> None:
+    """Keep channels idx of a norm's weight (and bias, for LayerNorm), in place."""
+    norm.weight = nn.Parameter(norm.weight.data.index_select(0, idx.to(norm.weight.device)).clone())
+    if isinstance(norm, nn.LayerNorm):
+        if norm.bias is not None:
+            norm.bias = nn.Parameter(norm.bias.data.index_select(0, idx.to(norm.bias.device)).clone())
+        norm.normalized_shape = (len(idx),)
+
+
 def enable_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing of every decoder layer (non-reentrant). transformers >= 5.2x names it
     activation_checkpointing_enable (gradient_checkpointing_enable is its deprecated alias, to go in v6); earlier

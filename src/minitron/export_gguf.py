@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from minitron import arch as A
+from minitron.files import quiet_stderr
 from minitron.gguf_families import GGUFExportError, GGUFFamily, _rope_params, resolve_family
 from minitron.gguf_hparams import Provenance, _write_rope_scaling, write_general, write_hparams
 from minitron.gguf_ssm import _check_ssm
@@ -264,9 +265,7 @@ def _export_llama_cpp_quant(model, tokenizer, path: Path, qtype: str, prov: Prov
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = LLAMA_CPP_TYPES[qtype]
         params.nthread = os.cpu_count() or 1
-        from minitron.gguf_runtime import _quiet
-
-        with _quiet():                                   # llama.cpp logs every tensor on stderr
+        with quiet_stderr():                                   # llama.cpp logs every tensor on stderr
             rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise GGUFExportError(f"llama.cpp's quantizer could not write {qtype} (return code {rc})")

@@ -93,3 +93,16 @@ def atomic_dir(out: Path):
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence C-level log lines on stderr (llama.cpp logs every tensor it loads or quantizes) for the block."""
+    fd = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)

@@ -9,11 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from minitron import arch as A
-
-
-class GGUFExportError(ValueError):
-    """The model, its tokenizer or the requested type cannot be written as GGUF; the message says the fix."""
-
+from minitron.gguf_tokenizer import GGUFExportError  # noqa: F401 (raised by every export module)
 
 # ---- one table of llama.cpp facts per family ---------------------------------------------------------------
 

@@ -8,13 +8,14 @@ the export stage of `minitron run` (export.gguf_speed).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
 from pathlib import Path
 
 import numpy as np
+
+from minitron.files import quiet_stderr
 
 
 class RuntimeMissing(ValueError):
@@ -32,19 +33,6 @@ def llama_cpp():
     return lc
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Silence llama.cpp's C-level log lines on stderr while a model loads."""
-    fd = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(fd, 2)
-            os.close(fd)
-
-
 def load(path: str | os.PathLike, n_ctx: int = 512, logits_all: bool = False, threads: int | None = None,
          kv_f32: bool = False):
     """A llama_cpp.Llama on the CPU (n_batch = n_ctx: a whole window is one batch). llama.cpp keeps its KV cache
@@ -54,7 +42,7 @@ def load(path: str | os.PathLike, n_ctx: int = 512, logits_all: bool = False, th
         raise FileNotFoundError(f"GGUF file {path} does not exist")
     threads = threads or os.cpu_count() or 1
     kv = {"type_k": lc.GGML_TYPE_F32, "type_v": lc.GGML_TYPE_F32} if kv_f32 else {}
-    with _quiet():
+    with quiet_stderr():
         return lc.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
                         n_threads=threads, n_threads_batch=threads, seed=0, verbose=False, **kv)
 

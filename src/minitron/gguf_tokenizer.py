@@ -17,7 +17,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from minitron.gguf_families import GGUFExportError
+
+class GGUFExportError(ValueError):
+    """The model, its tokenizer or the requested type cannot be written as GGUF; the message says the fix.
+    (Defined here, the lowest module that raises it; minitron.gguf_families re-exports it.)"""
+
 
 _GPT2_SPLIT = None  # the ByteLevel pre-tokenizer's own regex (GPT-2's)
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"

@@ -97,7 +97,6 @@ def slice_mixer(model: nn.Module, layer: nn.Module, hidden: torch.Tensor, heads:
     mixer, in place: in_proj rows of z, x (kept inner channels) and dt (kept heads), B and C whole, columns of
     hidden; conv1d channels of x (B, C whole); A_log, D, dt_bias; the gated norm; out_proj. Widths are fixed by
     arch.set_mamba_widths."""
-    from minitron.prune import slice_linear
 
     p = arch.mamba_parts(model, layer)
     H, P = src.mamba_heads, src.mamba_head_dim
@@ -106,7 +105,7 @@ def slice_mixer(model: nn.Module, layer: nn.Module, hidden: torch.Tensor, heads:
     head_idx = torch.tensor(heads)  # [H']
     bc_idx = torch.arange(bc)  # [2GN]
     rows = torch.cat([keep, inner + keep, 2 * inner + bc_idx, 2 * inner + bc + head_idx])  # z | x | B, C | dt
-    slice_linear(p.in_proj, out_idx=rows, in_idx=hidden)
+    arch.slice_linear(p.in_proj, out_idx=rows, in_idx=hidden)
     conv = torch.cat([keep, inner + bc_idx])  # x | B, C
     w = p.conv1d.weight.data  # [I + 2GN, 1, K]
     p.conv1d.weight = nn.Parameter(w.index_select(0, conv.to(w.device)).clone())
@@ -116,7 +115,7 @@ def slice_mixer(model: nn.Module, layer: nn.Module, hidden: torch.Tensor, heads:
         t = getattr(p.mixer, name).data  # [H]
         setattr(p.mixer, name, nn.Parameter(t.index_select(0, head_idx.to(t.device)).clone()))
     p.norm.weight = nn.Parameter(p.norm.weight.data.index_select(0, keep.to(p.norm.weight.device)).clone())
-    slice_linear(p.out_proj, out_idx=hidden, in_idx=keep)
+    arch.slice_linear(p.out_proj, out_idx=hidden, in_idx=keep)
 
 
 # ---- importance hooks ------------------------------------------------------------------------------

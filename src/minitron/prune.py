@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minitron import arch
+from minitron.arch import slice_linear, slice_norm  # the slicing helpers (also importable from here)
 from minitron.data import calibration_sample, load_splits, report_blocks, resolve_source, selection_blocks
 from minitron.files import atomic_dir
 from minitron.importance import (
@@ -34,28 +35,6 @@ from minitron.report import plot_blocks, plot_importance
 def _rows(units: list[int], size: int) -> torch.Tensor:
     """Indices of the rows of `size` channels each that belong to the kept units (heads) -> [len(units)*size]."""
     return (torch.tensor(units)[:, None] * size + torch.arange(size)[None, :]).flatten()  # [U, D] -> [U*D]
-
-
-def slice_linear(lin: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> None:
-    """Keep rows out_idx and columns in_idx of a Linear (and its bias rows), in place."""
-    w = lin.weight.data  # [out, in]
-    if out_idx is not None:
-        w = w.index_select(0, out_idx.to(w.device))
-        if lin.bias is not None:
-            lin.bias = nn.Parameter(lin.bias.data.index_select(0, out_idx.to(w.device)).clone())
-    if in_idx is not None:
-        w = w.index_select(1, in_idx.to(w.device))
-    lin.weight = nn.Parameter(w.clone())
-    lin.out_features, lin.in_features = w.shape
-
-
-def slice_norm(norm: nn.Module, idx: torch.Tensor) -> None:
-    """Keep channels idx of a norm's weight (and bias, for LayerNorm), in place."""
-    norm.weight = nn.Parameter(norm.weight.data.index_select(0, idx.to(norm.weight.device)).clone())
-    if isinstance(norm, nn.LayerNorm):
-        if norm.bias is not None:
-            norm.bias = nn.Parameter(norm.bias.data.index_select(0, idx.to(norm.bias.device)).clone())
-        norm.normalized_shape = (len(idx),)
 
 
 @torch.no_grad()
