@@ -10,99 +10,29 @@ Reading and tokenizing live in minitron.store (a token store, built once per cor
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from minitron.models import cache_dir
-
-TEXT_SUFFIXES = {".txt", ".rst", ".md", ".raw", ".text", ".tex", ".html", ".py"}
-DEFAULT_CORPUS = "default"
-# Debian packages whose reST/text sources form the default corpus (installed with apt-get download + dpkg -x).
-DEFAULT_CORPUS_PACKAGES = ("python3.11-doc",)
-
-
-class DataError(ValueError):
-    """A corpus is missing, empty or too short; the message says how to fix it."""
-
-
-def data_dir(override: str | os.PathLike | None = None) -> Path | None:
-    """Folder laid out like shared/data: the override, else $MINITRON_DATA_DIR, else None."""
-    value = override or os.environ.get("MINITRON_DATA_DIR")
-    return Path(value).expanduser() if value else None
-
-
-def default_corpus_dir() -> Path:
-    return cache_dir() / "corpus" / "python-docs"
-
-
-def fetch_default_corpus(force: bool = False) -> Path:
-    """Install the default corpus offline: `apt-get download` the Debian doc packages, `dpkg -x` them
-    into the cache (no change to the system), keep their .txt/.rst sources. Idempotent."""
-    out = default_corpus_dir()
-    if (out / ".complete").is_file() and not force:
-        return out
-    work = Path(tempfile.mkdtemp(prefix="minitron-corpus-"))
-    try:
-        for pkg in DEFAULT_CORPUS_PACKAGES:
-            subprocess.run(["apt-get", "download", pkg], cwd=work, check=True, capture_output=True)
-        debs = sorted(work.glob("*.deb"))
-        if not debs:
-            raise DataError("apt-get download fetched no package; is the Debian registry reachable?")
-        root = work / "root"
-        for deb in debs:
-            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True, capture_output=True)
-        tmp_out = work / "corpus"
-        for src in sorted(root.rglob("*")):
-            # python3.11-doc ships the reST sources as _sources/**/*.rst.txt
-            if src.is_file() and src.name.endswith((".rst.txt", ".txt", ".rst")) and "_sources" in src.parts:
-                dst = tmp_out / src.relative_to(root)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
-        if not tmp_out.exists():
-            raise DataError(f"the packages {DEFAULT_CORPUS_PACKAGES} held no reST sources")
-        (tmp_out / ".complete").write_text("\n".join(d.name for d in debs) + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.move(str(tmp_out), str(out))
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise DataError(f"could not install the default corpus ({e}); run scripts/setup.sh, or pass "
-                        "--data with a text file or folder of your own") from e
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
-
-
-def resolve_source(source: str, data_root: str | os.PathLike | None = None) -> Path | str:
-    """Map a --data value to a local path (checked) or, failing that, a `datasets` name."""
-    if source == DEFAULT_CORPUS:
-        path = default_corpus_dir()
-        if not (path / ".complete").is_file():
-            raise DataError(f"the default corpus is not installed in {path}; run scripts/setup.sh "
-                            "(or `minitron fetch-data`), or pass --data PATH")
-        return path
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    root = data_dir(data_root)
-    if root is not None and (root / source).exists():
-        return root / source
-    if source.startswith(("/", "./", "../", "~")) or path.suffix in TEXT_SUFFIXES | {".jsonl", ".parquet", ".json", ".arrow"}:
-        raise DataError(f"corpus {source!r} does not exist (nor under the data dir {root}); check the path given "
-                        "to --data / --calib-data / data.corpus")
-    return source
+# where a corpus is (and its errors) lives in minitron.store_sources, the splits in minitron.store_blocks: both
+# importable from here as before
+from minitron.store_blocks import Splits, split_order  # noqa: E402,F401
+from minitron.store_sources import (  # noqa: E402,F401
+    DEFAULT_CORPUS,
+    DEFAULT_CORPUS_PACKAGES,
+    TEXT_SUFFIXES,
+    DataError,
+    Source,
+    data_dir,
+    default_corpus_dir,
+    fetch_default_corpus,
+    read_documents,
+    resolve_source,
+)
 
 
 def read_texts(source: str, data_root: str | os.PathLike | None = None, field: str = "text") -> list[str]:
     """Read the non-blank documents of a file, folder, glob, data-dir name, `default`, saved dataset or
     `datasets` name (`name` or `name:split`) into a list (minitron.store reads the same documents, streamed)."""
-    from minitron.store_sources import Source, read_documents
-
     return read_documents(Source(source, field=field), data_root)
 
 
@@ -137,24 +67,6 @@ def pack(docs: list[str], tokenizer, seq_len: int, max_blocks: int | None = None
         raise DataError(f"corpus too short: {len(ids)} tokens do not fill one block of {seq_len}; "
                         "give more text or a smaller --seq-len")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # [N, T]
-
-
-@dataclass
-class Splits:
-    """Packed blocks split deterministically: train [N_train, T], validation [N_val, T]."""
-
-    train: torch.Tensor                   # or a minitron.store_blocks.BlockView (load_splits(lazy=True)): same rows
-    validation: torch.Tensor              # likewise; selection_blocks / report_blocks give tensors of either
-    blend: dict | None = None             # a blend corpus: the blend drawn (store.write_blend's json), for the report
-
-
-def split_order(n: int, val_fraction: float = 0.05, seed: int = 0, min_val: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train block indices, validation block indices) of split_blocks for n blocks, in their seeded order."""
-    n_val = max(min_val, int(round(n * val_fraction)))
-    if n_val >= n:
-        raise DataError(f"corpus too short: {n} blocks cannot give {n_val} validation blocks and a train split")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[order < n - n_val], order[order >= n - n_val]
 
 
 def split_blocks(blocks: torch.Tensor, val_fraction: float = 0.05, seed: int = 0, min_val: int = 1) -> Splits:

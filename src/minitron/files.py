@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -106,3 +108,14 @@ def quiet_stderr():
         finally:
             os.dup2(fd, 2)
             os.close(fd)
+
+
+def digest(obj) -> str:
+    """SHA-256 (hex) of a JSON-able object, keys sorted."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stat_identity(path: Path) -> list:
+    """A file's cheap identity: [size, mtime in ns]."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]

@@ -23,20 +23,12 @@ import json
 import os
 from pathlib import Path
 
+from minitron.files import digest, stat_identity  # noqa: F401 (digest: importable from here as before)
+
 RECORD = "stage.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 HASHED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja")
-
-
-def digest(obj) -> str:
-    """SHA-256 (hex) of a JSON-able object, keys sorted."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _stat(path: Path) -> list:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
 
 
 def dir_identity(path: Path) -> dict:
@@ -51,7 +43,7 @@ def dir_identity(path: Path) -> dict:
         if p.name in HASHED_FILES:
             files[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
         elif p.is_file() and p.name.endswith(WEIGHT_SUFFIXES):
-            files[p.name] = _stat(p)
+            files[p.name] = stat_identity(p)
     return {"files": digest(files)}
 
 
@@ -73,8 +65,7 @@ def content_id(identity: dict) -> str:
 def corpus_identity(source: str, data_root: str | os.PathLike | None = None) -> dict:
     """A corpus (see minitron.data.resolve_source): every file's relative path, size and mtime; a token store
     (`minitron data --out`) by its fingerprint (its source's identity, tokenizer, dtype and bad-bytes policy)."""
-    from minitron.data import resolve_source
-    from minitron.store_sources import store_meta
+    from minitron.store_sources import resolve_source, store_meta
 
     path = resolve_source(source, data_root)
     if isinstance(path, str):
@@ -83,7 +74,7 @@ def corpus_identity(source: str, data_root: str | os.PathLike | None = None) -> 
     if meta is not None:
         return {"corpus": source, "store": meta["fingerprint"]}
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    listing = [[str(p.relative_to(path)) if p != path else p.name, *_stat(p)] for p in files]
+    listing = [[str(p.relative_to(path)) if p != path else p.name, *stat_identity(p)] for p in files]
     return {"corpus": source, "files": len(listing), "digest": digest(listing)}
 
 

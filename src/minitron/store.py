@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minitron.data import DataError
-from minitron.fingerprint import digest
-from minitron.store_sources import Source, Stats, iter_documents, resolve, source_identity
+from minitron.files import digest
+from minitron.store_sources import DataError, Source, Stats, iter_documents, resolve, source_identity
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from minitron.data import DataError
-from minitron.fingerprint import digest
+from minitron.files import digest
 from minitron.store import Store, ensure_store, write_json
 from minitron.store_blocks import n_blocks, stream_blocks
-from minitron.store_sources import Source, source_identity
+from minitron.store_sources import DataError, Source, source_identity
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minitron.data import DataError
 from minitron.store import Store
+from minitron.store_sources import DataError
+
+
+@dataclass
+class Splits:
+    """Packed blocks split deterministically: train [N_train, T], validation [N_val, T]."""
+
+    train: torch.Tensor                   # or a minitron.store_blocks.BlockView (load_splits(lazy=True)): same rows
+    validation: torch.Tensor              # likewise; selection_blocks / report_blocks give tensors of either
+    blend: dict | None = None             # a blend corpus: the blend drawn (store.write_blend's json), for the report
+
+
+def split_order(n: int, val_fraction: float = 0.05, seed: int = 0, min_val: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train block indices, validation block indices) of split_blocks for n blocks, in their seeded order."""
+    n_val = max(min_val, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise DataError(f"corpus too short: {n} blocks cannot give {n_val} validation blocks and a train split")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[order < n - n_val], order[order >= n - n_val]
 
 
 @functools.lru_cache(maxsize=8)
@@ -93,7 +111,6 @@ def store_splits(store: Store, seq_len: int, val_fraction: float = 0.05, seed: i
     """data.split_blocks of the first max_blocks blocks without reading them: train and validation are
     BlockViews [N_train, T] / [N_val, T] with the rows, in the order, split_blocks gives (data.selection_blocks
     and data.report_blocks then read only the blocks they return)."""
-    from minitron.data import Splits, split_order
 
     n = n_blocks(store, seq_len) if max_blocks is None else min(max_blocks, n_blocks(store, seq_len))
     train_order, val_order = split_order(n, val_fraction, seed)

@@ -14,12 +14,93 @@ import glob
 import json
 import logging
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minitron.data import TEXT_SUFFIXES, DataError
-from minitron.fingerprint import _stat, digest
+from minitron.files import digest, stat_identity
+from minitron.models import cache_dir
+
+TEXT_SUFFIXES = {".txt", ".rst", ".md", ".raw", ".text", ".tex", ".html", ".py"}
+DEFAULT_CORPUS = "default"
+# Debian packages whose reST/text sources form the default corpus (installed with apt-get download + dpkg -x).
+DEFAULT_CORPUS_PACKAGES = ("python3.11-doc",)
+
+
+class DataError(ValueError):
+    """A corpus is missing, empty or too short; the message says how to fix it."""
+
+
+def data_dir(override: str | os.PathLike | None = None) -> Path | None:
+    """Folder laid out like shared/data: the override, else $MINITRON_DATA_DIR, else None."""
+    value = override or os.environ.get("MINITRON_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def default_corpus_dir() -> Path:
+    return cache_dir() / "corpus" / "python-docs"
+
+
+def fetch_default_corpus(force: bool = False) -> Path:
+    """Install the default corpus offline: `apt-get download` the Debian doc packages, `dpkg -x` them
+    into the cache (no change to the system), keep their .txt/.rst sources. Idempotent."""
+    out = default_corpus_dir()
+    if (out / ".complete").is_file() and not force:
+        return out
+    work = Path(tempfile.mkdtemp(prefix="minitron-corpus-"))
+    try:
+        for pkg in DEFAULT_CORPUS_PACKAGES:
+            subprocess.run(["apt-get", "download", pkg], cwd=work, check=True, capture_output=True)
+        debs = sorted(work.glob("*.deb"))
+        if not debs:
+            raise DataError("apt-get download fetched no package; is the Debian registry reachable?")
+        root = work / "root"
+        for deb in debs:
+            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True, capture_output=True)
+        tmp_out = work / "corpus"
+        for src in sorted(root.rglob("*")):
+            # python3.11-doc ships the reST sources as _sources/**/*.rst.txt
+            if src.is_file() and src.name.endswith((".rst.txt", ".txt", ".rst")) and "_sources" in src.parts:
+                dst = tmp_out / src.relative_to(root)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+        if not tmp_out.exists():
+            raise DataError(f"the packages {DEFAULT_CORPUS_PACKAGES} held no reST sources")
+        (tmp_out / ".complete").write_text("\n".join(d.name for d in debs) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.move(str(tmp_out), str(out))
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise DataError(f"could not install the default corpus ({e}); run scripts/setup.sh, or pass "
+                        "--data with a text file or folder of your own") from e
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def resolve_source(source: str, data_root: str | os.PathLike | None = None) -> Path | str:
+    """Map a --data value to a local path (checked) or, failing that, a `datasets` name."""
+    if source == DEFAULT_CORPUS:
+        path = default_corpus_dir()
+        if not (path / ".complete").is_file():
+            raise DataError(f"the default corpus is not installed in {path}; run scripts/setup.sh "
+                            "(or `minitron fetch-data`), or pass --data PATH")
+        return path
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    root = data_dir(data_root)
+    if root is not None and (root / source).exists():
+        return root / source
+    if source.startswith(("/", "./", "../", "~")) or path.suffix in TEXT_SUFFIXES | {".jsonl", ".parquet", ".json", ".arrow"}:
+        raise DataError(f"corpus {source!r} does not exist (nor under the data dir {root}); check the path given "
+                        "to --data / --calib-data / data.corpus")
+    return source
+
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +178,6 @@ def store_meta(path: str | os.PathLike) -> dict | None:
 def resolve(source: Source, data_root: str | os.PathLike | None = None) -> tuple[str, object]:
     """-> ("files", [Path, ...]) | ("saved", Path) | ("store", Path: a token store) | ("hub", name). Raises
     DataError for a missing path."""
-    from minitron.data import resolve_source
 
     if _is_glob(source.path):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source.path), recursive=True))
@@ -128,7 +208,7 @@ def source_identity(source: Source, data_root: str | os.PathLike | None = None) 
         return {**ident, "dataset": where, "config": source.config, "split": source.split}
     files = sorted(p for p in Path(where).rglob("*") if p.is_file()) if kind == "saved" else where
     root = Path(where) if kind == "saved" else None
-    listing = [[str(p.relative_to(root)) if root else str(p), *_stat(p)] for p in files]
+    listing = [[str(p.relative_to(root)) if root else str(p), *stat_identity(p)] for p in files]
     if kind == "saved":
         ident["split"] = source.split
     return {**ident, "files": len(listing), "digest": digest(listing)}
