@@ -6,7 +6,7 @@
 
 Every arm goes through the product's code: `minitron.prune.prune` (same plan JSON, same trimming),
 `minitron.distill.distill` (same data blocks, tokens, learning rate, seed, and one teacher top-k cache
-built once), `minitron.evaluate.evaluate`. Arms (names for --arms):
+built once), `minitron.eval.harness.evaluate`. Arms (names for --arms):
 
   minitron            activation importance, width (the budget's default: heads and depth kept, the hidden/MLP
                       split with the lowest held-out loss after pruning), forward KL; the other width arms
@@ -42,14 +42,14 @@ from pathlib import Path
 import torch
 
 from minitron import arch
+from minitron.arch.files import atomic_dir
+from minitron.arch.models import load_model, resolve_model_path
 from minitron.data import load_splits
 from minitron.distill import DistillConfig, can_resume, distill, read_metrics
-from minitron.evaluate import evaluate
-from minitron.files import atomic_dir
-from minitron.importance import layer_task_accuracy
-from minitron.models import load_model, resolve_model_path
-from minitron.plan import Target, config_with_dims, count_params
+from minitron.eval.harness import evaluate
 from minitron.prune import PruneConfig, prune
+from minitron.prune.importance import layer_task_accuracy
+from minitron.prune.plan import Target, config_with_dims, count_params
 
 TRAINED_ARMS = ("minitron", "random_init", "random", "magnitude", "taylor", "lm_only", "depth_lm_block",
                 "depth_bi_scattered", "corrected", "iterative", "full_logits", "kd_plus_lm")
@@ -112,7 +112,7 @@ PRESETS = {
 
 def make_smoke_inputs(p: Preset, out: Path) -> Preset:
     """A tiny random Llama teacher (4 layers, hidden 64), a pseudo-text corpus, targets at half size."""
-    from minitron.tiny import make_model, make_text, make_tokenizer
+    from minitron.arch.tiny import make_model, make_text, make_tokenizer
 
     teacher, corpus = out / "smoke_teacher", out / "smoke_corpus"
     if not (teacher / "config.json").is_file():
@@ -194,8 +194,8 @@ def curve(metrics_dir: Path, offset: int = 0) -> list[dict]:
 def val_loss(p: Preset, model_dir: Path | str) -> float:
     """LM loss on the validation blocks that every distillation evaluates on (the report half of the same
     split, same count: minitron.data.report_blocks)."""
+    from minitron.arch.models import lm_loss
     from minitron.data import report_blocks
-    from minitron.models import lm_loss
 
     model, tok = load_model(str(model_dir), p.device)
     val = load_splits(p.corpus, tok, p.seq_len, p.val_fraction, 0, p.max_blocks, p.data_dir).validation
@@ -328,7 +328,7 @@ def run_depth_curves(p: Preset, out: Path) -> dict:
     """Per removed contiguous block (1 layer and the depth arm's size): LM-loss increase and BI; the task drop
     for blocks of the depth arm's size only (the second paper's Fig. 9; single layers would cost L more task
     evaluations of the teacher, ~25 minutes on the cpu preset)."""
-    from minitron.importance import load_scores
+    from minitron.prune.importance import load_scores
 
     scores = load_scores(shared_scores(p, out))[0]
     n = arch.dims_of(model_config(p.teacher)).layers - depth_target(p, "lm-loss", True).layers

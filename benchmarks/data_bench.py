@@ -1,5 +1,5 @@
 """Old data path (data.read_texts + data.pack: Python lists, one document per tokenizer call) vs the token store
-(minitron.store: batches, worker processes, streamed to a memory-mapped file) on the default corpus repeated to
+(minitron.data.store: batches, worker processes, streamed to a memory-mapped file) on the default corpus repeated to
 10M and 100M tokens: tokens/s and peak RSS (VmHWM), each case in a fresh child process.
 
     .venv/bin/python benchmarks/data_bench.py [--sizes 10M,100M] [--num-proc 2] [--tokenizer default]
@@ -31,7 +31,7 @@ def vm_hwm_mib() -> float:
 def make_corpus(root: Path, copies: int) -> Path:
     """`copies` folders of symlinks to every file of the default corpus."""
     from minitron.data import default_corpus_dir
-    from minitron.store_sources import Source, resolve
+    from minitron.data.sources import Source, resolve
 
     files = resolve(Source("default"))[1]
     base = default_corpus_dir()
@@ -45,8 +45,8 @@ def make_corpus(root: Path, copies: int) -> Path:
 
 def child(case: str, corpus: str, tokenizer: str, num_proc: int, seq_len: int, work: str) -> dict:
     from minitron.data import pack, read_texts
-    from minitron.store import ensure_store, load_tokenizer
-    from minitron.store_blocks import rank_blocks
+    from minitron.data.blocks import rank_blocks
+    from minitron.data.store import ensure_store, load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ Each mode runs in its own fresh process (so peak memory is its own) on the same 
 batch: warm-up step(s), then timed steps (teacher forward + student forward/backward + AdamW step;
 the top-k mode reads precomputed teacher top-k instead of running the teacher).
 
-  (a) ours    chunked loss (minitron.losses): logits projected chunk by chunk, never [B, T, V]
+  (a) ours    chunked loss (minitron.distill.losses): logits projected chunk by chunk, never [B, T, V]
   (a+ckpt)    the same with activation checkpointing of the student
   (b) naive   teacher and student full-vocab fp32 logits [B, T, V], log_softmax, KL, backward
   (c) top-k   ours with the teacher's top-k log-probs (k = --k) read from memory, no teacher forward
@@ -78,7 +78,7 @@ def slice_student(teacher: nn.Module, n_layers: int) -> nn.Module:
 
 
 def load_pair(args, device):
-    from minitron.models import load_model
+    from minitron.arch.models import load_model
 
     teacher = load_model(args.teacher, device, args.dtype, with_tokenizer=False)[0].requires_grad_(False).eval()
     if args.student.startswith("slice:"):
@@ -90,8 +90,8 @@ def load_pair(args, device):
 
 def run_mode(args) -> dict:
     from minitron.distill import Student, teacher_pass
-    from minitron.losses import LossConfig
-    from minitron.topk_cache import teacher_topk
+    from minitron.distill.losses import LossConfig
+    from minitron.distill.topk_cache import teacher_topk
 
     torch.manual_seed(0)
     device = torch.device(args.device)

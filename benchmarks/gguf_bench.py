@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from minitron import gguf_runtime as R
-from minitron.evaluate import wikitext_ids, windowed_perplexity
-from minitron.export_gguf import export_gguf, gguf_file_name
-from minitron.models import default_model_dir, load_model
+from minitron.arch.models import default_model_dir, load_model
+from minitron.eval.harness import wikitext_ids, windowed_perplexity
+from minitron.export import runtime as R
+from minitron.export.gguf import export_gguf, gguf_file_name
 
 PRUNE = ["prune", "--model", "default", "--params", "70M", "--calib-samples", "16", "--heldout-samples", "4"]
 

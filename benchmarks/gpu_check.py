@@ -20,8 +20,8 @@ skipped as up to date, exactly as a rerun of `minitron run` skips them):
 
 Each process writes its peak at exit (CUDA: torch.cuda.max_memory_allocated; CPU: VmHWM minus the resident set
 after imports, with glibc's mmap threshold fixed as in memory_bench) and, under MINITRON_AUDIT_COLLECTIVES, every
-collective it made (minitron.audit). The killed process writes both just before it waits to be killed. The
-estimate is minitron.estimate's stage estimate for the recipe: distill as FSDP2 over 1 rank (what torchrun with
+collective it made (minitron.arch.audit). The killed process writes both just before it waits to be killed. The
+estimate is minitron.pipeline.estimate's stage estimate for the recipe: distill as FSDP2 over 1 rank (what torchrun with
 one process runs), and on CUDA the larger of the stage's steady state and its loading peak, without the CUDA
 context term (max_memory_allocated does not see the context).
 
@@ -58,7 +58,7 @@ WORK = Path(os.environ.get("GPU_CHECK_DIR", "/tmp/minitron_gpu_check"))
 # The two sizes of the check. The recipe is recipes/gpu-8b.yaml with these sizes (its distill settings, the ones
 # under test, taken as they are); the corpus gives `train_blocks` + ~10% validation blocks. Reduced mode leaves out
 # eval's speed task: bf16 decoding on a CPU without bf16 units costs more than the rest of eval (it is
-# minitron.evaluate's code, not the GPU path's, and tests/test_evaluate.py covers it).
+# minitron.eval.harness's code, not the GPU path's, and tests/test_evaluate.py covers it).
 MODES = {
     "gpu": dict(device="cuda", seq_len=4096, steps=200, grad_accum=2, save_every=100, eval_every=100,
                 calib_samples=64, heldout_samples=8, importance_batch=4, target=dict(STUDENT_1B),
@@ -83,13 +83,13 @@ def log(msg: str) -> None:
 # ---- preparing: model, tokenizer, corpus, recipe (a child process: the parent never touches the GPU) ------
 
 def make_teacher(mode: str, work: Path) -> None:
-    """The random-weight teacher in bf16 safetensors with the tiny tokenizer (minitron.tiny: trained in code, no
+    """The random-weight teacher in bf16 safetensors with the tiny tokenizer (minitron.arch.tiny: trained in code, no
     download; its ids are < 384, so any vocabulary at least that large works: the 1B model keeps Llama-3.2-1B's
     128256 rows, which is what the memory depends on)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from minitron.tiny import make_config, make_tokenizer
+    from minitron.arch.tiny import make_config, make_tokenizer
 
     torch.manual_seed(0)
     if mode == "gpu":
@@ -104,9 +104,9 @@ def make_teacher(mode: str, work: Path) -> None:
 
 
 def make_corpus(mode: str, work: Path) -> None:
-    """Pseudo-English documents (minitron.tiny.make_text) of about one block each: train_blocks blocks of seq_len
+    """Pseudo-English documents (minitron.arch.tiny.make_text) of about one block each: train_blocks blocks of seq_len
     tokens for training and calibration, about 10% more held out (validation holds out whole documents)."""
-    from minitron.tiny import make_text, make_tokenizer
+    from minitron.arch.tiny import make_text, make_tokenizer
 
     m = MODES[mode]
     tok = make_tokenizer()
@@ -160,10 +160,10 @@ def child(stage: str, recipe: str, result: str) -> int:
     import transformers  # noqa: F401 - imported before the baseline, like everything the stages need
 
     import minitron.distill.loop as loop
-    import minitron.pipeline as pipeline
-    from minitron import ranks
+    import minitron.pipeline.stages as pipeline
+    from minitron.arch import ranks
     from minitron.cli import main
-    from minitron.estimate import estimate_run  # noqa: F401 - imported before the baseline too
+    from minitron.pipeline.estimate import estimate_run  # noqa: F401 - imported before the baseline too
 
     cuda = torch.cuda.is_available() and os.environ.get("GPU_CHECK_MODE") == "gpu"
     dev = int(os.environ.get("LOCAL_RANK", "0"))
@@ -286,12 +286,12 @@ def run_stage(stage: str, mode: str, work: Path, recipe: Path, env: dict, deadli
 
 
 def estimates(recipe: Path) -> dict[str, dict]:
-    """minitron.estimate's estimate of each measured stage for the recipe, as torchrun with one process runs it
+    """minitron.pipeline.estimate's estimate of each measured stage for the recipe, as torchrun with one process runs it
     (distributed: fsdp is FSDP2 over one rank there), comparable = the larger of the steady state and the loading
     peak, less the CUDA context term."""
-    from minitron import estimate as E
-    from minitron.config import load_config
     from minitron.pipeline import RunConfig
+    from minitron.pipeline import estimate as E
+    from minitron.pipeline.config import load_config
 
     cfg = load_config(RunConfig, str(recipe))
     shapes = E.resolve_shapes(cfg)
@@ -457,7 +457,7 @@ def table(summary: dict) -> str:
              f"teacher {s['shapes']['teacher']}" if s.get("shapes") else "",
              f"student {s['shapes']['student']}" if s.get("shapes") else "",
              f"{s['steps']} distillation steps of {s['tokens_per_step']:,} tokens; measured: {what}; estimate: "
-             "minitron.estimate (distill as FSDP2 over 1 rank; the larger of steady state and loading, without the "
+             "minitron.pipeline.estimate (distill as FSDP2 over 1 rank; the larger of steady state and loading, without the "
              "CUDA context)", "",
              "| stage | measured peak | estimate | estimate / measured | wall s | notes |",
              "|---|---|---|---|---|---|"]

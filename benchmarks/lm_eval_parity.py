@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from minitron import tasks as T
+from minitron.eval import tasks as T
 
 LM_EVAL_YAML = {  # our task -> (lm-eval task yaml relative to lm_eval/tasks, lm-eval task name)
     "hellaswag": ("hellaswag/hellaswag.yaml", "hellaswag"),
@@ -125,7 +125,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], root, limit: int | None, bat
 
 
 def run_ours(model, tokenizer, tasks: list[str], root, limit: int | None, batch_size: int) -> dict:
-    from minitron.evaluate import score_task
+    from minitron.eval.harness import score_task
 
     res = {}
     for task in tasks:
@@ -166,7 +166,7 @@ def main():
     p.add_argument("--work", default="/tmp/minitron-lm-eval-parity")
     p.add_argument("--out", default=None, help="write the comparison rows as JSON here")
     args = p.parse_args()
-    from minitron.models import load_model
+    from minitron.arch.models import load_model
 
     tasks = [T.canonical_name(t) for t in args.tasks.split(",")]
     model, tok = load_model(args.model, "cpu", "float32")

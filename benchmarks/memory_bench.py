@@ -1,11 +1,11 @@
-"""Peak memory of the importance pass and of distillation steps on this CPU, next to minitron.estimate.
+"""Peak memory of the importance pass and of distillation steps on this CPU, next to minitron.pipeline.estimate.
 
 Each case runs in its own fresh process, so peaks never mix. A child imports torch, transformers and
 minitron first, then takes its resident set (VmRSS) as the baseline, resets the kernel's high-water mark
 (`echo 5 > /proc/self/clear_refs`), runs the stage through minitron's public functions (model loading
 included), and reports VmHWM minus the baseline. Children run with MALLOC_MMAP_THRESHOLD_=131072, so every
 large tensor is its own mapping, returned to the OS when freed: the resident set follows live tensors (as
-CUDA's allocated bytes do) instead of glibc's cache. The estimate is minitron.estimate.estimate_run on a
+CUDA's allocated bytes do) instead of glibc's cache. The estimate is minitron.pipeline.estimate.estimate_run on a
 RunConfig with the same settings and device cpu (no CUDA context term).
 
 Cases:
@@ -120,8 +120,8 @@ def make_model(name: str) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from minitron.arch import dims_of
-    from minitron.models import load_tokenizer
-    from minitron.plan import config_with_dims, source_config
+    from minitron.arch.models import load_tokenizer
+    from minitron.prune.plan import config_with_dims, source_config
 
     if name == "smol-student":
         config = source_config("default")
@@ -158,9 +158,9 @@ def run_case(name: str) -> dict:
     import transformers  # noqa: F401 - imported before the baseline, like everything else
     from transformers import LlamaForCausalLM  # noqa: F401
 
+    from minitron.arch.models import lm_loss, load_model
     from minitron.distill import DistillConfig, distill
-    from minitron.importance import ImportanceConfig, compute_importance
-    from minitron.models import lm_loss, load_model
+    from minitron.prune.importance import ImportanceConfig, compute_importance
 
     case = CASES[name]
     out_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=WORK))
@@ -198,8 +198,8 @@ def run_case(name: str) -> dict:
 # ---- the estimate of each case -----------------------------------------------------------------------
 
 def run_config(name: str):
-    from minitron.config import from_dict
     from minitron.pipeline import RunConfig
+    from minitron.pipeline.config import from_dict
 
     case = CASES[name]
     student = STUDENT_1B if case["teacher"] == "llama1b" else STUDENT_SMOL
@@ -214,7 +214,7 @@ def run_config(name: str):
 
 
 def estimate_case(name: str):
-    from minitron.estimate import estimate_run
+    from minitron.pipeline.estimate import estimate_run
 
     stage = {"lmloss": "prune"}.get(CASES[name]["kind"], CASES[name]["kind"])  # prune's term is the LM loss
     return next(e for e in estimate_run(run_config(name), CASES[name].get("world", 1)) if e.stage == stage)

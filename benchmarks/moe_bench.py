@@ -4,7 +4,7 @@ MoE: Mixtral layout, E experts of width F, top-2. Dense: Llama layout with MLP w
 uses the same MLP weights (2 x 3CF) in both; attention, embeddings and depth are the same. Each
 (model, phase) runs in its own fresh process, so its peak resident set (VmHWM) is its own.
 
-  importance   minitron.importance.compute_importance on random token blocks (MoE: expert outputs,
+  importance   minitron.prune.importance.compute_importance on random token blocks (MoE: expert outputs,
                per-expert neurons and router statistics recomputed in the hooks)
   distill      teacher forward + student forward/backward + AdamW step, full-logit forward KL (fp32); the
                teacher is a copy of the student (a step costs the same whatever the weights)
@@ -37,7 +37,7 @@ def vm_hwm_mib() -> float:
 def build(kind: str, a) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from minitron.tiny import make_config
+    from minitron.arch.tiny import make_config
 
     common = dict(vocab=a.vocab, layers=a.layers, hidden_size=a.hidden, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=a.hidden // 4, max_position_embeddings=max(256, a.seq_len))
@@ -52,8 +52,8 @@ def build(kind: str, a) -> torch.nn.Module:
 
 def child(kind: str, phase: str, a) -> dict:
     """One (model, phase) measurement in this process."""
-    from minitron.importance import ImportanceConfig, compute_importance
-    from minitron.plan import count_params
+    from minitron.prune.importance import ImportanceConfig, compute_importance
+    from minitron.prune.plan import count_params
 
     torch.set_num_threads(a.threads)
     model = build(kind, a)

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from minitron import arch
+from minitron.arch.models import lm_loss, load_model
 from minitron.data import calibration_sample, load_splits
-from minitron.importance import ImportanceConfig, compute_importance, layer_lm_loss, random_scores
-from minitron.models import lm_loss, load_model
-from minitron.plan import Target, count_params, make_plan
 from minitron.prune import apply_plan
+from minitron.prune.importance import ImportanceConfig, compute_importance, layer_lm_loss, random_scores
+from minitron.prune.plan import Target, count_params, make_plan
 
 
 @torch.no_grad()

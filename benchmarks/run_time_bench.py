@@ -42,7 +42,16 @@ def child(out: str, overrides: list[str]) -> None:
     t0 = time.perf_counter()
     import importlib
 
-    from minitron import pipeline, report
+    def first(*names):  # the module under its path in the code under test (new paths first, then the flat ones)
+        for n in names:
+            try:
+                return importlib.import_module(n)
+            except ImportError:
+                continue
+        raise ImportError(names)
+
+    pipeline = first("minitron.pipeline.stages", "minitron.pipeline")
+    report = first("minitron.eval.report", "minitron.report")
 
     times = {s: 0.0 for s in STAGES}
     times["data"] = 0.0
@@ -75,10 +84,11 @@ def child(out: str, overrides: list[str]) -> None:
         if hasattr(pipeline, name):
             setattr(pipeline, name, timed(getattr(pipeline, name), key))
     report.write_report = timed(report.write_report, "report")
-    for mod, name in [("minitron.data", "read_texts"), ("minitron.data", "pack"), ("minitron.store", "ensure_store"),
-                      ("minitron.store_blocks", "stream_blocks")]:
+    for mods, name in [(("minitron.data.corpus", "minitron.data"), "read_texts"), (("minitron.data.corpus", "minitron.data"), "pack"),
+                       (("minitron.data.store", "minitron.store"), "ensure_store"),
+                       (("minitron.data.blocks", "minitron.store_blocks"), "stream_blocks")]:
         try:
-            m = importlib.import_module(mod)
+            m = first(*mods)
         except ImportError:
             continue  # the old code has no store
         if hasattr(m, name):

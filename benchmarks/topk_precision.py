@@ -3,7 +3,7 @@
 Teacher: the default model (SmolLM2-135M); student: the default run's distilled student (runs/default/distill)
 when it exists, else the teacher with Gaussian noise on its final hidden states. Blocks: the default corpus'
 token store. For each storage dtype: the log-probs' rounding error, the teacher mass the k entries hold, and the
-distillation loss (forward KL with the rest bucket, minitron.losses) and its gradient, relative to fp32.
+distillation loss (forward KL with the rest bucket, minitron.distill.losses) and its gradient, relative to fp32.
 
     .venv/bin/python benchmarks/topk_precision.py [--blocks 8] [--seq-len 256] [--k 64] [--temperature 1.0]
 
@@ -37,10 +37,10 @@ def main() -> None:
     p.add_argument("--student", default="runs/default/distill")
     args = p.parse_args()
 
-    from minitron.losses import LossConfig, naive_distill_loss, topk_logprobs
-    from minitron.models import load_model
-    from minitron.store import ensure_store
-    from minitron.store_blocks import stream_blocks
+    from minitron.arch.models import load_model
+    from minitron.data.blocks import stream_blocks
+    from minitron.data.store import ensure_store
+    from minitron.distill.losses import LossConfig, naive_distill_loss, topk_logprobs
 
     torch.manual_seed(0)
     teacher, tok = load_model("default", "cpu", torch.float32)
@@ -86,7 +86,7 @@ def on_disk(teacher, ids: torch.Tensor, k: int, temperature: float) -> None:
     topk_cache.bytes_per_token."""
     import tempfile
 
-    from minitron.topk_cache import open_or_build
+    from minitron.distill.topk_cache import open_or_build
 
     with tempfile.TemporaryDirectory() as tmp:
         B, T = ids.shape

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from minitron.tiny import make_config, make_model, make_text, make_tokenizer  # noqa: F401 (tests import them from here)
+from minitron.arch.tiny import make_config, make_model, make_text, make_tokenizer  # noqa: F401 (tests import them from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never reaches for the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -23,7 +23,7 @@ def _test_cache(tmp_path_factory):
     """MINITRON_CACHE -> a session tmp dir, so the suite never writes token stores (or anything else) into
     ~/.cache/minitron. The user's installed read-only assets (the converted default model, the default corpus,
     task files) are linked in when present, so tests that use them neither fail nor rebuild them."""
-    from minitron.models import cache_dir
+    from minitron.arch.models import cache_dir
 
     user, tmp = cache_dir(), tmp_path_factory.mktemp("minitron-cache")
     for name in ("models", "corpus", "tasks"):

@@ -2,7 +2,7 @@
 the problem and the fix, and must leave no output (and no temp dir) where a finished one is expected.
 
 Each case is driven through the CLI as a user types it (`minitron.cli.main([...])`), on tiny models
-(minitron.tiny) and the tiny corpus. Cases:
+(minitron.arch.tiny) and the tiny corpus. Cases:
 
 models
   1. unknown architecture (a model_type transformers does not know)
@@ -57,8 +57,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
+from minitron.arch.tiny import make_model, make_text, make_tokenizer
 from minitron.cli import main
-from minitron.tiny import make_model, make_text, make_tokenizer
 
 FAMILY = "llama"  # hidden must be a multiple of heads here (case 14)
 FAST = ["--calib-samples", "4", "--seq-len", "32", "--heldout-samples", "2", "--batch-size", "4", "--device", "cpu"]
@@ -452,7 +452,7 @@ def test_wrong_type_in_recipe(tmp_path, model_dir, corpus, capsys):
 def test_run_killed_then_rerun_with_changed_settings(tmp_path, model_dir, corpus, capsys, monkeypatch):
     """`minitron run` killed after its prune stage, rerun with another target: the stale prune folder must not be
     reused silently (redone, or refused with a message naming the change and --from)."""
-    import minitron.pipeline as P
+    import minitron.pipeline.stages as P
 
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", model_dir, corpus, out)
@@ -529,7 +529,7 @@ def test_disk_full_while_writing_a_stage(tmp_path, model_dir, corpus, capsys, mo
 
 
 def test_killed_mid_stage_then_rerun(tmp_path, model_dir, corpus, capsys, monkeypatch):
-    import minitron.prune as P
+    import minitron.prune.trim as P
 
     out = tmp_path / "out"
     argv = [str(a) for a in prune_args(model_dir, corpus, out, "--hidden", "48")]
@@ -551,7 +551,7 @@ def assert_no_temps(out: Path) -> None:
 
 def test_sigkill_mid_write_then_rerun(tmp_path, model_dir, corpus, capsys):
     out = tmp_path / "out"
-    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom minitron.files import atomic_dir\n"
+    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom minitron.arch.files import atomic_dir\n"
             "cm = atomic_dir(Path(sys.argv[1]))\ntmp = cm.__enter__()\n"
             "(tmp / 'model.safetensors').write_bytes(b'half a file')\nos.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, timeout=120)

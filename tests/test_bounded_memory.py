@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 
 from conftest import FAMILIES, make_model
 from minitron import arch
-from minitron.evaluate import token_nll
-from minitron.importance import ImportanceConfig, compute_importance
-from minitron.models import lm_loss, token_nll_sum
-from minitron.plan import PlanError, Target, make_plan
+from minitron.arch.models import lm_loss, token_nll_sum
+from minitron.eval.harness import token_nll
 from minitron.prune import apply_plan, loss_after_pruning, pruned_copy, pruned_in_place
-from minitron.search import SearchConfig, depth_block_sizes, search
+from minitron.prune.importance import ImportanceConfig, compute_importance
+from minitron.prune.plan import PlanError, Target, make_plan
+from minitron.prune.search import SearchConfig, depth_block_sizes, search
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -155,8 +155,8 @@ def test_pruned_in_place_equals_deepcopy_and_restores(family):
 DIST_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from safetensors.torch import save_file
-from minitron.importance import ImportanceConfig, compute_importance
-from minitron.tiny import make_model
+from minitron.prune.importance import ImportanceConfig, compute_importance
+from minitron.arch.tiny import make_model
 dist.init_process_group("gloo")
 ids, mask = torch.load(sys.argv[1])
 out = {}

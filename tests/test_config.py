@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from minitron.config import ConfigError, load_config, save_config
+from minitron.pipeline.config import ConfigError, load_config, save_config
 
 
 @dataclass
@@ -63,11 +63,11 @@ def test_one_source_of_every_default():
     import dataclasses
 
     from minitron.cli import build_parser
-    from minitron.config import default_of
     from minitron.distill import DistillConfig
     from minitron.pipeline import DataSection, DistillSection, ImportanceSection, ModelSection
-    from minitron.plan import Target
+    from minitron.pipeline.config import default_of
     from minitron.prune import PruneConfig
+    from minitron.prune.plan import Target
 
     def names(cls):
         return {f.name for f in dataclasses.fields(cls)}

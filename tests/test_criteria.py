@@ -2,8 +2,8 @@ import torch
 
 from conftest import make_model, make_text
 from minitron import arch
-from minitron.criteria import magnitude_scores, taylor_scores
 from minitron.data import pack
+from minitron.prune.criteria import magnitude_scores, taylor_scores
 
 
 def test_magnitude_by_hand(family):
@@ -109,8 +109,8 @@ def test_taylor_and_magnitude_plan_mamba_heads(tokenizer):
     """taylor and magnitude score the Mamba axes of NemotronH and Mamba2 (no longer refused on hybrids): a head
     whose x rows and out_proj columns are zero has zero first-order importance; score_model's scores plan a
     Mamba-head target."""
-    from minitron.importance import ImportanceConfig, score_model
-    from minitron.plan import Target, make_plan
+    from minitron.prune.importance import ImportanceConfig, score_model
+    from minitron.prune.plan import Target, make_plan
     from test_hybrid import _calib, make_mamba2
     from test_hybrid import make_model as make_hybrid
 

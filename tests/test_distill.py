@@ -296,7 +296,7 @@ def test_real_teacher_sliced_student_kl_drops(tmp_path):
     from torch import nn
 
     from minitron.arch import decoder_layers, set_decoder_layers
-    from minitron.models import load_model
+    from minitron.arch.models import load_model
 
     teacher, tok = load_model("default")
     set_decoder_layers(teacher, nn.ModuleList(list(decoder_layers(teacher))[:8]))
@@ -326,8 +326,8 @@ def test_heldout_corpora_and_split_seed(pair, tmp_path):
     # different data order: the trained students differ
     assert evals_a[1]["val_lm_loss"] != pytest.approx(evals_b[1]["val_lm_loss"], rel=1e-6)
     # the logged value is the student's LM loss on the first eval_batches x batch_size blocks of that corpus
+    from minitron.arch.models import lm_loss, load_model
     from minitron.data import pack, read_texts
-    from minitron.models import lm_loss, load_model
 
     student, tok = load_model(str(pair / "student"))
     blocks = pack(read_texts(str(other)), tok, 32, max_blocks=8)
@@ -382,7 +382,7 @@ def test_collectives_refuse_tensors_off_the_training_device():
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_every_collective_runs_on_the_training_device(pair, tmp_path, mode):
-    """2 gloo ranks under the collective audit (minitron.audit): every tensor, object transport and barrier of every
+    """2 gloo ranks under the collective audit (minitron.arch.audit): every tensor, object transport and barrier of every
     collective (DDP's and FSDP2's inside torch, DCP's, DTensor's included) is on the training device."""
     cfg = cfg_for(pair, tmp_path / mode, steps=2, batch_size=2, eval_every=1, distributed=mode, device="cpu")
     (tmp_path / "run.py").write_text(DIST_SCRIPT)

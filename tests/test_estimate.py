@@ -1,4 +1,4 @@
-"""minitron.estimate: the terms of a tiny model equal a hand computation; the per-layer activation formula
+"""minitron.pipeline.estimate: the terms of a tiny model equal a hand computation; the per-layer activation formula
 equals what autograd saves; the 8B recipes fit 80 GB and a batch-64 variant warns; `minitron plan` prints
 the table."""
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import make_config
-from minitron import estimate as E
-from minitron import memory_terms as M
 from minitron.cli import main
-from minitron.config import load_config
 from minitron.pipeline import RunConfig
+from minitron.pipeline import estimate as E
+from minitron.pipeline import memory_terms as M
+from minitron.pipeline.config import load_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,

@@ -10,8 +10,8 @@ import torch
 
 from conftest import make_model
 from eval_fixtures import write_task_data
-from minitron import evaluate as E
-from minitron import tasks as T
+from minitron.eval import harness as E
+from minitron.eval import tasks as T
 
 
 @pytest.fixture(scope="module")

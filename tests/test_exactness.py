@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, make_model, make_text
 from minitron import arch
-from minitron.plan import Target, make_plan
+from minitron.arch.tiny import MOE_FAMILIES
 from minitron.prune import apply_plan
-from minitron.tiny import MOE_FAMILIES
+from minitron.prune.plan import Target, make_plan
 
 KEEP = 48  # of 64 hidden channels (a multiple of the 4 heads, as Gemma3 and Llama configs require)
 CASES = [*FAMILIES, "gemma3_text-untied", "gemma2", "olmo2", "granite", *MOE_FAMILIES]

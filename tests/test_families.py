@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_same_and_generates, distill_pair, make_model, make_text
 from minitron import arch
-from minitron.models import lm_loss
-from minitron.plan import PrunePlan, Target, make_plan
+from minitron.arch.models import lm_loss
 from minitron.prune import PruneConfig, apply_plan, prune
+from minitron.prune.plan import PrunePlan, Target, make_plan
 
 DENSE = ["olmo2", "gemma2", "granite"]
 
@@ -132,9 +132,9 @@ def test_distillation_loss_goes_through_the_logit_transform(family, tokenizer):
     """Distillation compares the logits the models give: the student's cross-entropy in the training loss equals
     models.lm_loss, and its KL to a top-k cache (k = V) of itself is 0, with Gemma2's soft-cap and Granite's
     scaling applied to student, teacher and cache alike."""
+    from minitron.distill.losses import LossConfig
     from minitron.distill.student import Student, teacher_pass
-    from minitron.losses import LossConfig
-    from minitron.topk_cache import teacher_topk
+    from minitron.distill.topk_cache import teacher_topk
 
     model = make_model(family).eval()
     ids = _ids(tokenizer)

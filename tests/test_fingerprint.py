@@ -1,6 +1,6 @@
 """Stage records: what makes a finished stage stale, and what its message says."""
 
-from minitron.fingerprint import differences, make_record, stale_reason, write_record
+from minitron.data.fingerprint import differences, make_record, stale_reason, write_record
 
 
 def _prune_record(**target):

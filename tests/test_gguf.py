@@ -15,9 +15,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from conftest import FAMILIES, make_model, make_text, make_tokenizer
 from minitron import arch
 from minitron.cli import main
-from minitron.export_gguf import GGUFExportError, export_gguf, gguf_file_name
-from minitron.plan import Target, make_plan
+from minitron.export.gguf import GGUFExportError, export_gguf, gguf_file_name
 from minitron.prune import apply_plan
+from minitron.prune.plan import Target, make_plan
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python not installed (extra gguf-runtime)")
@@ -231,7 +231,7 @@ NUMBER_TEXTS = ["In 2024, 12345 apples cost $3.50", "x =  42\n    return   12 + 
 
 @pytest.fixture(scope="module")
 def smollm2_gguf():
-    from minitron.models import default_gguf_path
+    from minitron.arch.models import default_gguf_path
 
     return default_gguf_path()
 
@@ -285,7 +285,7 @@ def test_default_teacher_tokenizer_splits_numbers_as_its_gguf(smollm2_gguf):
     """The tokenizer rebuilt from SmolLM2's GGUF (tokenizer.ggml.pre = smollm) splits digits one by one before the
     byte-level regex, as SmolLM2's own tokenizer.json does, and gives llama.cpp's ids for text with numbers; its
     llama.cpp check hash is SmolLM's."""
-    from minitron.gguf_tokenizer import CHKTXT, check_hash, tokenizer_from_gguf
+    from minitron.arch.gguf_tokenizer import CHKTXT, check_hash, tokenizer_from_gguf
 
     tok, pre = tokenizer_from_gguf(smollm2_gguf)
     assert pre == "smollm"
@@ -301,7 +301,7 @@ def test_default_teacher_tokenizer_splits_numbers_as_its_gguf(smollm2_gguf):
 def test_default_teacher_conversion_is_redone_when_older(tmp_path, monkeypatch, capsys):
     """A cached conversion of the default teacher made before the tokenizer fix (no conversion stamp) is converted
     again; a current one is kept."""
-    from minitron import models
+    from minitron.arch import models
 
     monkeypatch.setenv("MINITRON_CACHE", str(tmp_path))
     out = tmp_path / "models" / "SmolLM2-135M-Instruct"
@@ -349,7 +349,7 @@ def test_general_keys_name_size_base_model_and_quantization_version(tmp_path):
     import gguf
     from gguf import GGUFReader
 
-    from minitron.gguf_hparams import Provenance
+    from minitron.export.hparams import Provenance
 
     tok = make_tokenizer()
     student = Provenance(base_model=SMOLLM2_ID, minitron=True, name="student")
@@ -375,7 +375,7 @@ def test_export_names_a_model_by_its_provenance_not_its_folder(tmp_path, tokeniz
     """`minitron export` of a run's export/ folder (a model card naming the base model, tagged minitron) is named after
     the base model, not `export`; a stage folder (stage.json) after the model the stage read; the converted default
     teacher after its hub id; a folder with nothing to say keeps its own name."""
-    from minitron.export_gguf import export_model
+    from minitron.export.gguf import export_model
 
     export = tmp_path / "export"
     make_model("llama").save_pretrained(export)
@@ -385,8 +385,8 @@ def test_export_names_a_model_by_its_provenance_not_its_folder(tmp_path, tokeniz
     info = export_model(str(export), "f16")
     g = _general(export / info["file"])
     assert g["general.name"] == "SmolLM2 135M Instruct Minitron 197K" and g["general.base_model.0.name"] == "SmolLM2 135M Instruct"
-    from minitron.export_gguf import model_provenance
-    from minitron.gguf_hparams import Provenance
+    from minitron.export.gguf import model_provenance
+    from minitron.export.hparams import Provenance
 
     prune = tmp_path / "prune"
     prune.mkdir()
@@ -434,7 +434,7 @@ def test_bad_input_is_refused_and_leaves_no_file(tokenizer, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(tokenizer, tmp_path, monkeypatch):
-    import minitron.export_gguf as E
+    import minitron.export.gguf as E
 
     def broken(*a):
         raise OSError(28, "No space left on device")
@@ -470,8 +470,8 @@ def tiny_model_dir_llama(tmp_path, tokenizer):
 
 def test_run_writes_gguf_and_reports_it(tmp_path, tokenizer, corpus_dir):
     from eval_fixtures import write_task_data
-    from minitron.config import ConfigError, load_config
     from minitron.pipeline import RunConfig, run
+    from minitron.pipeline.config import ConfigError, load_config
     from test_pipeline import tiny_overrides
 
     teacher = tmp_path / "teacher"
@@ -501,8 +501,8 @@ def test_run_writes_gguf_and_reports_it(tmp_path, tokenizer, corpus_dir):
 
 
 def test_quantized_export_rounds_budget_widths_and_warns_on_explicit_ones(capsys):
-    from minitron.config import load_config
     from minitron.pipeline import RunConfig, widths_for_gguf
+    from minitron.pipeline.config import load_config
 
     f16 = load_config(RunConfig, None, ["export.gguf=f16", "target.params=70M"])
     assert widths_for_gguf(f16) is f16  # f16 quantizes nothing: widths as the recipe says
@@ -517,7 +517,7 @@ def test_quantized_export_rounds_budget_widths_and_warns_on_explicit_ones(capsys
 def assert_llama_cpp_logits(model, tokenizer, tmp_path, atol: dict[str, float], label: str) -> None:
     """Export `model` to each GGUF type of `atol` and check llama.cpp's logits (f32 KV cache) on 40 tokens against
     transformers' [T, V], within that type's absolute tolerance."""
-    from minitron import gguf_runtime as R
+    from minitron.export import runtime as R
 
     ids = ids_of(tokenizer, 40)
     with torch.no_grad():
@@ -552,7 +552,7 @@ def test_llama_cpp_logits_match_transformers(family, prune_it, tokenizer, tmp_pa
      "original_max_position_embeddings": 64},  # written as rope_freqs.weight (one of 8 frequencies smoothed)
     {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}], ids=["llama3", "linear"])
 def test_llama_cpp_rope_scaling(rope, tokenizer, tmp_path):
-    from minitron import gguf_runtime as R
+    from minitron.export import runtime as R
 
     model = make_model("llama", rope_parameters=rope)
     path = tmp_path / "r.gguf"
@@ -568,8 +568,8 @@ def test_llama_cpp_rope_scaling(rope, tokenizer, tmp_path):
 @needs_llama_cpp
 def test_export_stage_measures_llama_cpp_speed(tiny_model_dir_llama, tokenizer, tmp_path):
     """export.gguf_speed: the teacher exported to the same type and both timed under llama.cpp; the card shows it."""
-    from minitron.gguf_runtime import export_run_gguf
-    from minitron.report import gguf_lines
+    from minitron.eval.report import gguf_lines
+    from minitron.export.runtime import export_run_gguf
 
     out = tmp_path / "export"
     info = export_run_gguf(pruned("llama"), tokenizer, out, "q8_0", str(tiny_model_dir_llama), measure=True)
@@ -584,7 +584,7 @@ def test_export_stage_measures_llama_cpp_speed(tiny_model_dir_llama, tokenizer, 
 def test_k_quant_through_llama_cpp(tokenizer, tmp_path):
     """q4_k_m is quantized by llama.cpp's own quantizer (rows of 256); its loss under llama.cpp stays within 0.05
     nats of the f32 file's (tiny random model, loss ~5.9)."""
-    from minitron import gguf_runtime as R
+    from minitron.export import runtime as R
 
     model = make_model("llama", hidden_size=256, intermediate_size=512, head_dim=64)
     ids = ids_of(tokenizer, 64)[0].tolist()
@@ -599,7 +599,7 @@ def test_k_quant_through_llama_cpp(tokenizer, tmp_path):
 
 @needs_llama_cpp
 def test_llama_cpp_tokenizes_like_transformers_and_generates(tokenizer, tmp_path):
-    from minitron import gguf_runtime as R
+    from minitron.export import runtime as R
 
     path = tmp_path / "m.gguf"
     export_gguf(make_model("llama"), tokenizer, path, "q8_0")
@@ -612,7 +612,7 @@ def test_llama_cpp_tokenizes_like_transformers_and_generates(tokenizer, tmp_path
 
 @needs_llama_cpp
 def test_llama_cpp_tokenizes_sentencepiece_style_like_transformers(tmp_path):
-    from minitron import gguf_runtime as R
+    from minitron.export import runtime as R
 
     tok = spm_tokenizer()
     path = tmp_path / "s.gguf"
@@ -628,8 +628,8 @@ def test_llama_cpp_tokenizes_sentencepiece_style_like_transformers(tmp_path):
 def test_teacher_and_pruned_student_generate_under_llama_cpp(tmp_path):
     """The default teacher (SmolLM2-135M-Instruct) and a 70M student pruned from it (hidden 576 / MLP 288: widths
     that are whole q8_0 blocks), both q8_0, load and generate under llama.cpp; the teacher's answer is on topic."""
-    from minitron import gguf_runtime as R
-    from minitron.export_gguf import export_model
+    from minitron.export import runtime as R
+    from minitron.export.gguf import export_model
     from minitron.prune import PruneConfig, prune
 
     student = prune(PruneConfig(model="default", out=str(tmp_path / "student"), target=Target(hidden=576, ffn=288),

@@ -1,6 +1,6 @@
 """The GPU recipes' code path on CPU: FSDP2 + bf16 autocast + activation checkpointing + top-k cache +
 release_teacher under 2 gloo ranks (what recipes/gpu-8b-8gpu.yaml runs), checked against one process, with
-every collective audited (minitron.audit); and the pieces of that path on their own: the sharded load, the
+every collective audited (minitron.arch.audit); and the pieces of that path on their own: the sharded load, the
 loss's GEMM dtypes and host syncs, no KV cache in training forwards, the collective timeout, the torch floor."""
 
 import json
@@ -87,7 +87,7 @@ def test_gpu_recipe_path_two_ranks_equals_one_process(pair, tmp_path):  # noqa: 
 def test_audit_flags_tensors_off_the_training_device():
     """The audit's check itself: a CPU tensor or object transport recorded while the run trains on a GPU
     is a violation, with the call that made it."""
-    from minitron.audit import Audit
+    from minitron.arch.audit import Audit
 
     a = Audit(torch.device("cuda", 1))
     a.calls = [{"op": "all_reduce", "kind": "tensor", "devices": ["cuda:1"], "caller": "loop.py:1"},
@@ -119,7 +119,7 @@ def _count_dispatch(fn, ops: set[str]) -> dict:
 def test_loss_gradient_gemms_run_in_the_autocast_dtype_without_host_syncs():
     """Under bf16 autocast every matmul of the chunked loss (logits and both gradient GEMMs) runs in bf16, and
     no chunk asks the host whether it has valid tokens (a GPU sync per 512 tokens)."""
-    from minitron.losses import LossConfig, chunked_distill_loss
+    from minitron.distill.losses import LossConfig, chunked_distill_loss
 
     torch.manual_seed(0)
     h, w = torch.randn(64, 32, requires_grad=True), torch.randn(100, 32, requires_grad=True)
@@ -161,7 +161,7 @@ def test_standalone_distill_joins_with_the_long_timeout(monkeypatch):
     writes the whole model (32 GB for an 8B correction) while the others wait in a barrier."""
     import torch.distributed as dist
 
-    from minitron import ranks
+    from minitron.arch import ranks
     from minitron.distill.parallel import init_distributed
 
     got = {}

@@ -13,9 +13,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import assert_same_and_generates, distill_pair, make_text
 from minitron import arch
-from minitron.importance import ImportanceConfig, compute_importance
-from minitron.plan import PlanError, PrunePlan, Target, make_plan, resolve_dims
 from minitron.prune import PruneConfig, apply_plan, prune
+from minitron.prune.importance import ImportanceConfig, compute_importance
+from minitron.prune.plan import PlanError, PrunePlan, Target, make_plan, resolve_dims
 
 PATTERN = ["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"]  # M - * M -
 MOE_PATTERN = ["linear_attention", "moe", "full_attention", "mlp"]  # M E * -
@@ -319,7 +319,7 @@ def test_budget_shrinks_mamba_heads_with_hidden_and_mlp():
     """A parameter budget on NemotronH shrinks the Mamba heads by the common ratio of hidden and MLP (whole heads
     per B/C group, head dim kept), every hidden / MLP split of the prune stage included; target.mamba_heads fixes
     them instead."""
-    from minitron.plan import budget_splits, config_with_dims, count_params
+    from minitron.prune.plan import budget_splits, config_with_dims, count_params
 
     config = make_config()
     budget = 0.6 * count_params(config)["total"]
@@ -335,8 +335,8 @@ def test_budget_shrinks_mamba_heads_with_hidden_and_mlp():
 def test_search_candidates_prune_mamba_heads():
     """search.axes may free mamba_heads: candidates keep whole heads per B/C group, and each candidate's Target
     (search.target_of) resolves back to its dims."""
-    from minitron.plan import count_params
-    from minitron.search import SearchConfig, candidates, target_of
+    from minitron.prune.plan import count_params
+    from minitron.prune.search import SearchConfig, candidates, target_of
 
     config = make_config()
     cfg = SearchConfig(params=0.85 * count_params(config)["total"], tolerance=0.15, axes=["hidden", "mamba_heads"],
@@ -351,8 +351,8 @@ def test_search_skips_depth_candidates_that_drop_the_only_attention_layer(tokeni
     """A depth candidate whose least important block holds NemotronH's only attention layer is refused by the
     planner: the search skips it with the reason (printed, listed after the ranked rows, a 'skipped' row in
     search.md) and ranks the rest; when every candidate is refused, the search says why."""
-    from minitron.plan import count_params
-    from minitron.search import SearchConfig, save_table, search
+    from minitron.prune.plan import count_params
+    from minitron.prune.search import SearchConfig, save_table, search
 
     model = make_model()
     d = arch.dims_of(model.config)
@@ -472,7 +472,7 @@ def test_importance_plot_panels_follow_the_scores(build, panels, tokenizer, tmp_
     """importance.png draws a panel only for the axes the scores hold: a Mamba head heatmap (mamba_heads [L, H])
     beside the attention and MLP panels of NemotronH; Mamba2 (no attention, no MLP) gets no heads or neuron
     panel instead of crashing."""
-    from minitron.report import importance_panels, plot_importance
+    from minitron.eval.report import importance_panels, plot_importance
 
     scores = compute_importance(build(), _calib(tokenizer), ImportanceConfig(batch_size=4))
     assert importance_panels(scores) == panels
@@ -485,7 +485,7 @@ def test_depth_pruning_keeps_the_first_cache_layer():
     cannot generate with its cache (DummyLayer has no get_seq_length). Depth pruning never drops the first layer
     that holds a cache, by depth_types, contiguous block or scattered layers, however unimportant it scores; Mamba2
     (every layer holds one) and dense families are free."""
-    from minitron.plan import choose_layers
+    from minitron.prune.plan import choose_layers
 
     config = make_config()  # M - * M -
     keep = arch.first_cache_layer(config)

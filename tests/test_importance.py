@@ -4,7 +4,7 @@ import torch
 from conftest import make_model, make_text
 from minitron import arch
 from minitron.data import pack
-from minitron.importance import (
+from minitron.prune.importance import (
     BatchStat,
     ImportanceConfig,
     compute_importance,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minitron.losses import (
+from minitron.distill.losses import (
     LossConfig,
     chunked_distill_loss,
     default_layer_map,
@@ -149,7 +149,7 @@ def test_hidden_loss_and_layer_map():
 
 AUTOCAST_PEAK = """
 import resource, torch
-from minitron.losses import LossConfig, chunked_distill_loss
+from minitron.distill.losses import LossConfig, chunked_distill_loss
 torch.manual_seed(0)
 V, C, N = 32000, 512, 512  # w: 62.5 MiB fp32, 31 MiB per bf16 copy; 32 chunks of 16 tokens
 w = torch.randn(V, C, requires_grad=True)
@@ -194,7 +194,7 @@ def test_autocast_loss_and_grads_match_fp32():
 def test_logit_map_softcap_and_scale_match_naive(loss, ce):
     """With a logit map (Gemma2's soft-cap, Granite's scaling) the chunked loss and its gradients equal the
     naive loss on the mapped logits of student and teacher."""
-    from minitron.losses import map_logits
+    from minitron.distill.losses import map_logits
 
     torch.manual_seed(0)
     N, C, V = 40, 16, 50

@@ -6,7 +6,7 @@ import torch
 from conftest import make_model, make_text
 from minitron import arch
 from minitron.data import pack
-from minitron.importance import ImportanceConfig, compute_importance
+from minitron.prune.importance import ImportanceConfig, compute_importance
 
 hooks = pytest.importorskip("modelopt.torch.prune.importance_hooks", reason="nvidia-modelopt not installed")
 

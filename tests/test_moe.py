@@ -14,10 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import assert_same_and_generates, distill_pair, make_config, make_model, make_text
 from minitron import arch
-from minitron.importance import ImportanceConfig, compute_importance
-from minitron.plan import PlanError, PrunePlan, Target, make_plan, resolve_dims
+from minitron.arch.tiny import MOE_FAMILIES
 from minitron.prune import PruneConfig, apply_plan, prune
-from minitron.tiny import MOE_FAMILIES
+from minitron.prune.importance import ImportanceConfig, compute_importance
+from minitron.prune.plan import PlanError, PrunePlan, Target, make_plan, resolve_dims
 
 
 @pytest.fixture(params=MOE_FAMILIES)
@@ -164,7 +164,7 @@ def test_prune_stage_output_reloads_and_generates(moe_family, tokenizer, corpus_
 
 
 def test_report_line_shows_total_and_active_parameters():
-    from minitron.report import _params_line
+    from minitron.eval.report import _params_line
 
     assert _params_line({"total": 3e6, "non_embedding": 2e6, "active": 1e6}) == (
         "3.00M total, 2.00M non-embedding, 1.00M active per token")
@@ -234,7 +234,7 @@ def test_distill_a_pruned_moe_student(tokenizer, corpus_dir, tmp_path):
 def test_search_candidates_keep_the_moe_axes():
     """The architecture search varies hidden / expert width / heads / depth of an MoE model and keeps its
     experts, top-k and shared expert."""
-    from minitron.search import SearchConfig, candidates, target_of
+    from minitron.prune.search import SearchConfig, candidates, target_of
 
     config = make_config("qwen2_moe")
     total = make_plan(config, _random_scores(arch.dims_of(config)), Target()).params_before["total"]
@@ -252,8 +252,8 @@ def test_search_candidates_keep_the_moe_axes():
 @pytest.mark.parametrize("how", ["mean", "l2", "max", "var"])
 def test_routed_aggregate_equals_the_masked_sequence_aggregate(how):
     """An expert's neurons are aggregated from its routed tokens alone, as seq_aggregate would over a mask."""
-    from minitron.importance import seq_aggregate
-    from minitron.moe import routed_aggregate
+    from minitron.arch.moe import routed_aggregate
+    from minitron.prune.importance import seq_aggregate
 
     torch.manual_seed(0)
     B, T, F = 3, 7, 5
@@ -268,7 +268,7 @@ def test_routed_aggregate_equals_the_masked_sequence_aggregate(how):
 def test_weight_criteria_score_experts(tokenizer):
     """magnitude and taylor give every MoE axis (experts, per-expert neurons, shared-expert neurons) in the
     activation scores' shapes; an expert whose weights are all zero scores 0 by both and is the one dropped."""
-    from minitron.criteria import magnitude_scores, taylor_scores
+    from minitron.prune.criteria import magnitude_scores, taylor_scores
 
     model = make_model("qwen2_moe")
     with torch.no_grad():
@@ -317,7 +317,7 @@ def test_expert_scores_by_hand(tokenizer):
 def test_search_pick_keeps_the_moe_axes():
     """A search row's dims (as search.json stores them) become a Target with experts, top-k and shared width:
     the pick `minitron run` prunes to is the candidate that was ranked."""
-    from minitron.search import SearchConfig, target_of
+    from minitron.prune.search import SearchConfig, target_of
 
     d = arch.Dims(hidden=64, ffn=32, heads=4, kv_heads=2, layers=2, head_dim=16, vocab=100, tied=False,
                   experts=4, top_k=2, shared_ffn=16)

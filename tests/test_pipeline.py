@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from conftest import make_model
 from eval_fixtures import write_task_data
 from minitron.cli import main
-from minitron.config import ConfigError, load_config
 from minitron.pipeline import RunConfig, run
+from minitron.pipeline.config import ConfigError, load_config
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_bad_recipes(tmp_path):
     with pytest.raises(Exception, match="prunes nothing"):
         load_config(RunConfig, None, [])
     assert main(["run", "out=" + str(tmp_path / "x"), "target.hiden=3"]) == 2
-    from minitron.tasks import TaskError
+    from minitron.eval.tasks import TaskError
     with pytest.raises(TaskError, match="wikitext2 needs"):  # before any work, not after distillation
         run(load_config(RunConfig, None, ["target.params=70M", f"data.data_dir={tmp_path}", "eval.tasks=wikitext2",
                                           f"out={tmp_path / 'y'}"]))
@@ -211,7 +211,7 @@ def test_resumable_distill_settings_keep_a_finished_distill(setup, tmp_path, cap
     distill folder whose stage.json still holds them (written before the record left them out)."""
     from dataclasses import asdict
 
-    from minitron.fingerprint import make_record, read_record, write_record
+    from minitron.data.fingerprint import make_record, read_record, write_record
     from minitron.pipeline import stage_distill
 
     root, teacher, corpus = setup
@@ -253,11 +253,11 @@ def test_resumable_distill_settings_keep_a_finished_distill(setup, tmp_path, cap
 BLOCK_SCORES_SCRIPT = """
 import json, sys
 from pathlib import Path
-import minitron.importance as imp
-from minitron import ranks
-from minitron.config import load_config
-from minitron.pipeline import RunConfig, _ensure_block_scores
-from minitron.plan import Target
+import minitron.prune.importance as imp
+from minitron.arch import ranks
+from minitron.pipeline.config import load_config
+from minitron.pipeline.stages import RunConfig, _ensure_block_scores
+from minitron.prune.plan import Target
 calls = []
 real = imp.layer_lm_loss
 def counted(*a, **k):
@@ -275,7 +275,7 @@ ranks.leave()
 def _scores_without_blocks(folder):
     import torch
 
-    from minitron.importance import save_scores
+    from minitron.prune.importance import save_scores
 
     scores = {"heads": torch.rand(4, 4), "kv_groups": torch.rand(4, 2), "neurons": torch.rand(4, 128),
               "channels": torch.rand(64), "layer_bi": torch.rand(4), "block_bi.1": torch.rand(4)}
@@ -291,10 +291,10 @@ def test_block_scores_rank0_alone_and_atomic(setup, tmp_path, monkeypatch):
 
     import torch
 
-    import minitron.importance as imp
-    from minitron.importance import load_scores
-    from minitron.pipeline import _ensure_block_scores
-    from minitron.plan import Target
+    import minitron.prune.importance as imp
+    from minitron.pipeline.stages import _ensure_block_scores
+    from minitron.prune.importance import load_scores
+    from minitron.prune.plan import Target
 
     root, teacher, corpus = setup
     args = tiny_overrides(root, teacher, corpus, tmp_path / "o")
@@ -334,7 +334,7 @@ def test_block_scores_rank0_alone_and_atomic(setup, tmp_path, monkeypatch):
 
 def test_cache_follows_the_corrected_teacher(setup, tmp_path, capsys):
     """A top-k cache built from the uncorrected teacher is never reused once correction is on."""
-    from minitron.fingerprint import content_id, model_identity
+    from minitron.data.fingerprint import content_id, model_identity
 
     root, teacher, corpus = setup
     out = tmp_path / "corr"
@@ -395,7 +395,7 @@ def test_unsupported_architecture_fails_before_loading_weights(tmp_path, monkeyp
 
 RUN_SCRIPT = """
 import json, sys
-from minitron.config import load_config
+from minitron.pipeline.config import load_config
 from minitron.pipeline import RunConfig, run
 run(load_config(RunConfig, None, json.loads(sys.argv[1])))
 """

@@ -3,7 +3,7 @@ import torch
 
 from conftest import make_config, make_model
 from minitron import arch
-from minitron.plan import (
+from minitron.prune.plan import (
     PlanError,
     Target,
     budget_splits,

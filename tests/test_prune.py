@@ -6,10 +6,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_model, make_text
 from minitron import arch
+from minitron.arch.models import ModelLoadError
 from minitron.data import DataError
-from minitron.models import ModelLoadError
-from minitron.plan import PlanError, PrunePlan, Target, make_plan
 from minitron.prune import OutputExists, PruneConfig, apply_plan, prune
+from minitron.prune.plan import PlanError, PrunePlan, Target, make_plan
 
 
 def _cfg(model_dir, corpus_dir, out, **kw):
@@ -74,8 +74,8 @@ def test_budget_split_by_heldout_loss(tiny_model_dir, corpus_dir, tmp_path):
     plan = PrunePlan.load(out / "plan.json")
     assert (plan.target["hidden"], plan.target["ffn"]) == (table[0]["hidden"], table[0]["ffn"])
     # held-out hygiene: the split was chosen on the selection blocks, the loss is reported on the others
+    from minitron.arch.models import lm_loss, load_tokenizer
     from minitron.data import load_splits, report_blocks, selection_blocks
-    from minitron.models import lm_loss, load_tokenizer
 
     val = load_splits(str(corpus_dir), load_tokenizer(str(out)), 32).validation
     select, report = selection_blocks(val, 2), report_blocks(val, 2)

@@ -4,9 +4,9 @@ import torch
 from conftest import make_model, make_text
 from minitron import arch
 from minitron.data import pack
-from minitron.importance import ImportanceConfig, compute_importance
-from minitron.plan import PlanError, config_with_dims, count_params
-from minitron.search import SearchConfig, candidates, save_table, search
+from minitron.prune.importance import ImportanceConfig, compute_importance
+from minitron.prune.plan import PlanError, config_with_dims, count_params
+from minitron.prune.search import SearchConfig, candidates, save_table, search
 
 
 def test_candidates_in_budget():

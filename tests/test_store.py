@@ -13,10 +13,6 @@ import pytest
 import torch
 
 from conftest import make_text
-from minitron import store as st
-from minitron import store_blends as bl
-from minitron import store_blocks as blk
-from minitron import store_sources as sources
 from minitron.data import (
     DataError,
     corpus_blocks,
@@ -27,9 +23,13 @@ from minitron.data import (
     shuffle_docs,
     split_blocks,
 )
-from minitron.store import StoreError, ensure_store, open_store
-from minitron.store_blocks import stream_blocks
-from minitron.store_sources import Source
+from minitron.data import blends as bl
+from minitron.data import blocks as blk
+from minitron.data import sources as sources
+from minitron.data import store as st
+from minitron.data.blocks import stream_blocks
+from minitron.data.sources import Source
+from minitron.data.store import StoreError, ensure_store, open_store
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 USER_CACHE = os.environ.get("MINITRON_CACHE")
@@ -285,8 +285,8 @@ RANK_SCRIPT = """
 import json, sys
 import torch, torch.distributed as dist
 from transformers import AutoTokenizer
-from minitron.store import ensure_store
-from minitron.store_blocks import rank_blocks
+from minitron.data.store import ensure_store
+from minitron.data.blocks import rank_blocks
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 s = ensure_store(sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[2]), sys.argv[3], progress=False)
@@ -331,7 +331,7 @@ def test_cli_data(tmp_path, tokenizer, capsys):
 
 
 def test_run_records_a_blend_by_its_sources(tmp_path):
-    from minitron.pipeline import DataSection, RunConfig, _corpus
+    from minitron.pipeline.stages import DataSection, RunConfig, _corpus
 
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -381,7 +381,7 @@ def test_report_shows_the_blend_drawn(tmp_path, tokenizer):
     """distill on a blend corpus records the blend drawn in its folder; report.md shows each source's weight asked
     and the blocks and tokens drawn."""
     from conftest import distill_pair, make_model
-    from minitron.report import write_report
+    from minitron.eval.report import write_report
 
     for name, seed in (("web", 900), ("code", 950)):
         (tmp_path / name).mkdir()
@@ -406,8 +406,8 @@ def test_report_shows_the_blend_drawn(tmp_path, tokenizer):
 def test_recipe_inline_blend_is_the_blend_file(tmp_path, tokenizer, monkeypatch):
     """data.blend in a recipe (sources with weights inline) becomes the same blend a blend file gives: the same
     sources and weights, the same blocks; data.corpus and data.blend together are refused; keys are checked."""
-    from minitron.config import ConfigError, load_config, save_config
     from minitron.pipeline import RunConfig
+    from minitron.pipeline.config import ConfigError, load_config, save_config
 
     for name, seed in (("web", 1000), ("code", 1050)):
         (tmp_path / name).mkdir()
@@ -438,9 +438,9 @@ def test_prune_and_eval_loss_read_only_their_budget(tmp_path, tokenizer, monkeyp
     limit, not every block of the corpus (lazy BlockView slices; the same blocks as the eager split)."""
     from conftest import make_model
     from minitron.data import report_blocks, selection_blocks
-    from minitron.evaluate import heldout_loss
-    from minitron.plan import Target
+    from minitron.eval.harness import heldout_loss
     from minitron.prune import PruneConfig, prune
+    from minitron.prune.plan import Target
 
     (tmp_path / "c").mkdir()
     for i in range(8):
@@ -491,7 +491,7 @@ def test_store_by_path_wherever_a_corpus_is_taken(tmp_path, tokenizer, capsys):
     from transformers import AutoTokenizer
 
     from minitron.cli import main
-    from minitron.fingerprint import corpus_identity
+    from minitron.data.fingerprint import corpus_identity
 
     teacher, corpus, store = _teacher(tmp_path, tokenizer), _text_folder(tmp_path), tmp_path / "store"
     assert main(["data", str(corpus), "--tokenizer", str(teacher), "--out", str(store)]) == 0
@@ -517,7 +517,7 @@ def test_store_by_path_wherever_a_corpus_is_taken(tmp_path, tokenizer, capsys):
     ident = corpus_identity(str(store))
     assert ident["store"] == json.loads((store / "meta.json").read_text())["fingerprint"]
     assert sources.source_identity(Source(str(store)))["store"] == ident["store"]
-    from minitron.pipeline import DataSection, RunConfig, _corpus
+    from minitron.pipeline.stages import DataSection, RunConfig, _corpus
 
     assert _corpus(RunConfig(data=DataSection(corpus=str(store))))["store"] == ident["store"]  # a recipe's data.corpus
     spec = tmp_path / "mix.blend.yaml"  # a blend entry

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from eval_fixtures import write_task_data
-from minitron import tasks as T
+from minitron.eval import tasks as T
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import make_model
-from minitron import topk_cache as tc
+from minitron.distill import topk_cache as tc
 from minitron.distill.loop import global_block_ids
-from minitron.losses import LossConfig, naive_distill_loss
+from minitron.distill.losses import LossConfig, naive_distill_loss
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 T, K = 16, 8
@@ -161,7 +161,7 @@ RANK_SCRIPT = """
 import sys
 import torch, torch.distributed as dist
 from transformers import AutoModelForCausalLM
-from minitron.topk_cache import open_or_build
+from minitron.distill.topk_cache import open_or_build
 dist.init_process_group("gloo")
 teacher = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
 train = torch.load(sys.argv[2])

@@ -7,8 +7,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minitron.fingerprint import corpus_identity, model_identity
-from minitron.losses import (
+from minitron.data.fingerprint import corpus_identity, model_identity
+from minitron.distill.losses import (
     HIDDEN_LOSSES,
     LossConfig,
 )
@@ -31,7 +31,7 @@ class DistillConfig:
     student: str                          # HF dir / hub id / `default` of the model to train
     out: str                              # output dir (model, metrics, plot, checkpoints)
     teacher: str | None = "default"       # None: no teacher (LM-loss fine-tune, e.g. teacher correction)
-    data: str = "default"                 # corpus (see minitron.data.read_texts)
+    data: str = "default"                 # corpus (see minitron.data.corpus.read_texts)
     tokens: int | None = None             # token budget (tokens processed); or give steps
     steps: int | None = None              # optimizer steps; wins over tokens
     loss: str = "fkl"                     # fkl | rkl | jsd
@@ -109,7 +109,7 @@ RESUMABLE_CHANGES = ("resume", "progress", "keep_checkpoints", "eval_every", "ev
 
 
 def run_inputs(cfg: DistillConfig) -> dict:
-    """Identity of the teacher's and student's weights and of the corpus (minitron.fingerprint)."""
+    """Identity of the teacher's and student's weights and of the corpus (minitron.data.fingerprint)."""
     return {"teacher": model_identity(cfg.teacher) if cfg.teacher is not None else None,
             "student": model_identity(cfg.student), "data": corpus_identity(cfg.data, cfg.data_root)}
 

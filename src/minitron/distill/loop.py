@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from minitron.arch import dims_of, enable_checkpointing
-from minitron.data import DataError, corpus_blocks, load_splits, report_blocks, resolve_source
+from minitron.arch.adapters import dims_of, enable_checkpointing
+from minitron.arch.models import empty_model, load_model, load_tokenizer, parse_dtype, resolve_model_path
+from minitron.data.corpus import DataError, corpus_blocks, load_splits, report_blocks, resolve_source
+from minitron.data.fingerprint import content_id
 from minitron.distill.checkpoint import full_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from minitron.distill.config import (
     FINISHED,
@@ -26,14 +28,12 @@ from minitron.distill.config import (
     check_same_run,
     run_inputs,
 )
+from minitron.distill.losses import (
+    default_layer_map,
+)
 from minitron.distill.metrics import append_metrics, plot_metrics, read_metrics, truncate_metrics
 from minitron.distill.parallel import Dist, fill_shards, init_distributed, real_state, unwrap, wrap
 from minitron.distill.student import LayerTap, Student, evaluate_all, teacher_pass, val_topk
-from minitron.fingerprint import content_id
-from minitron.losses import (
-    default_layer_map,
-)
-from minitron.models import empty_model, load_model, load_tokenizer, parse_dtype, resolve_model_path
 
 
 def lr_at(step: int, cfg: DistillConfig, total: int) -> float:
@@ -171,7 +171,7 @@ def distill(cfg: DistillConfig) -> Path:
 
     cache = None
     if cfg.topk_cache:
-        from minitron.topk_cache import open_or_build
+        from minitron.distill.topk_cache import open_or_build
 
         # only the blocks these steps read; each rank computes the share it reads first
         cache = open_or_build(cfg.topk_cache, teacher, splits.train, cfg.topk, cfg.temperature,

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minitron.arch import decoder_layers
+from minitron.arch.adapters import decoder_layers
+from minitron.arch.models import resolve_device
 from minitron.distill.config import DistillConfig, DistillError
-from minitron.models import resolve_device
 
 if TYPE_CHECKING:
     from minitron.distill.student import Student
@@ -70,7 +70,7 @@ def init_distributed(cfg: DistillConfig) -> tuple[Dist, torch.device]:
     rank's device. One process runs unsharded whatever cfg.distributed says (its checkpoints are the same
     sharded format, so a run can resume at another world size), except `distributed: fsdp` under torchrun
     with one process, which runs FSDP2 over a world of 1 (the multi-GPU recipe's code path on one GPU)."""
-    from minitron import ranks
+    from minitron.arch import ranks
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     fsdp_of_one = world == 1 and cfg.distributed == "fsdp" and "TORCHELASTIC_RUN_ID" in os.environ

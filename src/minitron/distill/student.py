@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minitron.arch import decoder_layers, dims_of, layer_output, lm_head, logit_map
+from minitron.arch.adapters import decoder_layers, dims_of, layer_output, lm_head, logit_map
 from minitron.distill.config import DistillConfig
-from minitron.distill.parallel import Dist
-from minitron.losses import (
+from minitron.distill.losses import (
     LossConfig,
     chunked_distill_loss,
     hidden_state_loss,
 )
+from minitron.distill.parallel import Dist
 
 # ---- the trained module ---------------------------------------------------------------------------
 
@@ -106,7 +106,7 @@ def val_batches(val: torch.Tensor, cfg: DistillConfig, d: Dist) -> tuple[list[li
 def val_topk(teacher, val: torch.Tensor, cfg: DistillConfig, d: Dist, device) -> list[tuple[torch.Tensor, ...]]:
     """The teacher's top-k (at T = 1) on each of this rank's validation batches -> [(idx, logp [B, T-1, k])],
     so that evaluation can go on without the teacher (release_teacher)."""
-    from minitron.topk_cache import teacher_topk
+    from minitron.distill.topk_cache import teacher_topk
 
     return [teacher_topk(teacher, val[b].to(device), cfg.topk, 1.0, cfg.chunk_size) for b in val_batches(val, cfg, d)[0]]
 

@@ -1,0 +1,273 @@
+"""Plots (matplotlib, Agg backend) of what a stage measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _has(scores: dict[str, torch.Tensor], key: str) -> bool:
+    """The scores hold a non-empty `key` (attention-free models have heads [L, 0], no MLP neurons [L, 0])."""
+    return key in scores and scores[key].numel() > 0
+
+
+def _heatmap(fig, ax, scores: torch.Tensor, title: str, ylabel: str, log: bool = False) -> None:
+    """Per-layer scores [L, N] as an N x L heatmap (log colour scale: a floor of 1e-6 x the maximum)."""
+    from matplotlib.colors import LogNorm
+
+    values = scores.T  # [L, N] -> [N, L]: layers along x
+    norm = None
+    if log:
+        values, norm = values.clamp_min(1e-6 * float(values.max().clamp_min(1e-12))), LogNorm()
+    im = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", norm=norm)
+    ax.set(title=title, xlabel="layer", ylabel=ylabel)
+    fig.colorbar(im, ax=ax)
+
+
+def _layer_curves(ax, scores: dict[str, torch.Tensor]) -> None:
+    """Block Importance per layer [L], with the LM-loss increase [L] on a twin axis when measured."""
+    layers = range(scores["layer_bi"].numel())
+    ax.plot(layers, scores["layer_bi"].numpy(), "o-", label="Block Importance (1 - cos)")
+    ax.set(title="layer importance", xlabel="layer", ylabel="BI")
+    if "layer_lm_loss" in scores:
+        twin = ax.twinx()
+        twin.plot(layers, scores["layer_lm_loss"].numpy(), "s-", color="tab:red", label="LM-loss increase")
+        twin.set_ylabel("LM-loss increase when removed", color="tab:red")
+        twin.legend(loc="upper center")
+    ax.legend(loc="upper right")
+
+
+def _channels(ax, channels: torch.Tensor) -> None:
+    """Hidden-channel scores [C], sorted, on a log axis."""
+    ax.plot(channels.sort(descending=True).values.numpy())
+    ax.set(title="embedding channel importance (sorted)", xlabel="rank", ylabel="score", yscale="log")
+
+
+def importance_panels(scores: dict[str, torch.Tensor]) -> list[str]:
+    """The panels plot_importance draws for these scores, in order: each only where the scores hold its axis
+    (heads: attention; neurons: MLP; mamba_heads: Mamba layers; experts / router_tokens: MoE)."""
+    return [key for key in ("heads", "neurons", "mamba_heads", "channels", "layer_bi", "experts", "router_tokens")
+            if _has(scores, key)]
+
+
+def plot_importance(scores: dict[str, torch.Tensor], path: Path, title: str = "") -> Path:
+    """One figure, two panels a row, each drawn only where the scores hold its axis (importance_panels):
+    attention head, MLP neuron and Mamba head heatmaps per layer, sorted channel scores, layer-importance
+    curves; for an MoE model also expert importance and the router statistics (share of tokens routed to each
+    expert). Layers without a part (hybrid models) show a zero column in that part's heatmap."""
+    plt = _plt()
+    panels = importance_panels(scores)
+    if not panels:
+        raise ValueError("the scores hold none of the axes plot_importance draws (heads, neurons, mamba_heads, "
+                         "channels, layer_bi); pass the scores of an importance pass")
+    moe = "router_tokens" in scores
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 4.5 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, panels, strict=False):
+        if key == "heads":
+            _heatmap(fig, ax, scores["heads"], "attention head importance", "head")
+        elif key == "neurons":
+            _heatmap(fig, ax, scores["neurons"], "MLP neuron importance (log scale)",
+                     "expert x neuron (expert-major)" if moe else "neuron", log=True)
+        elif key == "mamba_heads":
+            _heatmap(fig, ax, scores["mamba_heads"], "Mamba head importance (x segment of in_proj)", "Mamba head")
+        elif key == "channels":
+            _channels(ax, scores["channels"])
+        elif key == "layer_bi":
+            _layer_curves(ax, scores)
+        elif key == "experts":
+            _heatmap(fig, ax, scores["experts"], "expert importance (output norm)", "expert")
+        else:
+            _heatmap(fig, ax, scores["router_tokens"], "router: share of tokens routed to each expert", "expert")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_blocks(scores: dict[str, torch.Tensor], path: Path) -> Path | None:
+    """The second paper's Figs. 8-9: each metric per removed contiguous block, against its first layer."""
+    sizes = sorted({int(k.split(".")[1]) for k in scores if k.startswith(("block_lm_loss.", "block_task."))})
+    if not sizes:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], sizes, strict=True):
+        other = scores.get(f"block_lm_loss.{n}", scores.get(f"block_task.{n}"))
+        start = range(other.numel())
+        if f"block_bi.{n}" in scores:  # BI is measured only for the block sizes a run needs
+            ax.plot(start, scores[f"block_bi.{n}"].numpy(), "o-", label="Block Importance (1 - cos)")
+        ax.set(title=f"removing {n} contiguous layer(s)", xlabel="first removed layer", ylabel="BI")
+        twin = ax.twinx()
+        if f"block_lm_loss.{n}" in scores:
+            twin.plot(start, scores[f"block_lm_loss.{n}"].numpy(), "s-", color="tab:red", label="LM-loss increase")
+        if f"block_task.{n}" in scores:
+            twin.plot(start, scores[f"block_task.{n}"].numpy(), "^-", color="tab:green", label="task accuracy drop")
+        twin.set_ylabel("LM-loss increase / accuracy drop")
+        ax.legend(loc="upper left")
+        twin.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_search(rows: list[dict], path: Path) -> Path:
+    """Candidates: parameters against validation loss after pruning and after short training."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    rows = [r for r in rows if "skipped" not in r]  # candidates the planner refused have no loss
+    params = [r["params"]["total"] / 1e6 for r in rows]
+    ax.scatter(params, [r["loss_pruned"] for r in rows], label="after pruning", marker="o")
+    trained = [(p, r["loss_trained"]) for p, r in zip(params, rows, strict=True) if "loss_trained" in r]
+    if trained:
+        ax.scatter(*zip(*trained, strict=True), label="after short distillation", marker="s")
+    for p, r in zip(params, rows, strict=True):
+        d = r["dims"]
+        ax.annotate(f"L{d['layers']} h{d['hidden']} f{d['ffn']} H{d['heads']}", (p, r["loss_pruned"]),
+                    fontsize=7, alpha=0.7)
+    ax.set(xlabel="parameters (M)", ylabel="validation loss", title="architecture search candidates")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _params_line(p: dict) -> str:
+    line = f"{p['total'] / 1e6:.2f}M total, {p['non_embedding'] / 1e6:.2f}M non-embedding"
+    if p.get("active", p["total"]) != p["total"]:  # MoE: what one token uses
+        line += f", {p['active'] / 1e6:.2f}M active per token"
+    return line
+
+
+def _eval_table(results: dict) -> str:
+    """Markdown table of an evaluate() result, columns = tasks, rows = models (labelled)."""
+    from minitron.eval.harness import markdown_table
+
+    return markdown_table(results)
+
+
+def gguf_lines(g: dict) -> list[str]:
+    """Markdown of a GGUF export (gguf.json): file, type, size, and the llama.cpp speed-up when measured."""
+    types = ", ".join(f"{n} {t}" for t, n in sorted(g["tensor_types"].items()))
+    lines = ["## GGUF for llama.cpp", "",
+             f"`{g['file']}`: type {g['type']}, llama.cpp architecture `{g['architecture']}`, "
+             f"{g['bytes'] / 2**20:.1f} MiB (tensors: {types}). Run it with `llama-cli -m {g['file']}` or "
+             "llama-cpp-python.", ""]
+    if g.get("unquantized_rows"):
+        lines += [f"Matrices with rows of {', '.join(map(str, g['unquantized_rows']))} values are not a whole number of "
+                  f"{g['type']} blocks and stay f16 (docs/export.md: prune to multiples of 32 to quantize them).", ""]
+    s = g.get("llama_cpp")
+    if s:
+        t, st = s["teacher"], s["student"]
+        lines += [f"Measured under llama.cpp ({t['threads']} threads, {t['prompt_tokens']}-token prompt, "
+                  f"{t['gen_tokens']} generated tokens, best of {t['rounds']} interleaved rounds, both in {g['type']}):", "",
+                  "| model | file | prompt tok/s | generation tok/s |", "|---|---|---|---|",
+                  f"| teacher | {s['teacher_bytes'] / 2**20:.1f} MiB | {t['prefill_tok_s']:.0f} | {t['decode_tok_s']:.1f} |",
+                  f"| student | {g['bytes'] / 2**20:.1f} MiB | {st['prefill_tok_s']:.0f} ({s['prefill_speedup']:.2f}x) | "
+                  f"{st['decode_tok_s']:.1f} ({s['decode_speedup']:.2f}x) |", ""]
+    return lines
+
+
+def blend_lines(drawn: dict, title: str) -> list[str]:
+    """Markdown of a blend drawn (store_blends.blend_summary's json): per source the weight asked and what was drawn."""
+    lines = [f"## {title}", "", f"{drawn['blocks']:,} blocks of {drawn['seq_len']} tokens drawn (train + validation):",
+             "", "| source | weight asked | blocks drawn | share drawn | tokens drawn |", "|---|---:|---:|---:|---:|"]
+    for d in drawn["sources"]:
+        lines.append(f"| `{d['source']}` | {d['weight']:.1%} | {d['blocks']:,} | {d['share']:.1%} | {d['tokens']:,} |")
+    return [*lines, ""]
+
+
+def _architecture_table(plan: dict) -> list[str]:
+    """Markdown rows of teacher vs student dims (a plan.json); Mamba heads / head dim columns where the model
+    has Mamba layers."""
+    src, tgt = plan["source"], plan["target"]
+    cols = [("layers", "layers"), ("hidden", "hidden"), ("ffn", "MLP"), ("heads", "heads"), ("kv_heads", "KV heads")]
+    if src.get("mamba_heads"):
+        cols += [("mamba_heads", "Mamba heads"), ("mamba_head_dim", "Mamba head dim")]
+    lines = ["## Architecture", "", "| | " + " | ".join(name for _, name in cols) + " | parameters |",
+             "|---" * (len(cols) + 2) + "|"]
+    for label, d, params in (("teacher", src, plan["params_before"]), ("student", tgt, plan["params_after"])):
+        lines.append(f"| {label} | " + " | ".join(str(d[k]) for k, _ in cols) + f" | {_params_line(params)} |")
+    return [*lines, ""]
+
+
+def write_model_card(path: Path, card: dict) -> Path:
+    """README.md of an exported student: front matter, provenance, recipe, data, tokens, scores."""
+    plan = card.get("plan") or {}
+    base = [f"base_model: {card['base_model']}"] if card.get("base_model") else []
+    lines = ["---", "library_name: transformers", *base, "tags: [minitron, pruning, distillation]", "---", "",
+             "# Minitron student", "",
+             f"Made with minitron (Minitron pruning + distillation for Hugging Face models) from `{card['source']}` "
+             f"by structured pruning ({card.get('criterion', 'activation')} importance, Minitron recipe) followed by "
+             f"logit distillation ({card['loss']}) from {card['teacher'] if card['teacher'] != card['source'] else 'it'} "
+             f"on `{card['corpus']}` for {card['distill_tokens']:,} tokens.", ""]
+    if plan:
+        lines += _architecture_table(plan)
+        if plan.get("dropped_layers"):
+            lines += [f"Dropped layers: {plan['dropped_layers']} ({plan['layer_choice'].get('how', '')}).", ""]
+    if card.get("results"):
+        lines += ["## Evaluation (zero-shot, scored as lm-evaluation-harness 0.4 scores them)", "",
+                  _eval_table(card["results"]), ""]
+    if card.get("gguf"):
+        lines += gguf_lines(card["gguf"])
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "model = AutoModelForCausalLM.from_pretrained(PATH)  # no custom code", "```", "",
+              f"Recipe: `{card['recipe']}`.", ""]
+    Path(path).write_text("\n".join(lines))
+    return Path(path)
+
+
+def write_report(out: Path) -> Path:
+    """report.md of a `minitron run` output dir, from the artifacts its stages wrote."""
+    out = Path(out)
+    lines = [f"# minitron run: {out.name}", "", "## Recipe", "", "```yaml", (out / "config.yaml").read_text().rstrip(),
+             "```", ""]
+    for plan_path in sorted(out.glob("**/prune/plan.json")):
+        plan = json.loads(plan_path.read_text())
+        rel = plan_path.parent.relative_to(out)
+        lines += [f"## Pruning ({rel})", "", f"- before: {plan['source']} — {_params_line(plan['params_before'])}",
+                  f"- after: {plan['target']} — {_params_line(plan['params_after'])}",
+                  f"- dropped layers: {plan['dropped_layers'] or 'none'}"]
+        metrics = plan_path.parent / "prune_metrics.json"
+        if metrics.is_file():
+            m = json.loads(metrics.read_text())
+            lines.append(f"- held-out loss right after pruning: {m['heldout_loss_before']:.4f} -> "
+                         f"{m['heldout_loss_after']:.4f}")
+        lines.append("")
+    for img in sorted(out.glob("**/importance/*.png")):
+        lines += [f"![{img.stem}]({img.relative_to(out)})", ""]
+    if (out / "search" / "search.md").is_file():
+        lines += ["## Architecture search", "", (out / "search" / "search.md").read_text(),
+                  "![search](search/search.png)", ""]
+    for curve in sorted(out.glob("**/distill/loss.png")):
+        lines += [f"## Distillation ({curve.parent.relative_to(out)})", "", f"![loss]({curve.relative_to(out)})", ""]
+    for drawn in sorted(out.glob("**/distill/blend_drawn.json")):
+        lines += blend_lines(json.loads(drawn.read_text()), f"Data blend drawn ({drawn.parent.relative_to(out)})")
+    results = out / "eval" / "results.json"
+    if results.is_file():
+        lines += ["## Evaluation", "", _eval_table(json.loads(results.read_text())), "", "![eval](eval/results.png)", ""]
+    if (out / "export" / "config.json").is_file():
+        lines += ["## Export", "", "`export/` is a plain Hugging Face model dir with a model card "
+                  "(`AutoModelForCausalLM.from_pretrained('export')`).", ""]
+        if (out / "export" / "gguf.json").is_file():
+            lines += [line.replace("## GGUF", "### GGUF") for line in
+                      gguf_lines(json.loads((out / "export" / "gguf.json").read_text()))]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

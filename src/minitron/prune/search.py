@@ -1,0 +1,192 @@
+"""Lightweight architecture search (Minitron paper 1, section 4): candidates within a parameter budget,
+each pruned from the cached importance scores (no recalibration), ranked by validation loss.
+
+    candidates(config, SearchConfig(params=70e6))        -> list of Dims within budget +- tolerance
+    search(model, scores, validation, cfg, train=...)    -> table rows, best first (then skipped ones)
+`train(model) -> model` is the short distillation of each candidate (minitron.distill); without it the
+ranking is by the loss right after pruning, which the paper shows can differ from the ranking after
+retraining.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minitron.arch import adapters as arch
+from minitron.arch.models import lm_loss
+from minitron.prune.importance import layer_lm_loss
+from minitron.prune.plan import PlanError, Target, config_with_dims, count_params, make_plan, parse_count
+from minitron.prune.trim import loss_after_pruning, pruned_copy
+
+
+@dataclass
+class SearchConfig:
+    """Search space and budget."""
+
+    enabled: bool = False               # as a pipeline stage: pick the target by search
+    params: float | str = 0.0           # total parameter budget (e.g. 70M)
+    train_tokens: int = 0               # short distillation per candidate (0: rank by loss after pruning)
+    tolerance: float = 0.05             # keep candidates within budget * (1 +- tolerance)
+    axes: list[str] = field(default_factory=lambda: ["hidden", "ffn", "heads", "layers"])  # free axes
+    width_fractions: list[float] = field(default_factory=lambda: [0.5, 0.5625, 0.625, 0.6875, 0.75, 0.8125,
+                                                                   0.875, 0.9375, 1.0])
+    layer_fractions: list[float] = field(default_factory=lambda: [0.75, 0.875, 1.0])
+    # MoE, with "experts" in axes: fractions of the experts kept per layer (never below top-k)
+    expert_fractions: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])
+    round_to: int = 8
+    max_candidates: int = 6             # distill at most this many (best by loss after pruning)
+    layer_metric: str = "lm-loss"       # how depth candidates choose their dropped block
+
+    def __post_init__(self) -> None:
+        if isinstance(self.params, str):
+            self.params = parse_count(self.params)
+
+    def check(self) -> None:
+        unknown = set(self.axes) - {"hidden", "ffn", "heads", "layers", "experts", "mamba_heads"}
+        if unknown:
+            raise ValueError(f"search.axes: unknown axes {sorted(unknown)}; choose from hidden, ffn, heads, layers, "
+                             "experts (MoE), mamba_heads (hybrid)")
+        if self.params < 0 or not 0 <= self.tolerance < 1:
+            raise ValueError("search.params must be >= 0 and search.tolerance in [0, 1)")
+
+
+def _round(x: float, to: int) -> int:
+    return max(to, int(round(x / to)) * to)
+
+
+def candidates(config, cfg: SearchConfig) -> list[arch.Dims]:
+    """Every combination of the free axes' grid values whose total params lie within the budget band."""
+    src = arch.dims_of(config)
+    group = src.heads // src.kv_heads if src.kv_heads else 0  # 0: attention-free (Mamba2)
+
+    def grid(axis, source, fractions, step):
+        return sorted({min(source, _round(source * f, step)) for f in fractions}) if axis in cfg.axes else [source]
+
+    hidden = grid("hidden", src.hidden, cfg.width_fractions, cfg.round_to)
+    ffn = grid("ffn", src.ffn, cfg.width_fractions, cfg.round_to)
+    heads = ([src.kv_heads * g for g in range(1, group + 1)] if "heads" in cfg.axes and group else [src.heads])
+    layers = sorted({max(1, round(src.layers * f)) for f in cfg.layer_fractions}) if "layers" in cfg.axes else [src.layers]
+    if "experts" in cfg.axes and not src.experts:
+        raise PlanError(f"search.axes names experts, but {config.model_type} is a dense model; drop it")
+    experts = (sorted({max(src.top_k, round(src.experts * f)) for f in cfg.expert_fractions})
+               if "experts" in cfg.axes else [src.experts])
+    if "mamba_heads" in cfg.axes and not src.mamba_heads:
+        raise PlanError(f"search.axes names mamba_heads, but {config.model_type} has no Mamba layers; drop it")
+    a = arch.get_arch(config)
+    groups = getattr(config, a.mamba.groups_key) if src.mamba_heads else 1
+    mamba_heads = grid("mamba_heads", src.mamba_heads, cfg.width_fractions, groups)  # whole heads per B/C group
+    lo, hi = cfg.params * (1 - cfg.tolerance), cfg.params * (1 + cfg.tolerance)
+    out = []
+    for h, f, nh, nl, ne, nm in itertools.product(hidden, ffn, heads, layers, experts, mamba_heads):
+        if (a.hidden_divisible_by_heads and h % nh) or (a.hidden_is_q_width and h != nh * src.head_dim):
+            continue  # transformers would refuse to load this config
+        # MoE: top-k and shared width kept; Mamba: head dim kept
+        dims = replace(src, hidden=h, ffn=f, heads=nh, layers=nl, experts=ne, mamba_heads=nm)
+        if lo <= count_params(config_with_dims(config, dims))["total"] <= hi:
+            out.append(dims)
+    if not out:
+        raise PlanError(f"no candidate within {cfg.params / 1e6:.4g}M +- {cfg.tolerance:.0%}; widen "
+                        "search.tolerance, free more axes or change the grids")
+    return out
+
+
+def depth_block_sizes(config, cfg: SearchConfig) -> list[int]:
+    """Numbers of layers the depth candidates of `cfg` drop (each a contiguous block): the Block Importance
+    sizes an importance pass must measure for a search by layer_metric bi."""
+    if not cfg.params:
+        return []
+    L = arch.dims_of(config).layers
+    return sorted({L - d.layers for d in candidates(config, cfg) if d.layers < L})
+
+
+def target_of(d: arch.Dims, cfg: SearchConfig) -> Target:
+    """The Target that prunes to a candidate's dims (a search row's "dims"), MoE and Mamba axes included."""
+    moe = dict(experts=d.experts, top_k=d.top_k, shared_ffn=d.shared_ffn or None) if d.experts else {}
+    mamba = dict(mamba_heads=d.mamba_heads, mamba_head_dim=d.mamba_head_dim) if d.mamba_heads else {}
+    return Target(hidden=d.hidden, ffn=d.ffn, heads=d.heads, kv_heads=d.kv_heads, layers=d.layers,
+                  layer_metric=cfg.layer_metric, **moe, **mamba)
+
+
+def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg: SearchConfig,
+           train: Callable | None = None, batch_size: int = 8, rank_blocks: torch.Tensor | None = None
+           ) -> list[dict]:
+    """Prune every candidate from `scores`, keep the best cfg.max_candidates by loss after pruning,
+    train each with `train` (if given) and rank by validation loss [N, T]. Returns rows, best first, then the
+    candidates the planner refused (a "skipped" reason instead of losses; search.skipped_row)."""
+    cfg.check()
+    cands = candidates(model.config, cfg)
+    L = arch.dims_of(model.config).layers
+    missing = sorted({L - d.layers for d in cands if d.layers < L} - {int(k.split(".")[1]) for k in scores
+                                                                       if k.startswith("block_lm_loss.")})
+    no_bi = sorted(n for n in depth_block_sizes(model.config, cfg) if f"block_bi.{n}" not in scores)
+    if no_bi and cfg.layer_metric == "bi":
+        raise PlanError(f"scores hold no Block Importance for blocks of {no_bi} layers, which the search's depth "
+                        "candidates drop: measure importance with ImportanceConfig(bi_block_sizes="
+                        "search.depth_block_sizes(config, cfg)), or search with layer_metric lm-loss")
+    if missing and cfg.layer_metric == "lm-loss":  # LM-loss of removing each contiguous block of the needed sizes
+        scores = {**scores, **layer_lm_loss(model, validation if rank_blocks is None else rank_blocks, missing,
+                                             batch_size)}
+    rows, skipped = [], []
+    for dims in tqdm(cands, desc="search: prune candidates", unit="cand"):
+        try:
+            plan = make_plan(model.config, scores, target_of(dims, cfg))
+        except PlanError as e:  # e.g. a hybrid's best block to drop holds its only attention layer
+            skipped.append(skipped_row(model.config, dims, str(e)))
+            continue
+        rows.append({"dims": dims.to_dict(), "params": plan.params_after, "dropped_layers": plan.dropped_layers,
+                     "loss_pruned": loss_after_pruning(model, plan, validation, batch_size)})
+    if not rows:
+        raise PlanError("every search candidate was refused by the planner: "
+                        + "; ".join(sorted({r["skipped"] for r in skipped})))
+    rows.sort(key=lambda r: r["loss_pruned"])
+    for row in tqdm(rows[: cfg.max_candidates], desc="search: train candidates", unit="cand"):
+        if train is None:
+            break
+        plan = make_plan(model.config, scores, target_of(arch.Dims(**row["dims"]), cfg))
+        student = train(pruned_copy(model, plan))
+        row["loss_trained"] = lm_loss(student, validation, batch_size)
+        del student
+    key = "loss_trained" if train is not None else "loss_pruned"
+    rows.sort(key=lambda r: (key not in r, r.get(key, float("inf"))))
+    return rows + skipped
+
+
+def skipped_row(config, dims: arch.Dims, why: str) -> dict:
+    """A table row for a candidate the planner refused (why: the PlanError's message), printed as it is
+    skipped; search() lists these after the ranked rows."""
+    short = f"L{dims.layers} h{dims.hidden} f{dims.ffn} H{dims.heads}" + (
+        f" M{dims.mamba_heads}" if dims.mamba_heads else "")
+    print(f"[minitron] search: candidate {short} skipped: {why}")
+    return {"dims": dims.to_dict(), "params": count_params(config_with_dims(config, dims)), "skipped": why}
+
+
+def save_table(rows: list[dict], out_dir: Path, cfg: SearchConfig) -> Path:
+    """search.json, search.md (the table) and search.png (params vs loss, pruned and trained)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "search.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
+    mamba = any(r["dims"].get("mamba_heads") for r in rows)
+    lines = ["| rank | layers | hidden | ffn | heads | " + ("Mamba heads | " if mamba else "")
+             + "params | loss after pruning | loss after training |", "|---" * (9 if mamba else 8) + "|"]
+    for i, r in enumerate(rows):
+        d = r["dims"]
+        cells = [str(d[k]) for k in ("layers", "hidden", "ffn", "heads")] + ([str(d["mamba_heads"])] if mamba else [])
+        if "skipped" in r:  # refused by the planner (search.skipped_row)
+            losses = f"skipped: {r['skipped']} | —"
+            rank = "—"
+        else:
+            losses = f"{r['loss_pruned']:.4f} | " + (f"{r['loss_trained']:.4f}" if "loss_trained" in r else "—")
+            rank = str(i + 1)
+        lines.append(f"| {rank} | {' | '.join(cells)} | {r['params']['total'] / 1e6:.2f}M | {losses} |")
+    (out_dir / "search.md").write_text("\n".join(lines) + "\n")
+    from minitron.eval.report import plot_search
+
+    plot_search(rows, out_dir / "search.png")
+    return out_dir
