@@ -62,6 +62,23 @@ def test_recipe_end_to_end(setup, tmp_path):
     run(cfg, from_stage="distill")
     assert (out / "prune" / "plan.json").stat().st_mtime_ns == stamp
     assert (out / "eval" / "results.json").stat().st_mtime_ns != before
+    # run_log.jsonl: one start / stages / end per invocation; the README section is written from the last one
+    from minitron.arch.runlog import commit, last_invocation
+    from minitron.eval.report import BEGIN, END, readme_section, write_readme_section
+
+    log = [json.loads(line) for line in (out / "run_log.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in log].count("start") == 3 == [r["event"] for r in log].count("end")
+    last = last_invocation(out)
+    assert last[0]["commit"] == commit() and last[0]["cpus"] >= 1
+    assert {r["stage"] for r in last if r["event"] == "stage"} >= {"importance", "prune", "distill", "eval", "export"}
+    section = readme_section(out)
+    assert section.startswith("### Measured on this machine (") and f"commit {commit()}" in section
+    assert "prune reused" in section and "| student |" in section and "wikitext2" not in section.split("\n")[0]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{BEGIN}\nold figures\n{END}\n\n## after\n")
+    write_readme_section(out, readme)
+    text = readme.read_text()
+    assert "old figures" not in text and section in text and text.endswith("## after\n")
 
 
 HYBRID_TARGETS = {  # Mamba2: explicit dims (hidden x expand = heads x head_dim); NemotronH: a budget + Mamba heads

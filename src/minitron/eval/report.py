@@ -157,9 +157,7 @@ def _params_line(p: dict) -> str:
 
 def _eval_table(results: dict) -> str:
     """Markdown table of an evaluate() result, columns = tasks, rows = models (labelled)."""
-    from minitron.eval.harness import markdown_table
-
-    return markdown_table(results)
+    return markdown_table_of(results)
 
 
 def gguf_lines(g: dict) -> list[str]:
@@ -271,3 +269,79 @@ def write_report(out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+# ---- the README's measured section, from a run's artifacts ---------------------------------------------------
+
+BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(round(seconds % 60))} s"
+
+
+def readme_section(run: Path) -> str:
+    """The README's "Measured on this machine" section from a `minitron run` output dir: the invocation that made it
+    (run_log.jsonl: date, commit, machine, seconds per stage), the plan, the held-out losses, the distillation and
+    the evaluation table. Raises FileNotFoundError naming what is missing."""
+    from minitron.arch.runlog import last_invocation
+
+    run = Path(run)
+    log = last_invocation(run)
+    plan, results = _json(run / "prune" / "plan.json"), _json(run / "eval" / "results.json")
+    if not log or plan is None or results is None:
+        raise FileNotFoundError(f"{run} holds no finished `minitron run` (run_log.jsonl with an end record, "
+                                "prune/plan.json, eval/results.json); run the recipe first")
+    start, stages = log[0], {r["stage"]: r["seconds"] for r in log if r["event"] == "stage"}
+    date = start["at"][:10]
+    times = ", ".join(f"{k} {v:.0f} s" if v >= 1 else f"{k} reused" for k, v in stages.items() if k != "correction"
+                      or v >= 1)
+    lines = [f"### Measured on this machine ({start['cpus']} CPU cores, {date}, commit {start['commit']})", "",
+             f"Written by `python -m minitron.eval.report --readme {run}` from that run's files; rerun it after the "
+             "defaults change.", "",
+             f"`minitron run` ({(run / 'config.yaml').name} in `{run}`): {_minutes(log[-1]['seconds'])} wall on "
+             f"{start['device']} ({times}), minitron {start['minitron']}, torch {start['torch']}."]
+    src, dst = plan["source"], plan["target"]
+    lines.append(f"The student has {plan['params_after']['total'] / 1e6:.1f}M parameters (teacher "
+                 f"{plan['params_before']['total'] / 1e6:.1f}M; hidden {src['hidden']} -> {dst['hidden']}, MLP "
+                 f"{src['ffn']} -> {dst['ffn']}, {dst['heads']} heads / {dst['kv_heads']} KV heads, {dst['layers']} of "
+                 f"{src['layers']} layers).")
+    metrics, distilled = _json(run / "prune" / "prune_metrics.json"), _json(run / "distill" / "minitron_distill.json")
+    if metrics and distilled and distilled.get("final_eval"):
+        lines.append(f"Held-out loss (the corpus' validation split): {metrics['heldout_loss_before']:.2f} teacher, "
+                     f"{metrics['heldout_loss_after']:.2f} right after pruning, "
+                     f"{distilled['final_eval']['val_lm_loss']:.2f} after distilling {distilled['tokens']:,} tokens.")
+    lines += ["", markdown_table_of(results).rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table_of(results: dict) -> str:
+    from minitron.eval.harness import markdown_table
+
+    return markdown_table(results)
+
+
+def write_readme_section(run: Path, readme: Path) -> Path:
+    """Replace what stands between README's measured markers with readme_section(run)."""
+    text = Path(readme).read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} has no {BEGIN} ... {END} markers around its measured section")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    Path(readme).write_text(f"{head}{BEGIN}\n{readme_section(run)}{END}{tail}")
+    return Path(readme)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minitron.eval.report",
+                                description="write README's measured section from a `minitron run` output dir")
+    p.add_argument("--readme", metavar="RUN", required=True, help="the run's output dir, e.g. runs/default")
+    p.add_argument("--file", default="README.md", help="the README to rewrite between its measured markers")
+    args = p.parse_args()
+    print(f"[minitron] {write_readme_section(Path(args.readme), Path(args.file))}: measured section from {args.readme}")

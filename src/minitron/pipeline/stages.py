@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from minitron.arch import adapters as arch
-from minitron.arch import ranks
+from minitron.arch import ranks, runlog
 from minitron.arch.files import atomic_dir
 from minitron.arch.models import hub_id, load_model
 from minitron.data.blends import BlendEntry, inline_blend
@@ -581,23 +581,33 @@ def run(cfg: RunConfig, from_stage: str | None = None) -> Path:
     check_target(cfg)
     ranks.join(cfg.model.device)  # under torchrun: training and calibration use every rank (ranks.py)
     ranks.main_only(lambda: _prepare(cfg, out, from_stage))
-    teacher = stage_correction(cfg, out)
+    t0 = runlog.start(out, cfg.model.device)  # run_log.jsonl: code, machine, seconds per stage
+    with runlog.stage(out, "correction"):
+        teacher = stage_correction(cfg, out)
     if cfg.iterative.budgets:
-        student = run_iterative(cfg, out, teacher)
+        with runlog.stage(out, "iterative"):
+            student = run_iterative(cfg, out, teacher)
     else:
-        scores = stage_importance(cfg, out / "importance", teacher, None if cfg.search.enabled else cfg.target)
-        target = stage_search(cfg, out, teacher, scores)
-        if target is not cfg.target and target.layers is not None:  # the pick may drop layers: LM-loss block scores
-            scores = _ensure_block_scores(cfg, out / "importance", teacher, target)
-        pruned = stage_prune(cfg, out / "prune", teacher, scores, target)
-        student = stage_distill(cfg, out / "distill", teacher, pruned, cfg.distill.tokens)
+        with runlog.stage(out, "importance"):
+            scores = stage_importance(cfg, out / "importance", teacher, None if cfg.search.enabled else cfg.target)
+        with runlog.stage(out, "search"):
+            target = stage_search(cfg, out, teacher, scores)
+            if target is not cfg.target and target.layers is not None:  # the pick may drop layers: block scores
+                scores = _ensure_block_scores(cfg, out / "importance", teacher, target)
+        with runlog.stage(out, "prune"):
+            pruned = stage_prune(cfg, out / "prune", teacher, scores, target)
+        with runlog.stage(out, "distill"):
+            student = stage_distill(cfg, out / "distill", teacher, pruned, cfg.distill.tokens)
     if not ranks.leave():  # rank 0 evaluates and exports alone
         return out
-    results = stage_eval(cfg, out / "eval", {"teacher": teacher, "student": str(student)})
-    stage_export(cfg, out / "export", student, _card(cfg, out, teacher, results))
+    with runlog.stage(out, "eval"):
+        results = stage_eval(cfg, out / "eval", {"teacher": teacher, "student": str(student)})
+    with runlog.stage(out, "export"):
+        stage_export(cfg, out / "export", student, _card(cfg, out, teacher, results))
     from minitron.eval.report import write_report
 
     write_report(out)
+    runlog.end(out, t0)
     print(f"[minitron] done: student in {out / 'export'}, report in {out / 'report.md'}")
     return out
 
