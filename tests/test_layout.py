@@ -136,7 +136,7 @@ def test_public_api_is_callable_and_packages_stay_reachable(monkeypatch):
     from minitron.pipeline.stages import run as run_fn
 
     assert run is run_fn and minitron.prune.plan.Target is Target and prune.PruneConfig is PruneConfig
-    assert distill.DistillConfig is DistillConfig and RunConfig.__module__ == "minitron.pipeline.stages"
+    assert distill.DistillConfig is DistillConfig and RunConfig.__module__ == "minitron.pipeline.recipe"
     monkeypatch.setattr(minitron.prune, "prune", lambda cfg: ("pruned", cfg))
     monkeypatch.setattr(minitron.distill, "distill", lambda cfg: ("distilled", cfg))
     assert prune("c") == ("pruned", "c") and distill("c") == ("distilled", "c")

@@ -1,0 +1,152 @@
+"""A `minitron run` recipe: RunConfig and its sections (typed; YAML and dotted overrides through
+minitron.pipeline.config), each section's defaults taken from the stage's own config dataclass so that the
+command line, the recipe and the stage can never disagree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minitron.data.blends import BlendEntry, inline_blend
+from minitron.pipeline.config import ConfigError, default_of
+from minitron.prune.plan import PlanError, Target
+from minitron.prune.search import SearchConfig
+from minitron.prune.trim import PruneConfig
+
+STAGES = ("correction", "importance", "search", "prune", "distill", "eval", "export", "report")
+
+
+def _d(cls, name):
+    return default_of(cls, name)
+
+
+def _dc(name):
+    from minitron.distill import DistillConfig
+
+    return default_of(DistillConfig, name)
+
+
+@dataclass
+class ModelSection:
+    teacher: str = "default"              # HF dir, hub id, or `default` (SmolLM2-135M-Instruct)
+    device: str = _d(PruneConfig, "device")
+    dtype: str = _d(PruneConfig, "dtype")
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataSection:
+    corpus: str = "default"               # distillation / calibration corpus (minitron.data.corpus)
+    seq_len: int = _d(PruneConfig, "seq_len")
+    val_fraction: float = _d(PruneConfig, "val_fraction")
+    data_dir: str | None = None           # folder laid out like shared/data ($MINITRON_DATA_DIR)
+    seed: int = _d(PruneConfig, "seed")
+    blend: list[BlendEntry] = field(default_factory=list)  # inline {corpus, weight, ...} sources instead of corpus
+
+    def __post_init__(self):  # an inline blend becomes a blend file (store.inline_blend): one code path
+        if self.blend:
+            self.corpus = inline_blend(self.blend, self.corpus)
+
+
+@dataclass
+class CorrectionSection:
+    enabled: bool = False                 # LM-loss fine-tune of the teacher on the corpus first
+    tokens: int = 100_000
+    lr: float = 1e-5
+    batch_size: int = _dc("batch_size")
+    grad_accum: int = _dc("grad_accum")
+    autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute)
+    grad_checkpointing: bool = _dc("grad_checkpointing")  # activation checkpointing
+    distributed: str = _dc("distributed")  # auto (ddp under torchrun) | none | ddp | fsdp
+    fsdp_reduce_every_micro: bool | None = _dc("fsdp_reduce_every_micro")  # fsdp: a reduction per micro-batch
+
+
+@dataclass
+class ImportanceSection:
+    calib_samples: int = _d(PruneConfig, "calib_samples")
+    heldout_samples: int = _d(PruneConfig, "heldout_samples")  # validation blocks that choose (as many report)
+    batch_size: int = _d(PruneConfig, "batch_size")
+    seq_agg: str = _d(PruneConfig, "seq_agg")
+    batch_agg: str = _d(PruneConfig, "batch_agg")
+    criterion: str = _d(PruneConfig, "criterion")  # activation | magnitude | taylor | random
+
+
+@dataclass
+class DistillSection:
+    tokens: int = 200_000
+    loss: str = _dc("loss")
+    temperature: float = _dc("temperature")
+    ce_weight: float = _dc("ce_weight")
+    lr: float = _dc("lr")
+    min_lr: float = _dc("min_lr")
+    batch_size: int = _dc("batch_size")
+    grad_accum: int = _dc("grad_accum")
+    eval_every: int = _dc("eval_every")
+    save_every: int = _dc("save_every")
+    topk: int = 0                         # > 0: cache the teacher's top-k log-probs once and reuse them
+    release_teacher: bool | None = _dc("release_teacher")  # with topk: free the teacher once the cache is built
+    autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute)
+    grad_checkpointing: bool = _dc("grad_checkpointing")  # activation checkpointing of the student
+    distributed: str = _dc("distributed")  # auto (ddp under torchrun) | none | ddp | fsdp
+    fsdp_reduce_every_micro: bool | None = _dc("fsdp_reduce_every_micro")  # fsdp: a reduction per micro-batch
+    teacher_dtype: str | None = _dc("teacher_dtype")  # None: bfloat16 on CUDA, else model.dtype
+
+
+@dataclass
+class EvalSection:
+    tasks: list[str] = field(default_factory=lambda: ["wikitext2", "loss:default", "piqa", "arc_easy", "speed"])
+    limit: int | None = 200               # items per zero-shot task
+    ppl_limit: int | None = 20            # windows (wikitext2) / blocks (loss:...) per perplexity task
+    batch_size: int = 8
+    window: int = 2048
+    speed_rounds: int = 5                 # speed: interleaved rounds over the models, best of each kept
+
+
+@dataclass
+class IterativeSection:
+    budgets: list[str] = field(default_factory=list)  # e.g. [100M, 70M]: one prune -> distill per budget
+
+
+@dataclass
+class ExportSection:
+    gguf: str | None = None               # also write export/student-<TYPE>.gguf for llama.cpp: f16 | q8_0 | ...
+    gguf_speed: bool = False              # time teacher vs student GGUF under llama.cpp (needs llama-cpp-python)
+
+
+@dataclass
+class RunConfig:
+    """One recipe. The pruning target is `target` (or the search's pick, or the iterative budgets)."""
+
+    out: str = "runs/default"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    correction: CorrectionSection = field(default_factory=CorrectionSection)
+    importance: ImportanceSection = field(default_factory=ImportanceSection)
+    target: Target = field(default_factory=Target)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    distill: DistillSection = field(default_factory=DistillSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    iterative: IterativeSection = field(default_factory=IterativeSection)
+    export: ExportSection = field(default_factory=ExportSection)
+
+    def check(self) -> None:
+        t = self.target
+        if not (t.params or t.hidden or t.ffn or t.heads or t.kv_heads or t.layers or t.drop_layers or t.experts
+                or t.top_k or t.shared_ffn or t.mamba_heads or t.mamba_head_dim
+                or self.search.enabled or self.iterative.budgets):
+            raise PlanError("the recipe prunes nothing: set target.params (e.g. 70M) or target dims, "
+                            "or enable search / iterative")
+        from minitron.prune.importance import CRITERIA
+
+        if self.export.gguf:
+            from minitron.export.gguf import check_type
+
+            check_type(self.export.gguf)  # an unknown type fails now, not after distillation
+        if self.export.gguf_speed:
+            if not self.export.gguf:
+                raise ConfigError("export.gguf_speed times the GGUF files: set export.gguf too (e.g. q8_0)")
+            from minitron.export.runtime import llama_cpp
+
+            llama_cpp()  # RuntimeMissing (how to install llama-cpp-python) now, not after distillation
+        if self.importance.criterion not in CRITERIA:
+            raise ConfigError(f"importance.criterion {self.importance.criterion!r} unknown; choose from "
+                              f"{', '.join(CRITERIA)}")
