@@ -121,6 +121,7 @@ def distill(cfg: DistillConfig) -> Path:
     loss_cfg = cfg.loss_config()
 
     prec = precision(cfg, device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # put back at the end: evaluation after training keeps its own
     if device.type == "cuda" and prec["compute"] != torch.float32:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 matmuls left under bf16 autocast: TF32
     if d.mode == "fsdp":  # built on the meta device, sharded, then filled from rank 0's copy (fill_shards)
@@ -272,6 +273,7 @@ def distill(cfg: DistillConfig) -> Path:
     finish(out, model, tokenizer, d, cfg, total, total * tokens_per_step, {k: str(v) for k, v in prec.items()})
     for h in (module.tap.handles if module.tap else []) + (t_tap.handles if t_tap else []):
         h.remove()
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     return out
 
 
