@@ -7,7 +7,7 @@ The public API (imported lazily, so `import minitron` stays light):
 
 `prune(PruneConfig(...))`, `distill(DistillConfig(...))`, `evaluate(models, tasks)` and `run(RunConfig)` are the
 stages and the whole recipe. Packages, top to bottom (a module imports from its own layer or below; the order is
-declared in tests/test_layers.py): cli -> pipeline -> prune / distill / export -> eval -> data -> arch.
+declared in tests/test_layout.py): cli -> pipeline -> prune / distill / export -> eval -> data -> arch.
 """
 
 from minitron._moved import install as _install_moved
