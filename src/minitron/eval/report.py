@@ -298,8 +298,8 @@ def readme_section(run: Path) -> str:
                                 "prune/plan.json, eval/results.json); run the recipe first")
     start, stages = log[0], {r["stage"]: r["seconds"] for r in log if r["event"] == "stage"}
     date = start["at"][:10]
-    times = ", ".join(f"{k} {v:.0f} s" if v >= 1 else f"{k} reused" for k, v in stages.items() if k != "correction"
-                      or v >= 1)
+    # a stage that did nothing (off, or found up to date) takes ~0 s and is left out
+    times = ", ".join(f"{k} {v:.0f} s" if v >= 10 else f"{k} {v:.1f} s" for k, v in stages.items() if v >= 0.05)
     lines = [f"### Measured on this machine ({start['cpus']} CPU cores, {date}, commit {start['commit']})", "",
              f"Written by `python -m minitron.eval.report --readme {run}` from that run's files; rerun it after the "
              "defaults change.", "",
