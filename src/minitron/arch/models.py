@@ -219,9 +219,9 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: str | torch
 
     path = resolve_model_path(name)
     check_weight_files(path)
+    where = resolve_device(device)
     try:
         # on a GPU, straight from the (memory-mapped) safetensors to the device: no full copy in host RAM
-        where = resolve_device(device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else parse_dtype(dtype),
                                                      trust_remote_code=trust_remote_code,
                                                      **({"device_map": {"": where}} if where.type == "cuda" else {}))
@@ -240,7 +240,7 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: str | torch
             "(re-export it with save_pretrained); if it is a hub id, this machine may be offline.") from e
     except Exception as e:  # noqa: BLE001 - safetensors header errors and friends
         raise _corrupt_weights_error(name, path, e) from e
-    model.to(resolve_device(device)).eval()
+    model.to(where).eval()
     check_finite(model, name)  # on the target device: a GPU sums an 8B model's weights in a blink
     return model, (load_tokenizer(name) if with_tokenizer else None)
 

@@ -31,17 +31,28 @@ class RankFailed(RuntimeError):
     """Rank 0 failed in a step that the other ranks were waiting for."""
 
 
-def join(device: str, force: bool = False) -> tuple[int, int]:
-    """Join the torchrun process group when WORLD_SIZE > 1, or with force (a world of 1 under torchrun: FSDP2
-    needs a group), with WAIT as the collective timeout (nccl when `device` resolves to CUDA, else gloo); on
-    CUDA this process uses GPU LOCAL_RANK. Returns (rank, world size)."""
+def launched() -> bool:
+    """This process was started by torchrun (with one process too)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def rank_device(device: str) -> torch.device:
+    """The device this process computes on: `device` resolved ('auto': CUDA when there is one); on CUDA, GPU
+    LOCAL_RANK."""
     from minitron.arch.models import resolve_device
 
+    where = resolve_device(device)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if where.type == "cuda" else where
+
+
+def join(device: str, force: bool = False) -> tuple[int, int]:
+    """Join the torchrun process group when WORLD_SIZE > 1, or with force (a world of 1 under torchrun: FSDP2
+    needs a group), with WAIT as the collective timeout (nccl on CUDA, else gloo); on CUDA this process uses
+    rank_device(device). Returns (rank, world size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if (world > 1 or force) and not dist.is_initialized():
-        where = resolve_device(device)
+        where = rank_device(device)
         if where.type == "cuda":
-            where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(where)
         install_from_env(where)  # $MINITRON_AUDIT_COLLECTIVES: record every collective's devices
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo", timeout=WAIT)

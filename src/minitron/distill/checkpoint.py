@@ -7,16 +7,12 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from minitron.distill.config import FINISHED, CheckpointError
 from minitron.distill.parallel import Dist, unwrap
-
-if TYPE_CHECKING:
-    pass
 
 # ---- checkpoints ------------------------------------------------------------------------------------
 

@@ -157,13 +157,14 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.grad_checkpointing:
         enable_checkpointing(student_model)
     module.train()
+    compute = prec["compute"] if prec["compute"] != torch.float32 else None  # None: no FSDP2 param cast
     if d.mode == "fsdp":
         built = real_state(module)  # the projection (seeded alike on every rank) and the buffers
-        model = wrap(module, d, device, prec["compute"] if prec["compute"] != torch.float32 else None)
+        model = wrap(module, d, device, compute)
         fill_shards(model, d, device, built, lambda: {f"model.{k}": v for k, v in
                                                       load_model(cfg.student, "cpu", "auto")[0].state_dict().items()})
     else:
-        model = wrap(module.to(device), d, device, prec["compute"] if prec["compute"] != torch.float32 else None)
+        model = wrap(module.to(device), d, device, compute)
     # fused on CUDA (one kernel, no per-parameter temporaries; foreach would allocate sqrt(exp_avg_sq) for
     # every parameter at once); FSDP2's sharded parameters keep the default
     fused = True if device.type == "cuda" and d.mode != "fsdp" else None  # None: torch's default (foreach)

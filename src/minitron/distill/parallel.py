@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -15,9 +14,6 @@ from torch import nn
 from minitron.arch.adapters import decoder_layers
 from minitron.arch.models import resolve_device
 from minitron.distill.config import DistillConfig, DistillError
-
-if TYPE_CHECKING:
-    from minitron.distill.student import Student
 
 # ---- the process group and collectives ----------------------------------------------------------------
 
@@ -73,7 +69,7 @@ def init_distributed(cfg: DistillConfig) -> tuple[Dist, torch.device]:
     from minitron.arch import ranks
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    fsdp_of_one = world == 1 and cfg.distributed == "fsdp" and "TORCHELASTIC_RUN_ID" in os.environ
+    fsdp_of_one = world == 1 and cfg.distributed == "fsdp" and ranks.launched()
     mode = cfg.distributed if cfg.distributed != "auto" else ("ddp" if world > 1 else "none")
     device = resolve_device(cfg.device)
     if world == 1 and not fsdp_of_one:
@@ -82,8 +78,7 @@ def init_distributed(cfg: DistillConfig) -> tuple[Dist, torch.device]:
         raise DistillError(f"launched with WORLD_SIZE={world} but distributed='none'; use ddp or fsdp")
     check_torch_for(mode)
     ranks.join(cfg.device, force=fsdp_of_one)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = ranks.rank_device(cfg.device)
     return Dist(dist.get_rank(), dist.get_world_size(), mode, device), device
 
 
@@ -103,7 +98,7 @@ def check_torch_for(mode: str, version: str | None = None) -> None:
 
 # ---- wrapping the trained module ---------------------------------------------------------------------
 
-def wrap(module: Student, d: Dist, device: torch.device, compute_dtype: torch.dtype | None = None) -> nn.Module:
+def wrap(module: nn.Module, d: Dist, device: torch.device, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """DDP, or FSDP2 (each decoder layer, then the root) with fp32 sharded master weights: with a compute
     dtype (bf16) FSDP2 casts parameters to it for forward/backward and reduces gradients in fp32
     (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)). The root keeps its inputs as
@@ -154,7 +149,8 @@ def fill_shards(model: nn.Module, d: Dist, device: torch.device, built: dict[str
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def unwrap(model: nn.Module) -> Student:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The trained module (the Student) inside a DDP wrapper; an FSDP2 module is its own."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return model.module if isinstance(model, DDP) else model

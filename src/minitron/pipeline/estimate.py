@@ -37,6 +37,7 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 
+from minitron.arch import ranks
 from minitron.pipeline.memory_terms import (
     GiB,
     Shape,
@@ -283,7 +284,7 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
                  torchrun: bool | None = None) -> list[StageEstimate]:
     """Every stage of `cfg` (a pipeline.RunConfig) on one of `world_size` GPUs, in pipeline order. torchrun: the
     run is launched by torchrun (None: this process is), which matters for `distributed: fsdp` on one GPU."""
-    torchrun = "TORCHELASTIC_RUN_ID" in os.environ if torchrun is None else torchrun
+    torchrun = ranks.launched() if torchrun is None else torchrun
     shapes = shapes or resolve_shapes(cfg)
     T, S = shapes["teacher"], shapes["student"]
     cuda = _device_is_cuda(cfg, gpu_bytes)
