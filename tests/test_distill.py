@@ -120,6 +120,43 @@ def test_sigkill_then_resume_matches_uninterrupted(pair, tmp_path):
     assert_same_weights(out, ref)
 
 
+def test_plan_steps_fits_training_evaluations_and_saving(tmp_path):
+    from minitron.distill.loop import SAVE_BYTES_PER_S, plan_steps
+    from minitron.distill.parallel import Dist
+
+    cfg = DistillConfig(student="s", out=str(tmp_path), seconds=100.0, eval_every=4, save_every=0)
+    t_call = __import__("time").perf_counter() - 10.0  # 10 s already spent (loading, the first evaluation, probe)
+    total = plan_steps(tmp_path, cfg, Dist(), t_call, step_s=1.0, eval_s=2.0, done=4, tokens_per_step=256,
+                       n_params=int(SAVE_BYTES_PER_S))  # saving: 1 + 4 s
+    # left = 100 - 10 - 5 - 2 (final evaluation) = 83 s at 1 s per step + 2 s / 4 steps of evaluation -> 55 more
+    assert total == 4 + 55
+    plan = json.loads((tmp_path / "budget.json").read_text())
+    assert plan["total_steps"] == total and plan["tokens"] == total * 256 and plan["tok_per_s"] == 256.0
+
+
+def test_time_budget_plans_after_the_probe_and_resumes_with_the_plan(pair, tmp_path):
+    from minitron.distill.loop import lr_at
+
+    cfg = cfg_for(pair, tmp_path / "run", steps=None, seconds=8.0, probe_steps=3, warmup_steps=None,
+                  save_every=2, eval_every=0)
+    with pytest.raises(DistillError, match="one budget"):
+        cfg_for(pair, tmp_path / "x", seconds=4.0)  # steps too
+    args = json.dumps({k: v for k, v in cfg.__dict__.items()})
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, args, "4"], env=ENV, capture_output=True, text=True)
+    out = Path(cfg.out)
+    plan = json.loads((out / "budget.json").read_text())
+    assert proc.returncode == -9, (plan, proc.stderr[-2000:])
+    assert plan["probe_steps"] == 3 and plan["total_steps"] > 4, plan   # tiny steps: several fit in 8 s
+    cfg.resume = True
+    distill(cfg)                                                         # resumes with the plan, not a new one
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, plan["total_steps"] + 1))
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[:3] == pytest.approx([cfg.lr / 3, 2 * cfg.lr / 3, cfg.lr])  # the warm-up is the probe
+    assert lrs == pytest.approx([lr_at(i, cfg, plan["total_steps"]) for i in range(plan["total_steps"])])  # cosine
+    assert json.loads((out / "minitron_distill.json").read_text())["steps"] == plan["total_steps"]
+
+
 def test_grad_accum_matches_bigger_batch(pair, tmp_path):
     a = distill(cfg_for(pair, tmp_path / "a", steps=4, batch_size=4, grad_accum=1))
     b = distill(cfg_for(pair, tmp_path / "b", steps=4, batch_size=2, grad_accum=2))

@@ -260,3 +260,28 @@ def test_fsdp_on_one_gpu_under_torchrun(llama8b):
     plain = {e.stage: e for e in E.estimate_run(cfg, 1, gpu, torchrun=False)}["distill"]
     assert under.load_note.startswith("FSDP") and under.host > 0 and "bf16 compute" in under.note
     assert not plain.load_note.startswith("FSDP") and plain.host == 0 and "autocast compute" in plain.note
+
+
+def test_budget_in_gpu_hours_is_spent_as_flops_say(llama8b, capsys):
+    """The 8-GPU recipe with a GPU-hour budget: the same budget logic as the CPU run (stages before distillation,
+    both evaluations, then distillation gets the rest), its tokens from FLOPs at the assumed throughput."""
+    from minitron.pipeline import budget as B
+
+    cfg = load_config(RunConfig, RECIPES / "gpu-8b-8gpu.yaml", [f"model.teacher={llama8b}", "budget.gpu_hours=64"])
+    shapes = E.resolve_shapes(cfg)
+    lines = B.estimate_lines(cfg, shapes, 8, cuda=True)
+    assert lines[0].startswith("Budget: 64 GPU-hours over 8 GPUs = 480.0 min of wall time")
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ") and "minutes" not in line}
+    assert {"importance", "teacher_eval", "eval", "distill"} <= set(rows)
+    minutes = {k: float(v.split(" | ")[1].split()[0]) for k, v in rows.items()}
+    assert sum(minutes.values()) == pytest.approx(480, abs=0.5)  # every minute is given to a stage
+    t, s = B._compute_params(shapes["teacher"]), B._compute_params(shapes["student"])
+    tok_s = 8 * B.GPU_TFLOPS * 1e12 / (6 * s + 2 * t)
+    assert f"at {tok_s:,.0f} tokens/s" in rows["distill"]
+    tokens = float(rows["distill"].split("~")[1].split("M")[0].replace(",", "")) * 1e6
+    assert tokens == pytest.approx(minutes["distill"] * 60 * tok_s, rel=0.01)  # tokens = distillation time x rate
+    assert main(["plan", "--estimate", str(RECIPES / "gpu-8b-8gpu.yaml"), f"model.teacher={llama8b}",
+                 "budget.gpu_hours=64", "--world-size", "8", "--tflops", "300"]) == 0
+    assert "at 300 TFLOP/s achieved per GPU" in capsys.readouterr().out
+    assert B.estimate_lines(load_config(RunConfig, RECIPES / "gpu-8b-8gpu.yaml", [f"model.teacher={llama8b}"]),
+                            shapes, 8, cuda=True) == []  # no budget, no plan

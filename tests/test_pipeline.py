@@ -119,6 +119,36 @@ def test_hybrid_recipe_end_to_end(setup, tokenizer, tmp_path, family):
     load_config(RunConfig, None, ["target.mamba_heads=4"])  # a Mamba axis alone is something to prune
 
 
+def test_budget_plans_distillation_from_what_it_measured(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("minitron.pipeline.budget.MIN_DISTILL_S", 2.0)  # the tiny run: a few seconds are plenty
+    root, teacher, corpus = setup
+    over = {"budget.minutes": 0.75, "eval.tasks": f"piqa,loss:{corpus},speed", "eval.speed_rounds": 2}
+    out = tmp_path / "run"
+    cfg = load_config(RunConfig, None, tiny_overrides(root, teacher, corpus, out, **over))
+    run(cfg)
+    plan = json.loads((out / "budget.json").read_text())
+    assert plan["budget_s"] == 45.0 and plan["spent_s"] > plan["spent_before_distill_s"] > 0
+    # budget = what was spent before distillation + what evaluation and export were given + distillation
+    assert plan["spent_before_distill_s"] + sum(plan["reserved"].values()) + plan["distill_s"] == pytest.approx(45, abs=0.2)
+    assert plan["reserved"]["speed_s"] > 0 and 0 < plan["student_share"] < 1
+    done = json.loads((out / "distill" / "minitron_distill.json").read_text())
+    assert plan["distill"]["total_steps"] == done["steps"] and done["tokens"] != 1024  # the budget sized it
+    assert "## Budget" in (out / "report.md").read_text()
+    # the teacher's scores: computed once before distillation (cached), and what the evaluation reports for it
+    from minitron.pipeline.evaluation import teacher_scores
+
+    results = json.loads((out / "eval" / "results.json").read_text())
+    capsys.readouterr()
+    entry = teacher_scores(cfg, str(teacher))  # the next run with this teacher reuses them
+    assert "the teacher's scores on piqa" in capsys.readouterr().out and entry["speed_round_s"] > 0
+    for task in ("piqa", f"loss:{corpus}"):
+        assert results["models"][str(teacher)]["tasks"][task] == entry["tasks"][task]
+    # a budget too small for any distillation fails naming the fix
+    with pytest.raises(ConfigError, match="raise budget.minutes"):
+        run(load_config(RunConfig, None, tiny_overrides(root, teacher, corpus, tmp_path / "tiny",
+                                                        **{**over, "budget.minutes": 0.02})))
+
+
 def test_iterative_and_search(setup, tmp_path):
     root, teacher, corpus = setup
     out = tmp_path / "iter"

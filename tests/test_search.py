@@ -46,3 +46,52 @@ def test_search_ranks_and_trains(tokenizer, tmp_path):
     assert any(r["dropped_layers"] for r in rows)
     save_table(rows, tmp_path, cfg)
     assert (tmp_path / "search.png").is_file() and "| 1 |" in (tmp_path / "search.md").read_text()
+
+
+def test_search_by_speed_keeps_the_fast_candidates_and_marks_the_front(tokenizer, tmp_path, monkeypatch):
+    """search.speedup: the candidates are timed against the teacher (here a stand-in clock: prefill time grows
+    with parameters, decode with layers); only those fast enough are ranked first and trained; the Pareto front of
+    loss against speed-up is marked, tabled and plotted; asking more than any candidate gives is an error."""
+    import minitron.prune.search as S
+
+    model = make_model("qwen2")
+    blocks = pack([make_text(300, seed=8)], tokenizer, 32)
+    scores = compute_importance(model, blocks[:8], ImportanceConfig(batch_size=4))
+
+    def clock(m, rounds):
+        return {"prefill": 1e9 / sum(p.numel() for p in m.parameters()),
+                "decode": 1e3 / arch.dims_of(m.config).layers}
+
+    monkeypatch.setattr(S, "speed_of", clock)
+    teacher_params = sum(p.numel() for p in model.parameters())
+    cfg = SearchConfig(params=110_000, tolerance=0.15, round_to=8, max_candidates=2, speedup=1.2)
+    rows = search(model, scores, blocks[8:12], cfg, train=lambda s: s, batch_size=4)
+    estimated = [teacher_params / r["params"]["total"] for r in rows]  # (tied: compute params = params)
+    assert all(1.2 * S.SPEED_BAND[0] <= e <= 1.2 * S.SPEED_BAND[1] for e in estimated)  # only those near are timed
+    fast = [r for r in rows if r["prefill_speedup"] >= 1.2]
+    assert fast and rows[: len(fast)] == fast  # the fast ones first
+    for r in rows:
+        assert r["prefill_speedup"] == pytest.approx(teacher_params / r["params"]["total"])
+    assert [r for r in rows if "loss_trained" in r] == fast[:2]
+    loss = lambda r: r.get("loss_trained", r["loss_pruned"])  # noqa: E731
+    for r in rows:  # on the front exactly when nothing is both faster (or as fast) and better
+        dominated = any(o is not r and o["prefill_speedup"] >= r["prefill_speedup"] and loss(o) < loss(r) for o in rows)
+        assert r["pareto"] is (not dominated)
+    save_table(rows, tmp_path, cfg)
+    table = (tmp_path / "search.md").read_text()
+    assert "prefill / decode speed-up" in table and "(Pareto)" in table
+    assert (tmp_path / "search.png").stat().st_size > 0
+    with pytest.raises(PlanError, match="estimated near 9x faster"):  # nothing near the target: refused untimed
+        search(model, scores, blocks[8:10], SearchConfig(params=110_000, tolerance=0.05, round_to=8, speedup=9.0),
+               batch_size=4)
+    monkeypatch.setattr(S, "speed_of", lambda m, rounds: {"prefill": 1.0, "decode": 1.0})  # no candidate is faster
+    with pytest.raises(PlanError, match="no search candidate prefills 1.2x faster than the teacher"):
+        search(model, scores, blocks[8:10], SearchConfig(params=110_000, tolerance=0.05, round_to=8, speedup=1.2),
+               batch_size=4)
+
+
+def test_speed_of_a_real_model_is_measured():
+    from minitron.prune.search import speed_of
+
+    s = speed_of(make_model("llama"), rounds=2)
+    assert s["prefill"] > 0 and s["decode"] > 0

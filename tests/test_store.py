@@ -113,17 +113,18 @@ def test_saved_dataset_and_offline_hub(tmp_path, tokenizer, monkeypatch):
                      **QUIET)
 
 
-def test_default_corpus_resolves(monkeypatch):
-    from minitron.data import default_corpus_dir
+@pytest.mark.parametrize("name,n_files", [("python-docs", 100), ("general-en", 10), ("default", 10)])
+def test_named_corpora_resolve(monkeypatch, name, n_files):
+    from minitron.data.sources import named_corpus_dir
 
     if USER_CACHE is None:
         monkeypatch.delenv("MINITRON_CACHE")
     else:
         monkeypatch.setenv("MINITRON_CACHE", USER_CACHE)
-    if not (default_corpus_dir() / ".complete").is_file():
-        pytest.skip("the default corpus is not installed (scripts/setup.sh)")
-    kind, files = sources.resolve(Source("default"))
-    assert kind == "files" and len(files) > 100 and all(p.is_relative_to(default_corpus_dir()) for p in files)
+    if not (named_corpus_dir(name) / ".complete").is_file():
+        pytest.skip(f"the corpus {name} is not installed (scripts/setup.sh)")
+    kind, files = sources.resolve(Source(name))
+    assert kind == "files" and len(files) > n_files and all(p.is_relative_to(named_corpus_dir(name)) for p in files)
 
 
 def test_uint32_and_dtype_choice(tmp_path, tokenizer):

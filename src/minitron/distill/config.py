@@ -34,6 +34,10 @@ class DistillConfig:
     data: str = "default"                 # corpus (see minitron.data.corpus.read_texts)
     tokens: int | None = None             # token budget (tokens processed); or give steps
     steps: int | None = None              # optimizer steps; wins over tokens
+    # or a wall-time budget for the whole call (loading, evaluations and saving included): the first probe_steps
+    # (the warm-up) are timed, then the number of steps that fits is fixed (budget.json) and the schedule set by it
+    seconds: float | None = None
+    probe_steps: int = 4
     loss: str = "fkl"                     # fkl | rkl | jsd
     temperature: float = 1.0              # KD temperature (loss scaled by T^2)
     jsd_beta: float = 0.5                 # teacher weight in the jsd mixture
@@ -82,8 +86,13 @@ class DistillConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.tokens is None and self.steps is None:
-            raise DistillError("give a budget: --tokens N or --steps N")
+        if sum(x is not None for x in (self.tokens, self.steps, self.seconds)) == 0:
+            raise DistillError("give a budget: --tokens N, --steps N or --seconds S")
+        if self.seconds is not None and (self.tokens is not None or self.steps is not None):
+            raise DistillError("give one budget: --seconds, or --tokens / --steps (not both)")
+        if self.seconds is not None and (self.seconds <= 0 or self.probe_steps < 2):
+            raise DistillError(f"--seconds must be > 0 and probe_steps >= 2 (the first step is not timed), got "
+                               f"{self.seconds} and {self.probe_steps}")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise DistillError(f"unknown hidden loss {self.hidden_loss!r}; use one of {HIDDEN_LOSSES}")
         if self.autocast not in ("none", "bf16"):
@@ -104,8 +113,9 @@ class DistillConfig:
 
 
 # fields that may change between a run and its resumption (they do not change what is trained)
+# (seconds: a resumed time-budgeted run keeps the plan it made, budget.json; heldout: only what is logged)
 RESUMABLE_CHANGES = ("resume", "progress", "keep_checkpoints", "eval_every", "eval_batches", "save_every",
-                     "device", "distributed", "fsdp_reduce_every_micro")
+                     "device", "distributed", "fsdp_reduce_every_micro", "seconds", "heldout")
 
 
 def run_inputs(cfg: DistillConfig) -> dict:

@@ -36,9 +36,21 @@ from minitron.distill.parallel import Dist, fill_shards, init_distributed, real_
 from minitron.distill.student import LayerTap, Student, evaluate_all, teacher_pass, val_topk
 
 
-def lr_at(step: int, cfg: DistillConfig, total: int) -> float:
-    """Linear warm-up to lr, then cosine decay to min_lr at the last step."""
-    warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.02 * total))
+SAVE_BYTES_PER_S = 200e6  # what a time budget keeps for writing the student at the end (a local disk)
+
+
+def warmup_steps(cfg: DistillConfig, total: int | None) -> int:
+    """The warm-up length: warmup_steps, else 2% of the steps (at least 1). With a time budget it does not depend on
+    the number of steps, which is planned at its end: warmup_steps or the probe, whichever is longer."""
+    if cfg.seconds is not None:
+        return max(cfg.warmup_steps or 0, cfg.probe_steps)
+    return cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.02 * total))
+
+
+def lr_at(step: int, cfg: DistillConfig, total: int | None) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr at the last step (total: None only inside the warm-up
+    of a time-budgeted run, before its plan)."""
+    warm = warmup_steps(cfg, total)
     if step < warm:
         return cfg.lr * (step + 1) / warm
     frac = (step - warm) / max(1, total - warm)
@@ -93,6 +105,7 @@ def _autocast(compute: torch.dtype, device: torch.device):
 
 def distill(cfg: DistillConfig) -> Path:
     """Train cfg.student against cfg.teacher (or the LM loss alone); returns the output dir."""
+    t_call = time.perf_counter()  # a time budget counts from here
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise DistillError(f"--out {out} is a file, not a folder; choose another --out (the file is left as it is)")
@@ -142,7 +155,8 @@ def distill(cfg: DistillConfig) -> Path:
         raise DataError(f"corpus too short for one batch: {splits.train.shape[0]} training blocks of {cfg.seq_len} "
                         f"tokens, one step needs {per_step} (batch {cfg.batch_size} x accum {cfg.grad_accum} x "
                         f"{d.world} ranks); add text or lower --batch-size/--seq-len")
-    total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.tokens / (per_step * cfg.seq_len)))
+    total = (None if cfg.seconds is not None else cfg.steps if cfg.steps is not None
+             else max(1, math.ceil(cfg.tokens / (per_step * cfg.seq_len))))
     val = report_blocks(splits.validation)  # disjoint from the blocks that chose the pruned shape
 
     layer_map, t_tap = None, None
@@ -194,6 +208,8 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.resume:
         state = load_checkpoint(ckpt, model, optim, d)
         start = state["step"]
+        if total is None:  # a time-budgeted run resumes with the number of steps it planned
+            total = json.loads((out / "budget.json").read_text())["total_steps"]
         if d.main:
             truncate_metrics(metrics_path, start)
             print(f"[minitron] resumed {out} at step {start}/{total}")
@@ -208,8 +224,11 @@ def distill(cfg: DistillConfig) -> Path:
 
     autocast = _autocast(prec["compute"], device)
     tokens_per_step = per_step * cfg.seq_len
+    eval_s = 0.0
     if start == 0:
+        t_ev = time.perf_counter()
         ev = evaluate_all(model, teacher, val, extra_val, cfg, d, device, autocast, topk_val)
+        eval_s = time.perf_counter() - t_ev
         if d.main:
             append_metrics(metrics_path, {"step": 0, "tokens": 0, **ev})
 
@@ -217,7 +236,10 @@ def distill(cfg: DistillConfig) -> Path:
 
     bar = tqdm(total=total, initial=start, disable=not (cfg.progress and d.main), desc="distill", unit="step")
     t0, tok0 = time.perf_counter(), 0
-    for step in range(start, total):
+    step = start
+    probe_s = 0.0  # training time of the probe's steps after the first
+    while total is None or step < total:
+        t_step = time.perf_counter()
         ids_all = global_block_ids(step, splits.train.shape[0], per_step, cfg.seed)
         lr = lr_at(step, cfg, total)
         for g in optim.param_groups:
@@ -256,6 +278,8 @@ def distill(cfg: DistillConfig) -> Path:
         tok0 += tokens_per_step
         rate = tok0 / max(time.perf_counter() - t0, 1e-9)
         done_steps = step + 1
+        if done_steps > 1:  # the first step (allocations, first kernels) is not timed
+            probe_s += time.perf_counter() - t_step
         if d.main:
             append_metrics(metrics_path, {"step": done_steps, "tokens": done_steps * tokens_per_step, "lr": lr,
                                           "loss": logged[0].item(), "logit_loss": logged[1].item(),
@@ -263,19 +287,48 @@ def distill(cfg: DistillConfig) -> Path:
                                           "tok_per_s": rate})
         bar.update(1)
         bar.set_postfix(loss=f"{logged[0].item():.4f}", tok_s=f"{rate:.0f}")
+        if total is None and done_steps == cfg.probe_steps:
+            total = plan_steps(out, cfg, d, t_call, probe_s / (done_steps - 1), eval_s, done_steps,
+                               tokens_per_step, sum(p.numel() for p in student_model.parameters()))
+            bar.total = total
         if done_steps == total or (cfg.eval_every and done_steps % cfg.eval_every == 0):
             ev = evaluate_all(model, teacher, val, extra_val, cfg, d, device, autocast, topk_val)
             if d.main:
                 append_metrics(metrics_path, {"step": done_steps, "tokens": done_steps * tokens_per_step, **ev})
-        if cfg.save_every and done_steps % cfg.save_every == 0 and done_steps < total:
+        if cfg.save_every and done_steps % cfg.save_every == 0 and (total is None or done_steps < total):
             save_checkpoint(out, done_steps, model, optim, d, {"tokens": done_steps * tokens_per_step,
                                                                 "total_steps": total})
+        step += 1
     bar.close()
     finish(out, model, tokenizer, d, cfg, total, total * tokens_per_step, {k: str(v) for k, v in prec.items()})
     for h in (module.tap.handles if module.tap else []) + (t_tap.handles if t_tap else []):
         h.remove()
     torch.backends.cuda.matmul.allow_tf32 = tf32
     return out
+
+
+def plan_steps(out: Path, cfg: DistillConfig, d: Dist, t_call: float, step_s: float, eval_s: float, done: int,
+               tokens_per_step: int, n_params: int) -> int:
+    """A time-budgeted run, after its probe: the number of steps whose training, evaluations (every eval_every
+    steps and at the end, each as long as the first), checkpoints (every save_every steps: weights and AdamW states,
+    12 bytes a parameter) and the final save (4 bytes a parameter) fit in what is left of cfg.seconds, writing at
+    SAVE_BYTES_PER_S. Rank 0's plan is every rank's (budget.json records it; a resumed run reads it)."""
+    save_s, ckpt_s = 1.0 + 4 * n_params / SAVE_BYTES_PER_S, 1.0 + 12 * n_params / SAVE_BYTES_PER_S
+    left = cfg.seconds - (time.perf_counter() - t_call) - save_s - eval_s  # eval_s: the final evaluation
+    per_step = (step_s + (eval_s / cfg.eval_every if cfg.eval_every else 0.0)
+                + (ckpt_s / cfg.save_every if cfg.save_every else 0.0))
+    more = max(0, math.floor(left / per_step))
+    total = int(d.max(d.tensor([float(done + more if d.main else 0)]))[0])
+    plan = {"seconds": cfg.seconds, "probe_steps": done, "step_s": round(step_s, 4), "eval_s": round(eval_s, 3),
+            "spent_before_plan_s": round(time.perf_counter() - t_call, 2), "total_steps": total,
+            "tokens": total * tokens_per_step, "tok_per_s": round(tokens_per_step / step_s, 1)}
+    if d.main:
+        tmp = out / "budget.json.tmp"
+        tmp.write_text(json.dumps(plan, indent=1))
+        os.replace(tmp, out / "budget.json")
+        print(f"[minitron] time budget {cfg.seconds:.0f} s: {step_s:.2f} s/step measured over {done - 1} steps, "
+              f"evaluation {eval_s:.1f} s -> {total} steps ({total * tokens_per_step:,} tokens)")
+    return total
 
 
 def _full(norm) -> float:

@@ -423,7 +423,7 @@ def evaluate(models: list[str], tasks: list[str], limit: int | None = None, batc
              device: str = "auto", dtype: str = "float32", out_dir: str | os.PathLike | None = None,
              data_root: str | os.PathLike | None = None, window: int = 2048, seq_len: int = 512,
              prompt_len: int = 128, decode_tokens: int = 32, speed_batch: int = 8, progress: bool = True,
-             keep_items: bool = False, speed_rounds: int = 5) -> dict:
+             keep_items: bool = False, speed_rounds: int = 5, reuse: dict[str, dict] | None = None) -> dict:
     """Evaluate each model on each task; write results.json, results.md, results.png into out_dir.
 
     tasks: `wikitext2` (windowed ppl, `window` tokens), `loss:<corpus>` (held-out loss on the
@@ -431,6 +431,8 @@ def evaluate(models: list[str], tasks: list[str], limit: int | None = None, batc
     or a zero-shot task name (minitron.eval.tasks). `limit` caps items (windows/blocks for perplexity).
     The non-speed tasks run one model at a time; then `speed` loads all models together and keeps each
     one's best of `speed_rounds` interleaved rounds (speed_phase). Ratios are to the first model.
+    reuse: model -> an entry ({"tasks", "wall_s"}) already computed with these settings for every non-speed task
+    (e.g. a teacher's cached scores): those tasks are not run again for that model.
     """
     dev = resolve_device(device)
     parse_dtype(dtype)
@@ -449,7 +451,12 @@ def evaluate(models: list[str], tasks: list[str], limit: int | None = None, batc
             "seq_len": seq_len, "progress": progress, "keep_items": keep_items}
     plain = [t for t in tasks if t != "speed"]
     for name in models:
-        results["models"][name] = _task_phase(name, plain, loaded, dev, dtype, opts)
+        done = (reuse or {}).get(name)
+        if done is not None and not set(plain) <= set(done["tasks"]):
+            raise ValueError(f"reuse for {name} lacks the tasks {sorted(set(plain) - set(done['tasks']))}")
+        results["models"][name] = ({"tasks": {t: done["tasks"][t] for t in plain},
+                                    "wall_s": {t: done["wall_s"][t] for t in plain}} if done is not None
+                                   else _task_phase(name, plain, loaded, dev, dtype, opts))
     if "speed" in tasks:
         speed = speed_phase(models, dev, dtype, speed_rounds, prompt_len, decode_tokens, (1, speed_batch))
         for name, r in speed.items():

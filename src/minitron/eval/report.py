@@ -127,10 +127,13 @@ def plot_blocks(scores: dict[str, torch.Tensor], path: Path) -> Path | None:
 
 
 def plot_search(rows: list[dict], path: Path) -> Path:
-    """Candidates: parameters against validation loss after pruning and after short training."""
+    """Candidates: parameters against validation loss after pruning and after short training; where their speed was
+    measured (search.speedup), a second panel of prefill speed-up against loss with the Pareto front and the pick."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5))
     rows = [r for r in rows if "skipped" not in r]  # candidates the planner refused have no loss
+    speed = bool(rows) and "prefill_speedup" in rows[0]
+    fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(14 if speed else 8, 5), squeeze=False)
+    ax = axes[0][0]
     params = [r["params"]["total"] / 1e6 for r in rows]
     ax.scatter(params, [r["loss_pruned"] for r in rows], label="after pruning", marker="o")
     trained = [(p, r["loss_trained"]) for p, r in zip(params, rows, strict=True) if "loss_trained" in r]
@@ -142,6 +145,21 @@ def plot_search(rows: list[dict], path: Path) -> Path:
                     fontsize=7, alpha=0.7)
     ax.set(xlabel="parameters (M)", ylabel="validation loss", title="architecture search candidates")
     ax.legend()
+    if speed:
+        ax = axes[0][1]
+        loss = [r.get("loss_trained", r["loss_pruned"]) for r in rows]
+        sp = [r["prefill_speedup"] for r in rows]
+        ax.scatter(sp, loss, c="lightgray", label="candidates")
+        front = sorted((s, v) for s, v, r in zip(sp, loss, rows, strict=True) if r.get("pareto"))
+        if front:
+            ax.plot(*zip(*front, strict=True), "o-", color="tab:blue", label="Pareto front")
+        ax.scatter([sp[0]], [loss[0]], marker="*", s=250, color="tab:red", zorder=3, label="chosen")
+        for s_, v, r in zip(sp, loss, rows, strict=True):
+            d = r["dims"]
+            ax.annotate(f"L{d['layers']} h{d['hidden']} f{d['ffn']}", (s_, v), fontsize=7, alpha=0.7)
+        ax.set(xlabel="prefill speed-up at batch 1 (measured)", ylabel="validation loss (trained where trained)",
+               title="quality against speed")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -236,6 +254,9 @@ def write_report(out: Path) -> Path:
     out = Path(out)
     lines = [f"# minitron run: {out.name}", "", "## Recipe", "", "```yaml", (out / "config.yaml").read_text().rstrip(),
              "```", ""]
+    budget = _json(out / "budget.json")
+    if budget:
+        lines += budget_lines(budget)
     for plan_path in sorted(out.glob("**/prune/plan.json")):
         plan = json.loads(plan_path.read_text())
         rel = plan_path.parent.relative_to(out)
@@ -269,6 +290,26 @@ def write_report(out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def budget_lines(b: dict) -> list[str]:
+    """How the run's budget (budget.json: minitron.pipeline.budget) was planned and spent."""
+    r = b["reserved"]
+    lines = ["## Budget", "", f"{b['budget_s'] / 60:.1f} minutes for the whole run:", "",
+             "| | seconds |", "|---|---|",
+             f"| stages before distillation (importance, search, prune, the teacher's evaluation) | "
+             f"{b['spent_before_distill_s']:.0f} |",
+             f"| reserved: the student's evaluation ({b['student_share']:.0%} of the teacher's "
+             f"{b['teacher_eval_s']:.0f} s) | {r['student_eval_s']:.0f} |",
+             f"| reserved: speed rounds, export | {r['speed_s'] + r['export_s']:.0f} |",
+             f"| distillation | {b['distill_s']:.0f} |"]
+    d = b.get("distill")
+    if d:
+        lines += ["", f"Distillation timed its first {d['probe_steps']} steps ({d['step_s']:.2f} s each, "
+                  f"{d['tok_per_s']:,.0f} tokens/s) and planned {d['total_steps']} steps: {d['tokens']:,} tokens."]
+    if "spent_s" in b:
+        lines.append(f"The run took {b['spent_s']:.0f} s ({b['over_s']:+.0f} s against the budget).")
+    return lines + [""]
 
 
 # ---- the README's measured section, from a run's artifacts ---------------------------------------------------
@@ -315,6 +356,10 @@ def readme_section(run: Path) -> str:
         lines.append(f"Held-out loss (the corpus' validation split): {metrics['heldout_loss_before']:.2f} teacher, "
                      f"{metrics['heldout_loss_after']:.2f} right after pruning, "
                      f"{distilled['final_eval']['val_lm_loss']:.2f} after distilling {distilled['tokens']:,} tokens.")
+    budget = _json(run / "budget.json")
+    if budget and "spent_s" in budget:
+        lines.append(f"Budget: {budget['budget_s'] / 60:.1f} min, of which distillation was given "
+                     f"{budget['distill_s']:.0f} s; the run took {_minutes(budget['spent_s'])}.")
     lines += ["", markdown_table_of(results).rstrip()]
     return "\n".join(lines) + "\n"
 

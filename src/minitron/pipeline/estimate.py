@@ -507,8 +507,10 @@ def format_loading(stages: list[StageEstimate]) -> str:
     return "\n".join(lines)
 
 
-def report(cfg, world_size: int = 1, gpu_bytes: int | None = None, recipe: str | None = None) -> str:
-    """The text `minitron plan --estimate` prints: shapes, the table, warnings."""
+def report(cfg, world_size: int = 1, gpu_bytes: int | None = None, recipe: str | None = None,
+           tflops: float | None = None) -> str:
+    """The text `minitron plan --estimate` prints: shapes, the table, warnings, and with a budget how it would be
+    spent (minitron.pipeline.budget.estimate_lines, at `tflops` achieved per device)."""
     shapes = resolve_shapes(cfg)
     stages = estimate_run(cfg, world_size, gpu_bytes, shapes)
     cuda = _device_is_cuda(cfg, gpu_bytes)
@@ -523,7 +525,10 @@ def report(cfg, world_size: int = 1, gpu_bytes: int | None = None, recipe: str |
     if gpu_bytes:
         warns = warnings_for(cfg, stages, world_size, gpu_bytes, shapes)
         lines += [""] + (warns or [f"Every stage fits {gpu_bytes / GiB:.0f} GiB (with {1 - MARGIN:.0%} kept free)."])
-    return "\n".join(lines)
+    from minitron.pipeline.budget import estimate_lines
+
+    spend = estimate_lines(cfg, shapes, world_size, cuda, tflops)
+    return "\n".join(lines + ([""] + spend if spend else []))
 
 
 def available_memory(cfg) -> int | None:

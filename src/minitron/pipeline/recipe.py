@@ -89,6 +89,7 @@ class DistillSection:
     distributed: str = _dc("distributed")  # auto (ddp under torchrun) | none | ddp | fsdp
     fsdp_reduce_every_micro: bool | None = _dc("fsdp_reduce_every_micro")  # fsdp: a reduction per micro-batch
     teacher_dtype: str | None = _dc("teacher_dtype")  # None: bfloat16 on CUDA, else model.dtype
+    heldout: list[str] | None = None     # other corpora whose LM loss every evaluation logs
 
 
 @dataclass
@@ -113,10 +114,17 @@ class ExportSection:
 
 
 @dataclass
+class BudgetSection:
+    minutes: float | None = None          # wall time for the whole run; distillation gets what the rest leaves
+    gpu_hours: float | None = None        # or GPU-hours, shared by the ranks (minutes = gpu_hours * 60 / ranks)
+
+
+@dataclass
 class RunConfig:
     """One recipe. The pruning target is `target` (or the search's pick, or the iterative budgets)."""
 
     out: str = "runs/default"
+    budget: BudgetSection = field(default_factory=BudgetSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     correction: CorrectionSection = field(default_factory=CorrectionSection)
@@ -150,3 +158,11 @@ class RunConfig:
         if self.importance.criterion not in CRITERIA:
             raise ConfigError(f"importance.criterion {self.importance.criterion!r} unknown; choose from "
                               f"{', '.join(CRITERIA)}")
+        b = self.budget
+        if b.minutes is not None and b.gpu_hours is not None:
+            raise ConfigError("give one budget: budget.minutes (wall time) or budget.gpu_hours, not both")
+        if any(v is not None and v <= 0 for v in (b.minutes, b.gpu_hours)):
+            raise ConfigError(f"the budget must be positive, got minutes={b.minutes} gpu_hours={b.gpu_hours}")
+        if (b.minutes or b.gpu_hours) and self.iterative.budgets:
+            raise ConfigError("budget.minutes / gpu_hours plans one distillation; iterative.budgets runs several: "
+                              "use distill.tokens with iterative, or drop iterative.budgets")

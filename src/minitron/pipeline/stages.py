@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -36,7 +37,10 @@ from minitron.data.fingerprint import (
     write_record,
 )
 from minitron.distill.config import RESUMABLE_CHANGES
+from minitron.pipeline.budget import budget_seconds, plan_distill
+from minitron.pipeline.budget import finish as finish_budget
 from minitron.pipeline.config import ConfigError, save_config
+from minitron.pipeline.evaluation import teacher_scores
 from minitron.pipeline.recipe import (  # noqa: F401 (the recipe's names are importable from here too)
     STAGES,
     CorrectionSection,
@@ -225,7 +229,7 @@ def _short_distiller(cfg: RunConfig, teacher: str, tokenizer, work: Path):
                 student.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
         done = distill(_distill_config(cfg, teacher, str(cand / "model"), cand / "distill",
-                                       cfg.search.train_tokens, eval_every=0, save_every=0))
+                                       cfg.search.train_tokens, eval_every=0, save_every=0, heldout=None))
         return load_model(str(done), cfg.model.device, cfg.model.dtype, with_tokenizer=False)[0]
 
     return train
@@ -267,53 +271,47 @@ def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, to
               autocast=d.autocast, grad_checkpointing=d.grad_checkpointing, distributed=d.distributed,
               fsdp_reduce_every_micro=d.fsdp_reduce_every_micro,
               teacher_dtype=d.teacher_dtype, release_teacher=d.release_teacher, data_root=cfg.data.data_dir,
+              heldout=d.heldout,
               resume=can_resume(folder), progress=True)
     return DistillConfig(**{**kw, **over})
 
 
-def stage_distill(cfg: RunConfig, folder: Path, teacher: str, student: Path, tokens: int) -> Path:
-    """Logit distillation of the pruned student (resumes an interrupted run; skips a finished one). The
-    top-k cache, when used, is keyed by the teacher's identity and rebuilt for another teacher."""
+def stage_distill(cfg: RunConfig, folder: Path, teacher: str, student: Path, tokens: int,
+                  plan: Callable[[], float] | None = None) -> Path:
+    """Logit distillation of the pruned student (resumes an interrupted run; skips a finished one) for `tokens`,
+    or, with `plan`, for the seconds of the run's budget that plan() says are left when it starts (the record
+    holds the budget, not the seconds; a resumed run keeps the steps it planned). The top-k cache, when used, is
+    keyed by the teacher's identity and rebuilt for another teacher."""
     from minitron.distill import FINISHED, distill
 
     distill_settings, left_out = _resumable("distill", cfg.distill)  # eval_every etc.: a changed one resumes
-    record = make_record("distill", {"distill": distill_settings, "tokens": tokens, "data": _data(cfg),
+    if plan is not None:
+        distill_settings.pop("tokens")  # the budget sizes it
+    size = {"tokens": tokens} if plan is None else {"budget": asdict(cfg.budget)}
+    record = make_record("distill", {"distill": distill_settings, **size, "data": _data(cfg),
                                      "dtype": cfg.model.dtype},
                          {"teacher": model_identity(teacher), "student": model_identity(str(student)),
                           "corpus": _corpus(cfg)})
     if up_to_date(folder, record, FINISHED, left_out):
         return folder
     ranks.main_only(lambda: write_record(folder, record))
+    if plan is not None:
+        return distill(_distill_config(cfg, teacher, str(student), folder, None, seconds=plan()))
     return distill(_distill_config(cfg, teacher, str(student), folder, tokens))
 
 
-def stage_eval(cfg: RunConfig, folder: Path, models: dict[str, str]) -> dict:
-    """Teacher and student(s) on the recipe's tasks; results.json / .md / .png."""
+def stage_eval(cfg: RunConfig, folder: Path, models: dict[str, str], reuse: dict | None = None) -> dict:
+    """Teacher and student(s) on the recipe's tasks; results.json / .md / .png. reuse: the teacher's cached
+    scores (minitron.pipeline.evaluation.teacher_scores), so only the speed rounds run it again."""
     record = make_record("eval", {"eval": asdict(cfg.eval), "data": _data(cfg), "dtype": cfg.model.dtype},
                          {label: model_identity(name) for label, name in models.items()})
     if up_to_date(folder, record, "results.json"):
         return json.loads((folder / "results.json").read_text())
-    from minitron.eval.harness import evaluate, write_outputs
+    from minitron.eval.harness import write_outputs
+    from minitron.pipeline.evaluation import evaluate_recipe
 
+    results = evaluate_recipe(cfg, list(models.values()), cfg.eval.tasks, reuse)
     e = cfg.eval
-    ppl = [t for t in e.tasks if t == "wikitext2" or t.startswith("loss:")]
-    results: dict = {}
-    for tasks, limit in ((ppl, e.ppl_limit), ([t for t in e.tasks if t not in ppl], e.limit)):
-        if not tasks:
-            continue
-        part = evaluate(list(models.values()), tasks, limit=limit, batch_size=e.batch_size, device=cfg.model.device,
-                        dtype=cfg.model.dtype, data_root=cfg.data.data_dir, window=e.window, seq_len=cfg.data.seq_len,
-                        speed_rounds=e.speed_rounds)
-        if not results:
-            results = part
-            continue
-        for name, entry in part["models"].items():  # merge the two passes model by model
-            mine = results["models"][name]
-            mine["tasks"].update(entry["tasks"])
-            mine["wall_s"].update(entry["wall_s"])
-            if "average" in entry:
-                mine["average"] = entry["average"]
-        results["config"].update({k: v for k, v in part["config"].items() if k.startswith("speed")})
     results["config"].update(tasks=e.tasks, limit=e.limit, ppl_limit=e.ppl_limit)
     results["labels"] = {path: label for label, path in models.items()}
     with atomic_dir(folder) as tmp:
@@ -467,16 +465,24 @@ def run(cfg: RunConfig, from_stage: str | None = None) -> Path:
                 scores = _ensure_block_scores(cfg, out / "importance", teacher, target)
         with runlog.stage(out, "prune"):
             pruned = stage_prune(cfg, out / "prune", teacher, scores, target)
+        with runlog.stage(out, "teacher_eval"):  # measured before distillation, which a budget plans from it
+            reference = ranks.main_only(lambda: teacher_scores(cfg, teacher))
+        plan = None
+        if budget_seconds(cfg, ranks.size()) is not None:  # what is left of the budget, once distillation starts
+            plan = lambda: ranks.main_only(lambda: plan_distill(cfg, out, t0, teacher, str(pruned), reference,  # noqa: E731
+                                                                ranks.size()))
         with runlog.stage(out, "distill"):
-            student = stage_distill(cfg, out / "distill", teacher, pruned, cfg.distill.tokens)
+            student = stage_distill(cfg, out / "distill", teacher, pruned, cfg.distill.tokens, plan)
     if not ranks.leave():  # rank 0 evaluates and exports alone
         return out
     with runlog.stage(out, "eval"):
-        results = stage_eval(cfg, out / "eval", {"teacher": teacher, "student": str(student)})
+        results = stage_eval(cfg, out / "eval", {"teacher": teacher, "student": str(student)},
+                             None if cfg.iterative.budgets else {teacher: reference})
     with runlog.stage(out, "export"):
         stage_export(cfg, out / "export", student, _card(cfg, out, teacher, results))
     from minitron.eval.report import write_report
 
+    finish_budget(out, t0, Path(student))
     write_report(out)
     runlog.end(out, t0)
     print(f"[minitron] done: student in {out / 'export'}, report in {out / 'report.md'}")

@@ -23,7 +23,7 @@ from minitron.arch import adapters as arch
 from minitron.arch.models import lm_loss
 from minitron.prune.importance import layer_lm_loss
 from minitron.prune.plan import PlanError, Target, config_with_dims, count_params, make_plan, parse_count
-from minitron.prune.trim import loss_after_pruning, pruned_copy
+from minitron.prune.trim import pruned_copy, pruned_in_place
 
 
 @dataclass
@@ -43,6 +43,10 @@ class SearchConfig:
     round_to: int = 8
     max_candidates: int = 6             # distill at most this many (best by loss after pruning)
     layer_metric: str = "lm-loss"       # how depth candidates choose their dropped block
+    # > 0: each candidate's prefill / decode speed at batch 1 is measured against the teacher's (best of
+    # speed_rounds), and only candidates at least this much faster to prefill are ranked first and trained
+    speedup: float = 0.0
+    speed_rounds: int = 3
 
     def __post_init__(self) -> None:
         if isinstance(self.params, str):
@@ -55,6 +59,8 @@ class SearchConfig:
                              "experts (MoE), mamba_heads (hybrid)")
         if self.params < 0 or not 0 <= self.tolerance < 1:
             raise ValueError("search.params must be >= 0 and search.tolerance in [0, 1)")
+        if self.speedup < 0 or self.speed_rounds < 1:
+            raise ValueError("search.speedup must be >= 0 (0: speed not measured) and search.speed_rounds >= 1")
 
 
 def _round(x: float, to: int) -> int:
@@ -133,20 +139,32 @@ def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg
     if missing and cfg.layer_metric == "lm-loss":  # LM-loss of removing each contiguous block of the needed sizes
         scores = {**scores, **layer_lm_loss(model, validation if rank_blocks is None else rank_blocks, missing,
                                              batch_size)}
+    if cfg.speedup:
+        cands = near_speedup(model.config, cands, cfg.speedup)
     rows, skipped = [], []
+    ref = speed_of(model, cfg.speed_rounds) if cfg.speedup else None
     for dims in tqdm(cands, desc="search: prune candidates", unit="cand"):
         try:
             plan = make_plan(model.config, scores, target_of(dims, cfg))
         except PlanError as e:  # e.g. a hybrid's best block to drop holds its only attention layer
             skipped.append(skipped_row(model.config, dims, str(e)))
             continue
-        rows.append({"dims": dims.to_dict(), "params": plan.params_after, "dropped_layers": plan.dropped_layers,
-                     "loss_pruned": loss_after_pruning(model, plan, validation, batch_size)})
+        row = {"dims": dims.to_dict(), "params": plan.params_after, "dropped_layers": plan.dropped_layers}
+        with pruned_in_place(model, plan) as pruned:
+            row["loss_pruned"] = lm_loss(pruned, validation, batch_size)
+            if ref is not None:
+                row.update({f"{k}_speedup": v / ref[k] for k, v in speed_of(pruned, cfg.speed_rounds).items()})
+        rows.append(row)
     if not rows:
         raise PlanError("every search candidate was refused by the planner: "
                         + "; ".join(sorted({r["skipped"] for r in skipped})))
-    rows.sort(key=lambda r: r["loss_pruned"])
-    for row in tqdm(rows[: cfg.max_candidates], desc="search: train candidates", unit="cand"):
+    if ref is not None and not any(fast_enough(r, cfg) for r in rows):
+        best = max(r["prefill_speedup"] for r in rows)
+        raise PlanError(f"no search candidate prefills {cfg.speedup:g}x faster than the teacher (the fastest: "
+                        f"{best:.2f}x); lower search.params (smaller students are faster) or search.speedup")
+    rows.sort(key=lambda r: (not fast_enough(r, cfg), r["loss_pruned"]))
+    for row in tqdm([r for r in rows if fast_enough(r, cfg)][: cfg.max_candidates], desc="search: train candidates",
+                    unit="cand"):
         if train is None:
             break
         plan = make_plan(model.config, scores, target_of(arch.Dims(**row["dims"]), cfg))
@@ -154,8 +172,66 @@ def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg
         row["loss_trained"] = lm_loss(student, validation, batch_size)
         del student
     key = "loss_trained" if train is not None else "loss_pruned"
-    rows.sort(key=lambda r: (key not in r, r.get(key, float("inf"))))
+    rows.sort(key=lambda r: (not fast_enough(r, cfg), key not in r, r.get(key, float("inf"))))
+    mark_pareto(rows)
     return rows + skipped
+
+
+SPEED_BAND = (0.9, 1.5)   # estimated speed-ups, as multiples of search.speedup, whose candidates are measured
+MAX_MEASURED = 16         # at most this many, spread over the band
+
+
+def compute_params(config) -> int:
+    """Parameters a token's forward multiplies through: all but the input embedding lookup (the LM head counts)."""
+    d = arch.dims_of(config)
+    total = count_params(config)["total"]
+    return total - (0 if d.tied else d.vocab * d.hidden)
+
+
+def near_speedup(config, cands: list[arch.Dims], speedup: float) -> list[arch.Dims]:
+    """The candidates worth timing for a speed-up target: those whose speed-up estimated from compute parameters
+    (teacher's / candidate's) lies in SPEED_BAND x speedup (a much faster one gives up quality the target does not
+    ask for; a much slower one cannot meet it), at most MAX_MEASURED spread evenly over the band (measured
+    speed-ups fall short of these estimates by fixed per-layer and per-call costs). Timing decides."""
+    ref = compute_params(config)
+    est = [(ref / compute_params(config_with_dims(config, d)), d) for d in cands]
+    near = sorted(((e, d) for e, d in est if SPEED_BAND[0] * speedup <= e <= SPEED_BAND[1] * speedup),
+                  key=lambda ed: ed[0])
+    step = max(1.0, len(near) / MAX_MEASURED)  # spread over the band: the estimate misses fixed per-layer costs
+    kept = [near[int(i * step)] for i in range(min(MAX_MEASURED, len(near)))]
+    if not kept:
+        raise PlanError(f"no candidate within search.params +- tolerance is estimated near {speedup:g}x faster than "
+                        f"the teacher (estimates {min(e for e, _ in est):.2f}x-{max(e for e, _ in est):.2f}x); "
+                        "move search.params or widen search.tolerance")
+    return [d for _, d in kept]
+
+
+def fast_enough(row: dict, cfg: SearchConfig) -> bool:
+    """The candidate meets search.speedup (measured prefill speed-up at batch 1), or no speed-up is asked."""
+    return not cfg.speedup or row["prefill_speedup"] >= cfg.speedup
+
+
+def speed_of(model, rounds: int) -> dict[str, float]:
+    """Best of `rounds` prefill (128 tokens) and decode (8 tokens, KV cache) throughputs at batch 1 -> tok/s."""
+    from minitron.eval.harness import measure_speed
+
+    best = {"prefill": 0.0, "decode": 0.0}
+    for r in range(rounds):
+        s = measure_speed(model, decode_tokens=8, batch_sizes=(1,), seed=r)
+        best = {"prefill": max(best["prefill"], s["prefill_tok_s"][1]),
+                "decode": max(best["decode"], s["decode_tok_s"][1])}
+    return best
+
+
+def mark_pareto(rows: list[dict]) -> None:
+    """row["pareto"] = True where no other candidate is both at least as fast to prefill and lower in loss (the
+    trained loss where there is one, else the loss after pruning). Only where speed was measured."""
+    if not rows or "prefill_speedup" not in rows[0]:
+        return
+    loss = [r.get("loss_trained", r["loss_pruned"]) for r in rows]
+    for i, r in enumerate(rows):
+        r["pareto"] = not any(o["prefill_speedup"] >= r["prefill_speedup"] and loss[j] < loss[i]
+                              for j, o in enumerate(rows) if j != i)
 
 
 def skipped_row(config, dims: arch.Dims, why: str) -> dict:
@@ -173,8 +249,10 @@ def save_table(rows: list[dict], out_dir: Path, cfg: SearchConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "search.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
     mamba = any(r["dims"].get("mamba_heads") for r in rows)
+    speed = any("prefill_speedup" in r for r in rows)
     lines = ["| rank | layers | hidden | ffn | heads | " + ("Mamba heads | " if mamba else "")
-             + "params | loss after pruning | loss after training |", "|---" * (9 if mamba else 8) + "|"]
+             + "params | loss after pruning | loss after training |" + (" prefill / decode speed-up |" if speed else ""),
+             "|---" * (9 + mamba + speed) + "|"]
     for i, r in enumerate(rows):
         d = r["dims"]
         cells = [str(d[k]) for k in ("layers", "hidden", "ffn", "heads")] + ([str(d["mamba_heads"])] if mamba else [])
@@ -184,6 +262,9 @@ def save_table(rows: list[dict], out_dir: Path, cfg: SearchConfig) -> Path:
         else:
             losses = f"{r['loss_pruned']:.4f} | " + (f"{r['loss_trained']:.4f}" if "loss_trained" in r else "—")
             rank = str(i + 1)
+        if speed:
+            losses += (f" | {r['prefill_speedup']:.2f}x / {r['decode_speedup']:.2f}x" + (" (Pareto)" if r["pareto"] else "")
+                       + ("" if fast_enough(r, cfg) else f", under {cfg.speedup:g}x") if "prefill_speedup" in r else " | —")
         lines.append(f"| {rank} | {' | '.join(cells)} | {r['params']['total'] / 1e6:.2f}M | {losses} |")
     (out_dir / "search.md").write_text("\n".join(lines) + "\n")
     from minitron.eval.report import plot_search

@@ -1,0 +1,153 @@
+"""The old default against the new one at the same compute budget, scored by one held-out protocol (issue 23).
+
+Every arm is one `minitron run` with the same `budget.minutes` (so each spends the same wall time on this machine,
+its distillation sized by what it measured), into <out>/<arm>:
+
+    old       recipes/legacy.yaml: the default until 2026-12-06 (70M width-only, Debian's Python docs, lr 1e-4)
+    new       recipes/default.yaml: the default now
+    new-70m   the new default with the old default's size: target.params=70M (search off)
+    new-106m  the new default at a 21% cut: target.params=106M (search off)
+
+Each run also logs the WikiText-2 validation loss at every distillation evaluation (distill.heldout), so the
+curves of all arms share one y axis. Then every student and the teacher are scored alike: WikiText-2 test
+perplexity over all its non-overlapping 2048-token windows, PIQA on all its items (scored as lm-eval scores it),
+and prefill / decode speed at batch 1 and 8 (best of 5 rounds interleaved over all models). Scores are cached per
+model in <out>/scores/, so arms can be run one invocation at a time. Writes <out>/budget_bench.md and .json and
+<out>/curves.png; benchmarks/RESULTS.md quotes them.
+
+    MINITRON_DATA_DIR=../shared/data .venv/bin/python benchmarks/budget_bench.py --minutes 20 --arms old,new
+    MINITRON_DATA_DIR=../shared/data .venv/bin/python benchmarks/budget_bench.py --minutes 20 --arms new-106m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HELDOUT = "wikitext-2-raw/wiki.valid.raw"
+ARMS = {"old": ("recipes/legacy.yaml", []),
+        "new": ("recipes/default.yaml", []),
+        "new-70m": ("recipes/default.yaml", ["search.enabled=false", "target.params=70M"]),
+        "new-106m": ("recipes/default.yaml", ["search.enabled=false", "target.params=106M"])}
+
+
+def run_arm(arm: str, out: Path, minutes: float, extra: list[str]) -> float:
+    """`minitron run` of the arm's recipe with the budget (a finished run is skipped by the pipeline itself)."""
+    recipe, over = ARMS[arm]
+    cmd = [sys.executable, "-m", "minitron.cli", "run", str(ROOT / recipe), f"out={out / arm}",
+           f"budget.minutes={minutes}", f"distill.heldout=[{HELDOUT}]", *over, *extra]
+    print("[bench]", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+def score(name: str, model: str, out: Path, limit: int | None) -> dict:
+    """WikiText-2 (all windows) and PIQA (all items) of one model, cached in out/scores/<name>.json."""
+    from minitron.eval.harness import evaluate
+
+    path = out / "scores" / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    r = evaluate([model], ["wikitext2", "piqa"], limit=limit, batch_size=8, device="cpu", window=2048)
+    entry = r["models"][model]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entry, indent=1))
+    return entry
+
+
+def speeds(models: dict[str, str]) -> dict:
+    """Prefill / decode tok/s at batch 1 and 8 of every model, best of 5 rounds interleaved over them."""
+    from minitron.arch.models import resolve_device
+    from minitron.eval.harness import speed_phase
+
+    res = speed_phase(list(models.values()), resolve_device("cpu"), "float32", 5, 128, 32, (1, 8))
+    return {name: res[path] for name, path in models.items()}
+
+
+def curves(out: Path, arms: list[str]) -> Path:
+    """WikiText-2 validation loss against distillation tokens, every arm on one plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    key = f"val_lm_loss:{HELDOUT}"
+    for arm in arms:
+        rows = [json.loads(x) for x in (out / arm / "distill" / "metrics.jsonl").read_text().splitlines()]
+        pts = [(r["tokens"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts, strict=True), "o-", label=arm)
+    ax.set(xlabel="distillation tokens", ylabel="WikiText-2 validation loss", title="loss against tokens, same budget")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    return out / "curves.png"
+
+
+def table(out: Path, arms: list[str], scores: dict, speed: dict, walls: dict) -> str:
+    lines = ["| model | params | shape (layers / hidden / MLP / heads) | corpus | distill tokens | run wall | "
+             "WikiText-2 ppl (all windows) | PIQA acc | prefill b1 | decode b1 | prefill b8 | decode b8 |",
+             "|---" * 12 + "|"]
+    t = speed["teacher"]
+    for name in ["teacher", *arms]:
+        s, sp = scores[name]["tasks"], speed[name]
+        if name == "teacher":
+            desc = "134.5M | 30 / 576 / 1536 / 9 | — | — | —"
+        else:
+            plan = json.loads((out / name / "prune" / "plan.json").read_text())
+            d, cfg = plan["target"], (out / name / "config.yaml").read_text()
+            corpus = next(line.split(":", 1)[1].strip() for line in cfg.splitlines() if line.strip().startswith("corpus:"))
+            done = json.loads((out / name / "distill" / "minitron_distill.json").read_text())
+            desc = (f"{plan['params_after']['total'] / 1e6:.1f}M | {d['layers']} / {d['hidden']} / {d['ffn']} / "
+                    f"{d['heads']} | {corpus} | {done['tokens']:,} | {walls.get(name, '—')}")
+        ratio = {k: {b: sp[k][b] / t[k][b] for b in sp[k]} for k in ("prefill_tok_s", "decode_tok_s")}
+        lines.append(f"| {name} | {desc} | {s['wikitext2']['perplexity']:.2f} ({s['wikitext2']['windows']}) | "
+                     f"{s['piqa']['acc']:.4f} ± {s['piqa']['acc_stderr']:.4f} | "
+                     + " | ".join(f"{ratio[k][b]:.2f}x" for k, b in (("prefill_tok_s", 1), ("decode_tok_s", 1),
+                                                                     ("prefill_tok_s", 8), ("decode_tok_s", 8))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=20.0, help="budget.minutes of every arm")
+    ap.add_argument("--arms", default="old,new", help=f"comma-separated, of {', '.join(ARMS)}")
+    ap.add_argument("--out", default="runs/budget_bench")
+    ap.add_argument("--limit", type=int, default=None, help="items / windows per score (default: all)")
+    ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides for every arm (tests)")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    arms = [a for a in args.arms.split(",") if a]
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise SystemExit(f"unknown arms {bad}; choose from {', '.join(ARMS)}")
+    walls_path = out / "walls.json"
+    walls = json.loads(walls_path.read_text()) if walls_path.is_file() else {}
+    for arm in arms:
+        if not (out / arm / "export" / "config.json").is_file():
+            wall = run_arm(arm, out, args.minutes, args.set)
+            walls[arm] = f"{wall / 60:.1f} min"
+            out.mkdir(parents=True, exist_ok=True)
+            walls_path.write_text(json.dumps(walls, indent=1))
+    done = [a for a in ARMS if (out / a / "export" / "config.json").is_file()]
+    teacher = json.loads((out / done[0] / "eval" / "results.json").read_text())["config"]["models"][0]
+    models = {"teacher": teacher, **{a: str(out / a / "export") for a in done}}
+    scores = {name: score(name, path, out, args.limit) for name, path in models.items()}
+    speed = speeds(models)
+    text = table(out, done, scores, speed, walls)
+    (out / "budget_bench.json").write_text(json.dumps({"minutes": args.minutes, "scores": scores, "speed": speed,
+                                                       "walls": walls}, indent=1))
+    (out / "budget_bench.md").write_text(text)
+    curves(out, done)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
