@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from minitron.data.sources import DataError, named_corpus_dir
+from minitron.data.sources import DataError, install_corpus, named_corpus_dir
 
 DEBIAN = ("dict-gcide", "wordnet-base", "fortunes", "r-cran-janeaustenr", "sword-text-web",
           "libreoffice-help-en-us", "jargon-text", "dict-devil")
@@ -297,11 +297,7 @@ def fetch_general_en(force: bool = False) -> Path:
             if files[name]["units"] == 0:
                 raise DataError(f"the general-en source {name} gave no text (a package changed its layout?)")
         (tmp / ".manifest.json").write_text(json.dumps({"packages": fetched, "files": files}, indent=1) + "\n")
-        (tmp / ".complete").write_text("\n".join(fetched) + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.move(str(tmp), str(out))
+        install_corpus(tmp, out, fetched)
     except (OSError, subprocess.CalledProcessError) as e:
         raise DataError(f"could not build the general-en corpus ({e}); run scripts/setup.sh again, or pass "
                         "data.corpus=python-docs or a corpus of your own") from e

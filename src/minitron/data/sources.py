@@ -82,17 +82,23 @@ def fetch_default_corpus(force: bool = False) -> Path:
                 shutil.copyfile(src, dst)
         if not tmp_out.exists():
             raise DataError(f"the packages {DEFAULT_CORPUS_PACKAGES} held no reST sources")
-        (tmp_out / ".complete").write_text("\n".join(d.name for d in debs) + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.move(str(tmp_out), str(out))
+        install_corpus(tmp_out, out, [d.name for d in debs])
     except (OSError, subprocess.CalledProcessError) as e:
         raise DataError(f"could not install the python-docs corpus ({e}); run scripts/setup.sh, or pass "
                         "--data with a text file or folder of your own") from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def install_corpus(built: Path, out: Path, packages: list[str]) -> None:
+    """Put a corpus built in `built` in place of `out`: `.complete` (the packages it came from) written last inside
+    it, then moved over the old one; a reader takes a folder with `.complete` as finished."""
+    (built / ".complete").write_text("\n".join(packages) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.move(str(built), str(out))
 
 
 def resolve_source(source: str, data_root: str | os.PathLike | None = None) -> Path | str:

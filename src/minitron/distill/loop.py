@@ -208,7 +208,7 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.resume:
         state = load_checkpoint(ckpt, model, optim, d)
         start = state["step"]
-        if total is None:  # a time-budgeted run resumes with the number of steps it planned
+        if total is None and (out / "budget.json").is_file():  # a time-budgeted run keeps the steps it planned
             total = json.loads((out / "budget.json").read_text())["total_steps"]
         if d.main:
             truncate_metrics(metrics_path, start)
@@ -237,7 +237,7 @@ def distill(cfg: DistillConfig) -> Path:
     bar = tqdm(total=total, initial=start, disable=not (cfg.progress and d.main), desc="distill", unit="step")
     t0, tok0 = time.perf_counter(), 0
     step = start
-    probe_s = 0.0  # training time of the probe's steps after the first
+    probe_s, timed = 0.0, 0  # training seconds of the probe's steps after this call's first, and how many
     while total is None or step < total:
         t_step = time.perf_counter()
         ids_all = global_block_ids(step, splits.train.shape[0], per_step, cfg.seed)
@@ -278,8 +278,8 @@ def distill(cfg: DistillConfig) -> Path:
         tok0 += tokens_per_step
         rate = tok0 / max(time.perf_counter() - t0, 1e-9)
         done_steps = step + 1
-        if done_steps > 1:  # the first step (allocations, first kernels) is not timed
-            probe_s += time.perf_counter() - t_step
+        if step > start:  # the first step of a call (allocations, first kernels) is not timed
+            probe_s, timed = probe_s + time.perf_counter() - t_step, timed + 1
         if d.main:
             append_metrics(metrics_path, {"step": done_steps, "tokens": done_steps * tokens_per_step, "lr": lr,
                                           "loss": logged[0].item(), "logit_loss": logged[1].item(),
@@ -287,8 +287,8 @@ def distill(cfg: DistillConfig) -> Path:
                                           "tok_per_s": rate})
         bar.update(1)
         bar.set_postfix(loss=f"{logged[0].item():.4f}", tok_s=f"{rate:.0f}")
-        if total is None and done_steps == cfg.probe_steps:
-            total = plan_steps(out, cfg, d, t_call, probe_s / (done_steps - 1), eval_s, done_steps,
+        if total is None and done_steps >= cfg.probe_steps and timed:
+            total = plan_steps(out, cfg, d, t_call, probe_s / timed, eval_s, done_steps,
                                tokens_per_step, sum(p.numel() for p in student_model.parameters()))
             bar.total = total
         if done_steps == total or (cfg.eval_every and done_steps % cfg.eval_every == 0):
@@ -326,7 +326,7 @@ def plan_steps(out: Path, cfg: DistillConfig, d: Dist, t_call: float, step_s: fl
         tmp = out / "budget.json.tmp"
         tmp.write_text(json.dumps(plan, indent=1))
         os.replace(tmp, out / "budget.json")
-        print(f"[minitron] time budget {cfg.seconds:.0f} s: {step_s:.2f} s/step measured over {done - 1} steps, "
+        print(f"[minitron] time budget {cfg.seconds:.0f} s: {step_s:.2f} s/step measured in the warm-up, "
               f"evaluation {eval_s:.1f} s -> {total} steps ({total * tokens_per_step:,} tokens)")
     return total
 

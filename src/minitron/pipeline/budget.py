@@ -16,11 +16,11 @@ import os
 import time
 from pathlib import Path
 
+from minitron.distill.loop import SAVE_BYTES_PER_S
 from minitron.pipeline.config import ConfigError
 from minitron.pipeline.recipe import RunConfig
 
 MIN_DISTILL_S = 30.0       # less than this left for distillation is an error, not a student
-SAVE_BYTES_PER_S = 200e6   # writing the exported student (a local disk)
 
 
 def budget_seconds(cfg: RunConfig, world: int = 1) -> float | None:
