@@ -1,12 +1,12 @@
 """A compute budget for the whole recipe: `budget.minutes` of wall time (or `budget.gpu_hours` over the ranks).
 
 How it is spent (`plan_distill`): the stages before distillation run as the recipe sets them and are timed; the
-teacher's evaluation runs next and is timed (minitron.pipeline.evaluation.teacher_scores: cached for every later run with the same teacher,
-tasks and data, so it is paid once per machine); the final evaluation (the student's tasks and the speed rounds of
-both) and the export are reserved from those measurements, scaled by the student's share of the teacher's
-parameters; distillation gets what is left, as a time budget that its loop turns into a number of steps after
-timing its first ones (minitron.distill.loop.plan_steps). `budget.json` in the run folder records the plan;
-`finish` adds what was spent, and the report shows both.
+teacher's evaluation runs next and is timed (minitron.pipeline.evaluation.teacher_scores: cached for every later
+run with the same teacher, tasks and data, so it is paid once per machine); the final evaluation (the student's
+tasks and the speed rounds of both) and the export are reserved from those measurements, scaled by the student's
+share of the teacher's parameters; distillation gets what is left, as a time budget that its loop turns into a
+number of steps after timing its first ones (minitron.distill.loop.plan_steps). `budget.json` in the run folder
+records the plan; `finish` adds what was spent, and the report shows both.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def plan_distill(cfg: RunConfig, out: Path, t0: float, teacher: str, student: st
     speed = cfg.eval.speed_rounds * teacher_entry.get("speed_round_s", 0.0) * (1 + share)
     export = 2.0 + 4 * _params(student) * (2 if cfg.export.gguf else 1) / SAVE_BYTES_PER_S
     left = total - spent - student_tasks - speed - export
-    plan = {"budget_s": round(total, 1), "spent_before_distill_s": round(spent, 1),
+    plan = {"run_t0": t0, "budget_s": round(total, 1), "spent_before_distill_s": round(spent, 1),
             "teacher_eval_s": round(sum(teacher_entry["wall_s"].values()), 1), "student_share": round(share, 4),
             "reserved": {"student_eval_s": round(student_tasks, 1), "speed_s": round(speed, 1),
                          "export_s": round(export, 1)},
@@ -68,11 +68,12 @@ def plan_distill(cfg: RunConfig, out: Path, t0: float, teacher: str, student: st
 
 
 def finish(out: Path, t0: float, distill_dir: Path) -> None:
-    """Add what was spent to budget.json: the run's wall time, the distillation's plan (steps, tokens)."""
+    """Add what was spent to budget.json: the run's wall time, the distillation's plan (steps, tokens). Only when
+    this invocation (started at t0) made the plan: a rerun that found distillation finished leaves it as it was."""
     path = out / "budget.json"
-    if not path.is_file():
+    plan = json.loads(path.read_text()) if path.is_file() else {}
+    if plan.get("run_t0") != t0:
         return
-    plan = json.loads(path.read_text())
     plan["spent_s"] = round(time.perf_counter() - t0, 1)
     plan["over_s"] = round(plan["spent_s"] - plan["budget_s"], 1)
     loop = distill_dir / "budget.json"
@@ -119,8 +120,11 @@ def estimate_lines(cfg: RunConfig, shapes: dict, world: int, cuda: bool, tflops:
     before = {"correction": 6 * t * cfg.correction.tokens if cfg.correction.enabled else 0,
               "importance": 2 * t * (imp.calib_samples + imp.heldout_samples * (2 + shapes["n_drop"])) * seq,
               "prune": 2 * s * imp.heldout_samples * seq * 4}  # the hidden/MLP split: a few candidates scored
-    if cfg.search.enabled:
-        before["search"] = cfg.search.max_candidates * (6 * s + 2 * t) * cfg.search.train_tokens
+    if cfg.search.enabled:  # each candidate scored on the held-out blocks (MAX_MEASURED of them), the best trained
+        from minitron.prune.search import MAX_MEASURED
+
+        before["search"] = (MAX_MEASURED * 2 * s * imp.heldout_samples * seq
+                            + cfg.search.max_candidates * (6 * s + 2 * t) * cfg.search.train_tokens)
     ppl = sum(min(e.ppl_limit or 10**9, WIKITEXT_TOKENS // e.window) * e.window if task == "wikitext2"
               else (e.ppl_limit or 64) * seq for task in e.tasks if task == "wikitext2" or task.startswith("loss:"))
     mc = sum(MC_CHOICES * (e.limit or MC_ITEMS_UNLIMITED) * MC_REQUEST_TOKENS for task in e.tasks

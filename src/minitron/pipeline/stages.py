@@ -375,6 +375,8 @@ def remove_unused(out: Path, cfg: RunConfig) -> None:
         if (out / name).exists():
             print(f"[minitron] removing {out / name}: this recipe does not run that stage")
             shutil.rmtree(out / name)
+    if budget_seconds(cfg) is None:
+        (out / "budget.json").unlink(missing_ok=True)  # the plan of an earlier budgeted recipe
     steps = {f"step{i}" for i in range(1, len(cfg.iterative.budgets) + 1)}
     for p in out.glob("step*"):
         if p.is_dir() and p.name not in steps:
