@@ -80,6 +80,8 @@ def test_search_by_speed_keeps_the_fast_candidates_and_marks_the_front(tokenizer
     save_table(rows, tmp_path, cfg)
     table = (tmp_path / "search.md").read_text()
     assert "prefill / decode speed-up" in table and "(Pareto)" in table
+    head, rule = table.splitlines()[:2]
+    assert head.count("|") == rule.count("|") == table.splitlines()[2].count("|")  # one cell per column
     assert (tmp_path / "search.png").stat().st_size > 0
     with pytest.raises(PlanError, match="estimated near 9x faster"):  # nothing near the target: refused untimed
         search(model, scores, blocks[8:10], SearchConfig(params=110_000, tolerance=0.05, round_to=8, speedup=9.0),

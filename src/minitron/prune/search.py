@@ -252,7 +252,7 @@ def save_table(rows: list[dict], out_dir: Path, cfg: SearchConfig) -> Path:
     speed = any("prefill_speedup" in r for r in rows)
     lines = ["| rank | layers | hidden | ffn | heads | " + ("Mamba heads | " if mamba else "")
              + "params | loss after pruning | loss after training |" + (" prefill / decode speed-up |" if speed else ""),
-             "|---" * (9 + mamba + speed) + "|"]
+             "|---" * (8 + mamba + speed) + "|"]
     for i, r in enumerate(rows):
         d = r["dims"]
         cells = [str(d[k]) for k in ("layers", "hidden", "ffn", "heads")] + ([str(d["mamba_heads"])] if mamba else [])
