@@ -1,6 +1,9 @@
 """`minitron run`: the whole Minitron recipe as straight-line stage calls.
 
-    correction -> importance -> search -> prune -> distill -> eval -> export -> report
+    correction -> importance -> search -> prune -> teacher_eval -> distill -> eval -> export -> report
+
+(teacher_eval: the teacher's scores, cached per teacher and evaluation settings, measured before distillation so
+that a budget, `budget.minutes`, can plan from them: minitron.pipeline.budget.)
 
 Each stage writes into its own folder of the output dir, atomically (temp dir + rename), with a
 `stage.json` that records what it was made from: its own settings, the fingerprints of the stages it
