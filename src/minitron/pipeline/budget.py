@@ -46,10 +46,11 @@ def plan_distill(cfg: RunConfig, out: Path, t0: float, teacher: str, student: st
     of both) and the export (writing the weights). Writes budget.json. Fails when less than MIN_DISTILL_S is left."""
     total = budget_seconds(cfg, world)
     spent = time.perf_counter() - t0
-    share = _params(student) / _params(teacher)
+    n_student = _params(student)  # (a meta-device build each: once)
+    share = n_student / _params(teacher)
     student_tasks = share * sum(teacher_entry["wall_s"].values())
     speed = cfg.eval.speed_rounds * teacher_entry.get("speed_round_s", 0.0) * (1 + share)
-    export = 2.0 + 4 * _params(student) * (2 if cfg.export.gguf else 1) / SAVE_BYTES_PER_S
+    export = 2.0 + 4 * n_student * (2 if cfg.export.gguf else 1) / SAVE_BYTES_PER_S
     left = total - spent - student_tasks - speed - export
     plan = {"run_t0": t0, "budget_s": round(total, 1), "spent_before_distill_s": round(spent, 1),
             "teacher_eval_s": round(sum(teacher_entry["wall_s"].values()), 1), "student_share": round(share, 4),
