@@ -143,6 +143,12 @@ def test_budget_plans_distillation_from_what_it_measured(setup, tmp_path, capsys
     assert "the teacher's scores on piqa" in capsys.readouterr().out and entry["speed_round_s"] > 0
     for task in ("piqa", f"loss:{corpus}"):
         assert results["models"][str(teacher)]["tasks"][task] == entry["tasks"][task]
+    # a rerun that finds everything finished keeps the plan as it was; a recipe without a budget drops it
+    before = (out / "budget.json").read_text()
+    run(cfg)
+    assert (out / "budget.json").read_text() == before
+    run(load_config(RunConfig, None, tiny_overrides(root, teacher, corpus, out, **{**over, "budget.minutes": None})))
+    assert not (out / "budget.json").exists() and "## Budget" not in (out / "report.md").read_text()
     # a budget too small for any distillation fails naming the fix
     with pytest.raises(ConfigError, match="raise budget.minutes"):
         run(load_config(RunConfig, None, tiny_overrides(root, teacher, corpus, tmp_path / "tiny",
