@@ -23,6 +23,7 @@ targets (all refused from the config alone, before any weight is loaded)
  14. hidden not a multiple of heads where the family needs it (llama)
  15. --drop-layers out of range, or unreadable
  16. a scores file from another model (prune --scores)
+ 16b. per-layer widths for a family llama.cpp's deci / vLLM's nemotron-nas cannot run (gemma3), or an unknown axis
 evaluation tasks
  17. unknown task (eval, and a recipe's eval.tasks)
  18. task data missing while offline
@@ -328,6 +329,19 @@ def test_corpus_path_that_does_not_exist(tmp_path, model_dir, capsys):
 def test_bad_target(tmp_path, model_dir, corpus, capsys, no_weight_loading, target, phrases):
     out = tmp_path / "out"
     rc, err = cli(capsys, *prune_args(model_dir, corpus, out, *target))
+    assert_error(rc, err, *phrases)
+    assert_nothing_at(out)
+
+
+@pytest.mark.parametrize("family, target, phrases", [
+    ("gemma3_text", ["--ffn", "64", "--layer-widths", "ffn"], ["Llama-math families only", "gemma3_text",
+                                                             "uniform widths"]),
+    ("llama", ["--ffn", "64", "--layer-widths", "heads"], ["layer_widths", "choose one or both of ffn, kv_heads"]),
+], ids=["per-layer-family", "per-layer-axis"])
+def test_bad_per_layer_target(tmp_path, tok, corpus, capsys, no_weight_loading, family, target, phrases):
+    model = save_model(tmp_path / family, tok, family)
+    out = tmp_path / "out"
+    rc, err = cli(capsys, *prune_args(model, corpus, out, *target))
     assert_error(rc, err, *phrases)
     assert_nothing_at(out)
 

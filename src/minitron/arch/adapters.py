@@ -241,16 +241,25 @@ def head_dim_of(config) -> int:
     return int(hd) if hd else config.hidden_size // config.num_attention_heads
 
 
+def config_value(config, key: str):
+    """config.key; on a per-layer config (transformers' per_layer_config, minitron.arch.layerwise) the global
+    value, which minitron writes as the widest layer's."""
+    if getattr(config, "is_heterogeneous", False):
+        return config._getattr_without_heterogeneous_validation(key)
+    return getattr(config, key)
+
+
 def dims_of(config) -> Dims:
-    """Read Dims from an HF config of a supported family."""
+    """Read Dims from an HF config of a supported family (per-layer widths: the widest layer's)."""
     a = get_arch(config)
     if a.attention_free:  # Mamba2: only hidden, depth and the Mamba axes
         d = Dims(hidden=config.hidden_size, ffn=0, heads=0, kv_heads=0, layers=config.num_hidden_layers, head_dim=0,
                  vocab=config.vocab_size, tied=bool(config.tie_word_embeddings))
         d.mamba_heads, d.mamba_head_dim = getattr(config, a.mamba.heads_key), getattr(config, a.mamba.head_dim_key)
         return d
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    d = Dims(hidden=config.hidden_size, ffn=config.intermediate_size, heads=config.num_attention_heads,
+    heads = config_value(config, "num_attention_heads")
+    kv = config_value(config, "num_key_value_heads") or heads
+    d = Dims(hidden=config.hidden_size, ffn=config_value(config, "intermediate_size"), heads=heads,
              kv_heads=kv, layers=config.num_hidden_layers, head_dim=head_dim_of(config),
              vocab=config.vocab_size, tied=bool(config.tie_word_embeddings))
     if a.moe is not None:
@@ -434,9 +443,19 @@ def layer_parts(model_or_config) -> list[frozenset[str]]:
     config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
     a = get_arch(config)
     if a.hybrid is None:
-        return [DENSE_PARTS] * config.num_hidden_layers
+        return [DENSE_PARTS - skip for skip in skipped_parts(config)]
     parts = dict(a.hybrid.kinds)
     return [frozenset({parts[k]}) for k in layer_kinds(config)]
+
+
+def skipped_parts(config) -> list[frozenset[str]]:
+    """Each layer's parts ("attn", "mlp") that a per-layer config skips (per_layer_config[i]["skip"]); none on
+    a uniform config."""
+    if not getattr(config, "is_heterogeneous", False):
+        return [frozenset()] * config.num_hidden_layers
+    names = {"attention": "attn", "mlp": "mlp"}
+    return [frozenset(names[s] for s in (getattr(config.per_layer_config[i], "skip", None) or ()))
+            for i in range(config.num_hidden_layers)]
 
 
 def kind_name(config, name: str) -> str:

@@ -9,6 +9,7 @@ conversion, see CONVERSION, is converted again). The tokenizer is rebuilt to spl
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -197,8 +198,8 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
+    try:  # a per-layer config is read by minitron (transformers' own reader refuses per-layer query heads)
+        tok = AutoTokenizer.from_pretrained(path, **({"config": load_config(name)} if _is_per_layer_dir(path) else {}))
     except Exception as e:  # noqa: BLE001 - re-raised with the fix
         raise ModelLoadError(f"could not load the tokenizer of {name!r}: {e}. "
                              "The model dir needs tokenizer files (tokenizer.json or similar).") from e
@@ -221,10 +222,12 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: str | torch
     check_weight_files(path)
     where = resolve_device(device)
     try:
-        # on a GPU, straight from the (memory-mapped) safetensors to the device: no full copy in host RAM
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else parse_dtype(dtype),
-                                                     trust_remote_code=trust_remote_code,
-                                                     **({"device_map": {"": where}} if where.type == "cuda" else {}))
+        if _is_per_layer_dir(path):  # per-layer widths: built by minitron (transformers' modeling builds uniform layers)
+            model = _load_per_layer(path, dtype)
+        else:  # on a GPU, straight from the (memory-mapped) safetensors to the device: no full copy in host RAM
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else parse_dtype(dtype),
+                                                         trust_remote_code=trust_remote_code,
+                                                         **({"device_map": {"": where}} if where.type == "cuda" else {}))
     except ValueError as e:
         if "Unrecognized" in str(e) or "model type" in str(e):
             from minitron.arch.adapters import FAMILIES
@@ -245,17 +248,66 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: str | torch
     return model, (load_tokenizer(name) if with_tokenizer else None)
 
 
+def _is_per_layer_dir(path: str) -> bool:
+    """A local model dir whose config.json gives its layers their own widths (minitron.arch.layerwise)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("per_layer_config"))
+
+
+def load_config(name: str, trust_remote_code: bool = False):
+    """The config of a model name/dir (see resolve_model_path), per-layer widths included."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    if _is_per_layer_dir(path):
+        from minitron.arch import layerwise
+
+        return layerwise.read_config(Path(path))
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _load_per_layer(path: str, dtype):
+    """A model dir whose config.json has per_layer_config (minitron.arch.layerwise): its own widths per layer."""
+    from minitron.arch import layerwise
+
+    config = layerwise.read_config(Path(path))
+    layerwise.check_family(config)
+    return layerwise.load(Path(path), config, torch.float32 if dtype == "auto" else parse_dtype(dtype))
+
+
+def save_model(model, out, **kwargs) -> None:
+    """model.save_pretrained(out, **kwargs), per-layer widths included (minitron.arch.layerwise)."""
+    from minitron.arch import layerwise
+
+    if layerwise.is_per_layer(model.config):
+        layerwise.save_pretrained(model, out, **kwargs)
+    else:
+        model.save_pretrained(out, **kwargs)
+
+
+def model_from_config(config, dtype: str | torch.dtype | None = None, empty: bool = False,
+                      trust_remote_code: bool = False):
+    """A model built from a config, per-layer widths included, in `dtype` (None: as transformers' from_config picks,
+    the config's own): random weights, or (empty) parameters on the meta device with real buffers (RoPE's inv_freq
+    is computed at construction and is in no checkpoint)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from minitron.arch import layerwise
+
+    kw = {} if dtype is None else {"dtype": parse_dtype(dtype)}
+    if layerwise.is_per_layer(config):
+        return layerwise.build(config, empty=empty, **kw)
+    with init_empty_weights(include_buffers=False) if empty else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kw)
+
+
 def empty_model(name: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
     """The model `name` as built from its config with parameters on the meta device (nothing read, nothing
     allocated: for FSDP2 to shard before any weight exists) and buffers real (RoPE's inv_freq is computed
     at construction and is in no checkpoint). distill.parallel.fill_shards gives it its weights."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
-    return model.eval()
+    config = load_config(name, trust_remote_code)
+    return model_from_config(config, dtype, empty=True, trust_remote_code=trust_remote_code).eval()
 
 
 LOSS_CHUNK = 1024  # tokens per [chunk, V] logit slice of the LM loss (fp32: 512 MiB at a 128k vocab)

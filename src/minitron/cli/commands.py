@@ -53,6 +53,13 @@ def _prune_parser(sub) -> None:
     add_option(g, Target, "round_to", "budget search rounds hidden/ffn to multiples of this")
     add_option(g, Target, "split", "how --params divides hidden vs MLP: the split with the lowest held-out loss "
                "after pruning, or one common ratio", choices=["loss", "ratio"])
+    w = p.add_argument_group("per-layer widths (Llama, Mistral, Qwen2; see docs/pruning.md)")
+    w.add_argument("--layer-widths", help="axes whose width may differ by layer: ffn, kv_heads or ffn,kv_heads "
+                   "(the uniform target's totals spread over the layers by importance)")
+    add_option(w, Target, "layer_norm", "how scores compare between layers: loss (the lowest held-out loss of the "
+               "three), mean, contribution or raw", choices=["loss", "mean", "contribution", "raw"])
+    add_option(w, Target, "layer_floor", "each layer keeps at least this fraction of the uniform width")
+    w.add_argument("--drop-parts", action="store_true", help="a layer may lose its whole MLP or attention")
     c = p.add_argument_group("importance")
     add_option(c, PruneConfig, "calib_data", "corpus: file, folder, data-dir name, or `default`")
     add_option(c, PruneConfig, "calib_samples", "calibration blocks")
@@ -81,7 +88,9 @@ def _run_prune(args) -> None:
                     mamba_head_dim=args.mamba_head_dim,
                     depth_types=args.depth_types.split(",") if args.depth_types else None,
                     params_kind=args.params_kind, layer_metric=args.layer_metric,
-                    contiguous=not args.scattered, round_to=args.round_to, split=args.split)
+                    contiguous=not args.scattered, round_to=args.round_to, split=args.split,
+                    layer_widths=args.layer_widths.split(",") if args.layer_widths else None,
+                    layer_norm=args.layer_norm, layer_floor=args.layer_floor, drop_parts=args.drop_parts)
     cfg = PruneConfig(model=args.model, out=args.out, target=target, calib_data=args.calib_data,
                       calib_samples=args.calib_samples, heldout_samples=args.heldout_samples, seq_len=args.seq_len,
                       val_fraction=args.val_fraction, batch_size=args.batch_size, seq_agg=args.seq_agg,
@@ -164,14 +173,20 @@ def _run_plan(args) -> None:
 def _export_parser(sub) -> None:
     from minitron.export.gguf import LLAMA_CPP_TYPES, NUMPY_TYPES
 
-    p = sub.add_parser("export", help="write a model as one GGUF file for llama.cpp",
+    p = sub.add_parser("export", help="write a model as one GGUF file for llama.cpp (or a per-layer model's other "
+                                      "layouts)",
                        description="A saved model (a pruned or distilled student, or `default`) as a GGUF file: "
-                                   "tensors, hyper-parameters, tokenizer and chat template for llama.cpp. "
-                                   "See docs/export.md.")
+                                   "tensors, hyper-parameters, tokenizer and chat template for llama.cpp (a per-layer "
+                                   "model: arch deci). A per-layer model also as a zero-padded stock HF dir "
+                                   "(--padded) or vLLM's nemotron-nas layout (--nemotron-nas). See docs/export.md.")
     p.add_argument("--model", required=True, help="HF dir, hub id, or `default`")
-    p.add_argument("--gguf", required=True, metavar="TYPE",
+    p.add_argument("--gguf", metavar="TYPE",
                    help=f"{' | '.join(NUMPY_TYPES)}; k-quants ({', '.join(LLAMA_CPP_TYPES)}) need llama-cpp-python")
     p.add_argument("--out", help="a .gguf path or a folder (default: the model dir, else the current dir)")
+    p.add_argument("--padded", metavar="DIR", help="write a stock HF dir zero-padded to uniform widths (exact logits, "
+                                                   "no memory saved) for loaders without per-layer support")
+    p.add_argument("--nemotron-nas", metavar="DIR", dest="nemotron_nas",
+                   help="write NVIDIA's nemotron-nas (DeciLM) layout, which vLLM loads")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.set_defaults(func=_run_export)
 
@@ -179,7 +194,14 @@ def _export_parser(sub) -> None:
 def _run_export(args) -> None:
     from minitron.export.gguf import export_model
 
-    export_model(args.model, args.gguf, args.out, args.overwrite)
+    if not (args.gguf or args.padded or args.nemotron_nas):
+        raise SystemExit("minitron export: give --gguf TYPE, --padded DIR or --nemotron-nas DIR")
+    if args.gguf:
+        export_model(args.model, args.gguf, args.out, args.overwrite)
+    if args.padded or args.nemotron_nas:
+        from minitron.export.per_layer import export_layouts
+
+        export_layouts(args.model, args.padded, args.nemotron_nas, args.overwrite)
 
 
 def _fetch_parser(sub) -> None:

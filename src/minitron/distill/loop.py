@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 from minitron.arch.adapters import dims_of, enable_checkpointing
-from minitron.arch.models import empty_model, load_model, load_tokenizer, parse_dtype, resolve_model_path
+from minitron.arch.models import (
+    empty_model,
+    load_config,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+    save_model,
+)
 from minitron.data.corpus import DataError, corpus_blocks, load_splits, report_blocks, resolve_source
 from minitron.data.fingerprint import content_id
 from minitron.distill.checkpoint import full_state, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -34,7 +41,6 @@ from minitron.distill.losses import (
 from minitron.distill.metrics import append_metrics, plot_metrics, read_metrics, truncate_metrics
 from minitron.distill.parallel import Dist, fill_shards, init_distributed, real_state, unwrap, wrap
 from minitron.distill.student import LayerTap, Student, evaluate_all, teacher_pass, val_topk
-
 
 SAVE_BYTES_PER_S = 200e6  # what a time budget keeps for writing the student at the end (a local disk)
 
@@ -70,10 +76,7 @@ def global_block_ids(step: int, n_blocks: int, per_step: int, seed: int) -> list
 
 def check_vocab(teacher_name: str, student_name: str) -> None:
     """Fail at start, before any model is loaded, when teacher and student vocabularies differ."""
-    from transformers import AutoConfig
-
-    tc = AutoConfig.from_pretrained(resolve_model_path(teacher_name))
-    sc = AutoConfig.from_pretrained(resolve_model_path(student_name))
+    tc, sc = load_config(teacher_name), load_config(student_name)
     if tc.vocab_size != sc.vocab_size:
         raise DistillError(f"vocabulary mismatch: teacher {teacher_name!r} has {tc.vocab_size} tokens, student "
                            f"{student_name!r} has {sc.vocab_size}. Distillation on logits needs the same "
@@ -345,7 +348,7 @@ def finish(out: Path, model, tokenizer, d: Dist, cfg: DistillConfig, steps: int,
         student = unwrap(model).model
         if sd is not None:
             sd = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}
-        student.save_pretrained(out, state_dict=sd)
+        save_model(student, out, state_dict=sd)
         tokenizer.save_pretrained(out)
         metrics = read_metrics(out / "metrics.jsonl")
         plot_metrics(metrics, out / "loss.png", f"{'distill' if cfg.teacher else 'LM fine-tune'}: {cfg.student}")

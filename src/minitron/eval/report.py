@@ -126,6 +126,24 @@ def plot_blocks(scores: dict[str, torch.Tensor], path: Path) -> Path | None:
     return Path(path)
 
 
+def plot_layer_widths(per_layer: dict, uniform: dict, path: Path) -> Path:
+    """Per-layer widths (PrunePlan.per_layer) against the uniform target's: MLP neurons and KV groups per kept
+    layer, source layer numbers on x; a zero bar is a layer without that part."""
+    plt = _plt()
+    widths = per_layer["widths"]
+    x = [w["layer"] for w in widths]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, name in ((axes[0], "ffn", "MLP neurons"), (axes[1], "kv_heads", "KV groups")):
+        ax.bar(x, [w[key] for w in widths], color="tab:blue", label="per-layer")
+        ax.axhline(uniform[key], color="tab:red", linestyle="--", label=f"uniform ({uniform[key]})")
+        ax.set(title=f"{name} per layer ({per_layer['norm']} normalization)", xlabel="source layer", ylabel=name)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_search(rows: list[dict], path: Path) -> Path:
     """Candidates: parameters against validation loss after pruning and after short training; where their speed was
     measured (search.speedup), a second panel of prefill speed-up against loss with the Pareto front and the pick."""
@@ -223,6 +241,33 @@ def _architecture_table(plan: dict) -> list[str]:
     return [*lines, ""]
 
 
+def per_layer_lines(per_layer: dict) -> list[str]:
+    """The per-layer widths of a plan (PrunePlan.per_layer) as a table, one row per kept layer."""
+    lines = ["## Per-layer widths", "",
+             f"Each layer keeps its own {' and '.join(per_layer['axes'])} (scores compared across layers by the "
+             f"`{per_layer['norm']}` normalization, floor {per_layer['floor']:g} of the uniform width"
+             + (", whole attention / MLP may be dropped" if per_layer["drop_parts"] else "") + "); 0 = no such part.",
+             "", "| layer (source) | query heads | KV heads | MLP neurons |", "|---|---|---|---|"]
+    lines += [f"| {w['layer']} | {w['heads']} | {w['kv_heads']} | {w['ffn']} |" for w in per_layer["widths"]]
+    return [*lines, ""]
+
+
+def per_layer_use_lines(layouts: list[str]) -> list[str]:
+    """How to load a per-layer student (transformers' modeling builds every layer from the global config)."""
+    lines = ["## Use", "", "Its config.json holds transformers' `per_layer_config`; transformers 5.25's Llama / Qwen2 / "
+             "Mistral modeling does not build per-layer widths yet, so load it with minitron:", "", "```python",
+             "from minitron.arch.models import load_model", "model, tokenizer = load_model(PATH)", "```", ""]
+    if "padded" in layouts:
+        lines += ["`padded/`: the same model zero-padded to the widest layer, for stock "
+                  "`AutoModelForCausalLM.from_pretrained` (the same logits; no memory or speed saved).", ""]
+    if "nemotron-nas" in layouts:
+        lines += ["`nemotron-nas/`: NVIDIA's DeciLM layout, which vLLM loads (`vllm serve nemotron-nas/ "
+                  "--trust-remote-code`; the config names NVIDIA's DeciLM code in auto_map).", ""]
+    lines += ["A GGUF export (`minitron export --gguf TYPE`) is llama.cpp's `deci` architecture, with the widths per "
+              "layer.", ""]
+    return lines
+
+
 def write_model_card(path: Path, card: dict) -> Path:
     """README.md of an exported student: front matter, provenance, recipe, data, tokens, scores."""
     plan = card.get("plan") or {}
@@ -237,14 +282,19 @@ def write_model_card(path: Path, card: dict) -> Path:
         lines += _architecture_table(plan)
         if plan.get("dropped_layers"):
             lines += [f"Dropped layers: {plan['dropped_layers']} ({plan['layer_choice'].get('how', '')}).", ""]
+    if plan.get("per_layer"):
+        lines += per_layer_lines(plan["per_layer"])
     if card.get("results"):
         lines += ["## Evaluation (zero-shot, scored as lm-evaluation-harness 0.4 scores them)", "",
                   _eval_table(card["results"]), ""]
     if card.get("gguf"):
         lines += gguf_lines(card["gguf"])
-    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "model = AutoModelForCausalLM.from_pretrained(PATH)  # no custom code", "```", "",
-              f"Recipe: `{card['recipe']}`.", ""]
+    if plan.get("per_layer"):
+        lines += per_layer_use_lines(card.get("layouts") or [])
+    else:
+        lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(PATH)  # no custom code", "```", ""]
+    lines += [f"Recipe: `{card['recipe']}`.", ""]
     Path(path).write_text("\n".join(lines))
     return Path(path)
 
@@ -268,7 +318,14 @@ def write_report(out: Path) -> Path:
             m = json.loads(metrics.read_text())
             lines.append(f"- held-out loss right after pruning: {m['heldout_loss_before']:.4f} -> "
                          f"{m['heldout_loss_after']:.4f}")
+            if m.get("layer_norms"):
+                lines.append("- per-layer widths, held-out loss right after pruning by normalization: " + ", ".join(
+                    f"{r['norm']} {r['loss_pruned']:.4f}" for r in m["layer_norms"]))
         lines.append("")
+        if plan.get("per_layer"):
+            lines += per_layer_lines(plan["per_layer"])
+            if (plan_path.parent / "layer_widths.png").is_file():
+                lines += [f"![layer widths]({(plan_path.parent / 'layer_widths.png').relative_to(out)})", ""]
     for img in sorted(out.glob("**/importance/*.png")):
         lines += [f"![{img.stem}]({img.relative_to(out)})", ""]
     if (out / "search" / "search.md").is_file():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from minitron.arch import adapters as A
+from minitron.arch import layerwise
 from minitron.arch.gguf_tokenizer import GGUFExportError  # noqa: F401 (raised by every export module)
 
 # ---- one table of llama.cpp facts per family ---------------------------------------------------------------
@@ -108,6 +109,11 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
         "model.embeddings.weight": "token_embd.weight", "model.norm_f.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}),
 }
+# per-layer widths (minitron.arch.layerwise): llama.cpp's deci reads feed_forward_length / head_count / head_count_kv
+# per layer (0 heads: no attention, no attn_norm; q/k permuted as llama's); a layer with attention and no MLP gets a
+# zero MLP of DECI_ZERO_FFN neurons, because deci's graph drops the attention output of a layer whose n_ff is 0
+DECI = GGUFFamily("deci", "norm")
+DECI_ZERO_FFN = 32
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
@@ -140,6 +146,12 @@ def resolve_family(config) -> tuple[str, GGUFFamily]:
             f"writes {', '.join(sorted(GGUF_FAMILIES))}. Keep the Hugging Face export (load it with transformers), "
             "or add the family to GGUF_FAMILIES in minitron/export/families.py if llama.cpp has a graph for it.")
     fam = GGUF_FAMILIES[family]
+    if layerwise.is_per_layer(config):  # each layer its own widths: llama.cpp's deci graph (Llama math per layer)
+        try:
+            layerwise.check_family(config)
+        except A.UnsupportedArchitecture as e:
+            raise GGUFExportError(str(e)) from e
+        return family, DECI
     if family == "nemotron_h" and "moe" in A.layer_kinds(config):
         return family, replace(fam, arch="nemotron_h_moe")
     if not fam.q_is_hidden:

@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass
 
 from minitron.arch import adapters as A
-from minitron.export.families import GGUFExportError, GGUFFamily, _rope_params, _rotary_dims
+from minitron.arch import layerwise
+from minitron.export.families import DECI_ZERO_FFN, GGUFExportError, GGUFFamily, _rope_params, _rotary_dims
 from minitron.export.ssm import _write_ssm_hparams
 
 
@@ -66,9 +67,15 @@ def write_hparams(w, config, fam: GGUFFamily) -> None:
     w.add_context_length(int(getattr(config, "max_position_embeddings", None) or 2048))
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    if fam.arch == "deci":  # one entry per layer (minitron.arch.layerwise); see families.DECI_ZERO_FFN
+        widths = layerwise.layer_widths(config)
+        w.add_feed_forward_length([x.ffn or (DECI_ZERO_FFN if x.heads else 0) for x in widths])
+        w.add_head_count([x.heads for x in widths])
+        w.add_head_count_kv([x.kv_heads for x in widths])
+    else:
+        w.add_feed_forward_length(config.intermediate_size)
+        w.add_head_count(config.num_attention_heads)
+        w.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
     w.add_key_length(hd)
     w.add_value_length(hd)
     w.add_vocab_size(config.vocab_size)

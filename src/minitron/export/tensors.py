@@ -11,8 +11,10 @@ import re
 import torch
 
 from minitron.arch import adapters as A
+from minitron.arch import layerwise
 from minitron.export.families import (
     _GLOBAL,
+    DECI_ZERO_FFN,
     GGUFExportError,
     GGUFFamily,
     _rope_params,
@@ -42,7 +44,9 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
     if fam.params is not None:
         return ssm_tensors(model, fam)
     hd, rot = A.head_dim_of(config), _rotary_dims(config)
-    heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    deci = fam.arch == "deci"  # per-layer widths (minitron.arch.layerwise)
+    widths = layerwise.layer_widths(config) if deci else None
+    heads, kv = (0, 0) if deci else (config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads)
     tied = bool(config.tie_word_embeddings)
     out: list[tuple[str, torch.Tensor]] = []
     state = model.state_dict()
@@ -58,6 +62,8 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
                 raise GGUFExportError(f"tensor {name} has no GGUF name for llama.cpp's {fam.arch}; the model has "
                                       "parts its family table in minitron/export/families.py does not know")
             prefix = f"blk.{m.group(1)}."
+            if deci:
+                heads, kv = widths[int(m.group(1))].heads, widths[int(m.group(1))].kv_heads
             if fam.arch == "llama" and part == "self_attn.qkv_proj":   # Phi-3 as llama: [q; k; v] rows
                 pieces = zip(("attn_q", "attn_k", "attn_v"), t.split([heads * hd, kv * hd, kv * hd]), strict=True)
             elif fam.arch == "llama" and part == "mlp.gate_up_proj":    # [gate; up] rows
@@ -84,8 +90,22 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
             raise GGUFExportError(f"tensor {name} has no GGUF name for llama.cpp's {fam.arch}")
     if fam.output_required and tied and "lm_head.weight" not in state:
         out.append(("output.weight", state["model.embed_tokens.weight"].float().cpu()))
+    if deci:
+        out += _deci_zero_mlps(config, widths)
     extra = _rope_factor_tensors(config, fam)
     return out + extra
+
+
+def _deci_zero_mlps(config, widths) -> list[tuple[str, torch.Tensor]]:
+    """The zero MLP (DECI_ZERO_FFN neurons, norm gain 1) of every layer with attention and no MLP: llama.cpp's deci
+    graph skips the residual add of a layer whose n_ff is 0; a zero MLP adds 0, exactly."""
+    c, f = config.hidden_size, DECI_ZERO_FFN
+    out = []
+    for i, w in enumerate(widths):
+        if w.heads and not w.ffn:
+            out += [(f"blk.{i}.ffn_norm.weight", torch.ones(c)), (f"blk.{i}.ffn_gate.weight", torch.zeros(f, c)),
+                    (f"blk.{i}.ffn_up.weight", torch.zeros(f, c)), (f"blk.{i}.ffn_down.weight", torch.zeros(c, f))]
+    return out
 
 
 def _llama3_rope_freqs(config, rp: dict) -> torch.Tensor:
@@ -102,7 +122,7 @@ def _llama3_rope_freqs(config, rp: dict) -> torch.Tensor:
 
 def _rope_factor_tensors(config, fam: GGUFFamily) -> list[tuple[str, torch.Tensor]]:
     rp = _rope_params(config)
-    if rp["rope_type"] == "llama3" and fam.arch == "llama":
+    if rp["rope_type"] == "llama3" and fam.arch in ("llama", "deci"):
         return [("rope_freqs.weight", _llama3_rope_freqs(config, rp))]
     if rp["rope_type"] in ("longrope", "su") and fam.arch == "phi3":
         return [("rope_factors_long.weight", torch.tensor(rp["long_factor"], dtype=torch.float32)),

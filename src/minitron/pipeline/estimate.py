@@ -37,6 +37,7 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 
+from minitron.arch import adapters as arch
 from minitron.arch import ranks
 from minitron.pipeline.memory_terms import (
     GiB,
@@ -276,7 +277,20 @@ def resolve_shapes(cfg) -> dict:
         how = "target"
     dims = resolve_dims(config, target)
     teacher = shape_of(config)
-    return {"config": config, "teacher": teacher, "dims": dims, "student": student_shape(config, dims),
+    student = student_shape(config, dims)
+    axes = cfg.search.layer_widths if cfg.search.enabled else cfg.target.layer_widths
+    if axes:  # per-layer widths: the parameter count is the uniform target's; a layer may be as wide as the source's
+        src = arch.dims_of(config)
+        widest = student_shape(config, replace(dims, ffn=src.ffn if "ffn" in axes else dims.ffn,
+                                               kv_heads=src.kv_heads if "kv_heads" in axes else dims.kv_heads,
+                                               heads=dims.heads // dims.kv_heads * src.kv_heads if "kv_heads" in axes
+                                               else dims.heads))
+        # activations sum over the layers (as uniform); one layer's temporaries and tensors: the widest possible
+        student = replace(student, layer_params=widest.layer_params,
+                          largest_tensor=max(student.largest_tensor, widest.largest_tensor))
+        how += (f", per-layer {'/'.join(axes)}: the uniform widths' totals; a single layer taken as wide as the "
+                "source's")
+    return {"config": config, "teacher": teacher, "dims": dims, "student": student,
             "student_from": how, "n_drop": teacher.layers - dims.layers}
 
 

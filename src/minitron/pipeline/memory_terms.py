@@ -86,12 +86,13 @@ class Shape:
 def shape_of(config) -> Shape:
     """The Shape of an HF config of a supported family (built on the meta device: no memory, no weights)."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from minitron.arch.models import model_from_config
 
     a = arch.get_arch(config)
     d = arch.dims_of(config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_from_config(config)
     params = {id(p): p for p in model.parameters()}.values()  # a tied weight once
     layers = arch.decoder_layers(model)
     layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)

@@ -111,6 +111,10 @@ class IterativeSection:
 class ExportSection:
     gguf: str | None = None               # also write export/student-<TYPE>.gguf for llama.cpp: f16 | q8_0 | ...
     gguf_speed: bool = False              # time teacher vs student GGUF under llama.cpp (needs llama-cpp-python)
+    # per-layer students (target.layer_widths): also export/padded (stock layout, zero-padded to the widest layer:
+    # exact logits, no memory saved) and export/nemotron-nas (NVIDIA's DeciLM layout, which vLLM loads)
+    padded: bool = False
+    nemotron_nas: bool = False
 
 
 @dataclass

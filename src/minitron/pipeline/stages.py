@@ -29,7 +29,7 @@ from pathlib import Path
 from minitron.arch import adapters as arch
 from minitron.arch import ranks, runlog
 from minitron.arch.files import atomic_dir
-from minitron.arch.models import hub_id, load_model
+from minitron.arch.models import hub_id, load_model, save_model
 from minitron.data.corpus import calibration_sample, load_splits, selection_blocks
 from minitron.data.fingerprint import (
     corpus_identity,
@@ -229,7 +229,7 @@ def _short_distiller(cfg: RunConfig, teacher: str, tokenizer, work: Path):
         cand = work / f"cand{i}"
         if not (cand / "model").is_dir():
             with atomic_dir(cand / "model") as tmp:
-                student.save_pretrained(tmp)
+                save_model(student, tmp)
                 tokenizer.save_pretrained(tmp)
         done = distill(_distill_config(cfg, teacher, str(cand / "model"), cand / "distill",
                                        cfg.search.train_tokens, eval_every=0, save_every=0, heldout=None))
@@ -327,7 +327,7 @@ def stage_export(cfg: RunConfig, folder: Path, student: Path, card: dict) -> Pat
     """The final student: a plain HF dir with a model card (the card describes this run: it is redone
     whenever the student or the evaluation changed)."""
     settings = {"card": {k: v for k, v in card.items() if k not in ("plan", "results")}}
-    if cfg.export.gguf:
+    if cfg.export.gguf or cfg.export.padded or cfg.export.nemotron_nas:
         settings["export"] = asdict(cfg.export)
     record = make_record("export", settings,
                          {"student": model_identity(str(student)), "eval": dir_identity(Path(card["eval_dir"]))})
@@ -337,7 +337,7 @@ def stage_export(cfg: RunConfig, folder: Path, student: Path, card: dict) -> Pat
 
     model, tok = load_model(str(student), "cpu", cfg.model.dtype, with_tokenizer=True)
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
+        save_model(model, tmp)
         tok.save_pretrained(tmp)
         if cfg.export.gguf:  # export/student-<TYPE>.gguf and gguf.json (docs/export.md)
             from minitron.export.runtime import export_run_gguf
@@ -345,9 +345,31 @@ def stage_export(cfg: RunConfig, folder: Path, student: Path, card: dict) -> Pat
             card = {**card, "gguf": export_run_gguf(model, tok, tmp, cfg.export.gguf, cfg.model.teacher,
                                                     cfg.export.gguf_speed)}
             (tmp / "gguf.json").write_text(json.dumps(card["gguf"], indent=2))
+        card = {**card, "layouts": _per_layer_layouts(cfg, model, tok, tmp)}
         write_model_card(tmp / "README.md", card)
         write_record(tmp, record)
     return folder
+
+
+def _per_layer_layouts(cfg: RunConfig, model, tok, tmp: Path) -> list[str]:
+    """export/padded and export/nemotron-nas of a per-layer student, as the recipe asks (minitron.export.per_layer);
+    the folders written."""
+    from minitron.arch import layerwise
+    from minitron.export import per_layer
+
+    if not layerwise.is_per_layer(model.config):
+        if cfg.export.padded or cfg.export.nemotron_nas:
+            print("[minitron] export: the student has uniform widths; export.padded / nemotron_nas apply to "
+                  "per-layer students (target.layer_widths) and are skipped")
+        return []
+    done = []
+    if cfg.export.padded:
+        per_layer.write_padded(model, tok, tmp / "padded")
+        done.append("padded")
+    if cfg.export.nemotron_nas:
+        per_layer.write_nemotron_nas(model, tok, tmp / "nemotron-nas")
+        done.append("nemotron-nas")
+    return done
 
 
 # ---- the run -------------------------------------------------------------------------------------------

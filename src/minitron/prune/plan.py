@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from minitron.arch import adapters as arch
-from minitron.arch import mamba
+from minitron.arch import layerwise, mamba
 from minitron.arch.moe import plan_layer
+from minitron.prune import per_layer as per_layer_plan
 
 
 class PlanError(ValueError):
@@ -45,6 +46,13 @@ class Target:
     split: str = "loss"              # how a budget divides hidden vs MLP: loss (the split with the lowest
                                      # held-out loss after pruning, measured by the prune stage) | ratio
                                      # (one common ratio for both)
+    # per-layer widths (Llama, Mistral, Qwen2): the axes whose width may differ by layer (ffn, kv_heads); the uniform
+    # target's totals are spread over the layers by importance (minitron.prune.per_layer)
+    layer_widths: list[str] | None = None
+    layer_norm: str = "loss"         # how scores compare between layers: loss (the prune stage keeps whichever of
+                                     # mean / contribution / raw gives the lowest held-out loss) | mean | contribution | raw
+    layer_floor: float = 0.25        # each layer keeps at least this fraction of the uniform width
+    drop_parts: bool = False         # a layer may lose its whole MLP or attention (floor 0; layer 0 keeps attention)
 
     def __post_init__(self) -> None:
         if isinstance(self.params, str):
@@ -73,6 +81,9 @@ class PrunePlan:
     params_after: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # the resulting HF config
     layer_choice: dict = field(default_factory=dict)  # how dropped layers were chosen
+    # per-layer widths: {"axes", "norm", "floor", "drop_parts", "widths": [{"layer" (source), "heads", "kv_heads",
+    # "ffn"} per kept layer]}; empty for a uniform plan
+    per_layer: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
@@ -117,13 +128,10 @@ def config_with_dims(config, dims: arch.Dims, kept_layers: list[int] | None = No
 def source_config(name: str, trust_remote_code: bool = False):
     """A model's config alone (no weight is read), checked to be a family minitron prunes: so an
     unsupported architecture or an impossible target fails before a checkpoint is loaded."""
-    from transformers import AutoConfig
+    from minitron.arch.models import ModelLoadError, load_config
 
-    from minitron.arch.models import ModelLoadError, resolve_model_path
-
-    path = resolve_model_path(name)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = load_config(name, trust_remote_code)
     except ValueError as e:
         raise arch.UnsupportedArchitecture(
             f"{name!r}: unknown or unsupported architecture ({e}); supported families: "
@@ -141,12 +149,11 @@ PARAMS_KINDS = ("total", "non_embedding", "active")
 def count_params(config) -> dict:
     """Exact parameter counts of a config (model built on the meta device): total, non-embedding and active
     (what one token uses: total less the experts it is not routed to; = total for a dense model)."""
-    from transformers import AutoModelForCausalLM
-
+    from minitron.arch.models import model_from_config
     from minitron.arch.moe import inactive_params
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_from_config(config)
     total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     d = arch.dims_of(config)
     embed = d.vocab * d.hidden * (1 if d.tied else 2)
@@ -306,6 +313,10 @@ def _check(config, src: arch.Dims, d: arch.Dims, target: Target) -> None:
         raise PlanError("--layers and --drop-layers disagree; give one of them")
     if target.drop_layers and max(target.drop_layers) >= src.layers:
         raise PlanError(f"--drop-layers names layer {max(target.drop_layers)}, but the model has {src.layers} (0-based)")
+    if target.layer_widths is not None:
+        why = per_layer_plan.check_target(config, target.layer_widths, target.layer_norm, target.layer_floor)
+        if why:
+            raise PlanError(why)
     if target.layer_metric not in ("bi", "lm-loss") and not target.layer_metric.startswith("task:"):
         raise PlanError(f"layer metric {target.layer_metric!r} unknown; choose bi, lm-loss or task:NAME (e.g. task:piqa)")
 
@@ -393,7 +404,19 @@ def make_plan(config, scores: dict[str, torch.Tensor], target: Target) -> PruneP
     heads, kv_heads, ffn, experts, expert_ffn, shared_ffn, m_heads, m_channels = {}, {}, {}, {}, {}, {}, {}, {}
     parts = arch.layer_parts(config)
     a = arch.get_arch(config)
+    widths = None
+    if target.layer_widths:  # each kept layer its own MLP width / KV groups (the uniform dims' totals)
+        w = per_layer_plan.layer_widths(config, scores, dims, kept_layers, target.layer_widths, target.layer_norm,
+                                   target.layer_floor, target.drop_parts, target.round_to)
+        widths = {i: (w["kv_heads"][j], w["ffn"][j]) for j, i in enumerate(kept_layers)}
     for i in kept_layers:
+        if widths is not None:
+            kv_i, ffn_i = widths[i]
+            kv_heads[i] = _topk_sorted(scores["kv_groups"][i], kv_i) if kv_i else []
+            heads[i] = [g * group + h for g in kv_heads[i]
+                        for h in _topk_sorted(scores["heads"][i, g * group:(g + 1) * group], new_group)]
+            ffn[i] = _topk_sorted(scores["neurons"][i], ffn_i) if ffn_i else []
+            continue
         if "mamba" in parts[i]:  # heads ranked within their B/C group, head-dim channels shared by all heads
             m_heads[i], m_channels[i] = mamba.plan_layer(scores, i, src, dims, getattr(config, a.mamba.groups_key))
         if "mlp" in parts[i] and a.hybrid is not None:
@@ -409,8 +432,20 @@ def make_plan(config, scores: dict[str, torch.Tensor], target: Target) -> PruneP
         elif a.hybrid is None:  # the layer's MLP (hybrid MLP layers are ranked above)
             ffn[i] = _topk_sorted(scores["neurons"][i], dims.ffn)
     new_config = config_with_dims(config, dims, kept_layers)
+    per_layer = {}
+    if widths is not None:
+        lw = [layerwise.LayerWidth(len(heads[i]), len(kv_heads[i]), len(ffn[i])) for i in kept_layers]
+        layerwise.write_layer_widths(new_config, lw)
+        per_layer = {"axes": list(target.layer_widths), "norm": target.layer_norm, "floor": target.layer_floor,
+                     "drop_parts": target.drop_parts,
+                     "widths": [{"layer": i, "heads": w.heads, "kv_heads": w.kv_heads, "ffn": w.ffn}
+                                for i, w in zip(kept_layers, lw, strict=True)]}
     return PrunePlan(source=src.to_dict(), target=dims.to_dict(), kept_layers=kept_layers, dropped_layers=dropped,
                      hidden=_topk_sorted(scores["channels"], dims.hidden), ffn=ffn, heads=heads, kv_heads=kv_heads,
                      experts=experts, expert_ffn=expert_ffn, shared_ffn=shared_ffn, mamba_heads=m_heads,
                      mamba_channels=m_channels, params_before=count_params(config), params_after=count_params(new_config),
-                     config=new_config.to_dict(), layer_choice=layer_choice)
+                     config=_config_dict(new_config), layer_choice=layer_choice, per_layer=per_layer)
+
+
+def _config_dict(config) -> dict:
+    return layerwise.config_json(config) if layerwise.is_per_layer(config) else config.to_dict()

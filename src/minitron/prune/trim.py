@@ -13,10 +13,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minitron.arch import adapters as arch
+from minitron.arch import layerwise
 from minitron.arch.adapters import slice_linear, slice_norm  # the slicing helpers (also importable from here)
 from minitron.arch.files import atomic_dir
 from minitron.arch.mamba import slice_mixer
-from minitron.arch.models import lm_loss, load_model
+from minitron.arch.models import lm_loss, load_model, save_model
 from minitron.arch.moe import slice_experts
 from minitron.data.corpus import (
     calibration_sample,
@@ -25,7 +26,8 @@ from minitron.data.corpus import (
     resolve_source,
     selection_blocks,
 )
-from minitron.eval.report import plot_blocks, plot_importance
+from minitron.eval.report import plot_blocks, plot_importance, plot_layer_widths
+from minitron.prune import per_layer
 from minitron.prune.importance import (
     CRITERIA,
     ImportanceConfig,
@@ -62,8 +64,10 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     kept = nn.ModuleList([layers[i] for i in plan.kept_layers])
     moe = arch.is_moe(model)
     parts = arch.layer_parts(model)  # dense / MoE: attention and MLP in every layer; hybrid: one mixer each
+    widths = {w["layer"]: w for w in plan.per_layer.get("widths", [])}  # per-layer widths (else: dims everywhere)
     for old_i, layer in zip(plan.kept_layers, kept, strict=True):
-        has = parts[old_i]
+        w = widths.get(old_i)
+        has = parts[old_i] - ({"attn"} if w and not w["kv_heads"] else set()) - ({"mlp"} if w and not w["ffn"] else set())
         rows = {"q": _rows(plan.heads.get(old_i, []), hd), "kv": _rows(plan.kv_heads.get(old_i, []), hd),
                 "ffn": torch.tensor(plan.ffn.get(old_i, []), dtype=torch.long)}
         inputs = ((arch.attn_inputs(model, layer) if "attn" in has else [])
@@ -88,11 +92,16 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
                 setattr(module, name, nn.Parameter(t.index_select(axis, hidden.to(t.device)).clone()))
         for norm in arch.hidden_norms(model, layer):
             slice_norm(norm, hidden)
-        arch.set_module_widths(model, layer, dims, has)
+        layer_dims = replace(dims, heads=w["heads"], kv_heads=w["kv_heads"], ffn=w["ffn"]) if w else dims
+        arch.set_module_widths(model, layer, layer_dims, has)
+        layerwise.skip_parts(model, layer, parts[old_i] - has)
         if moe:
             arch.set_moe_widths(model, layer, dims)
     arch.set_decoder_layers(model, kept)
     arch.write_dims(model.config, dims, plan.kept_layers)
+    if widths:
+        layerwise.write_layer_widths(model.config, [layerwise.LayerWidth(widths[i]["heads"], widths[i]["kv_heads"],
+                                                                         widths[i]["ffn"]) for i in plan.kept_layers])
     for new_i, layer in enumerate(kept):
         arch.set_layer_index(model, layer, new_i)
     emb = arch.embedding(model)
@@ -196,6 +205,21 @@ def choose_split(model, scores: dict[str, torch.Tensor], heldout: torch.Tensor, 
     return replace(target, hidden=rows[0]["hidden"]), rows
 
 
+def choose_layer_norm(model, scores: dict[str, torch.Tensor], heldout: torch.Tensor, target: Target,
+                      batch_size: int = 8) -> tuple[Target, list[dict]]:
+    """Per-layer widths: prune with each normalization of the scores across layers (per_layer.NORMS) and keep the
+    one with the lowest LM loss on the held-out blocks [N, T] right after pruning. Returns that Target and the
+    table (each normalization's loss and widths), best first."""
+    rows = []
+    for norm in tqdm(per_layer.NORMS, desc="prune: per-layer normalization", unit="norm"):
+        plan = make_plan(model.config, scores, replace(target, layer_norm=norm))
+        rows.append({"norm": norm, "loss_pruned": loss_after_pruning(model, plan, heldout, batch_size),
+                     "ffn": [w["ffn"] for w in plan.per_layer["widths"]],
+                     "kv_heads": [w["kv_heads"] for w in plan.per_layer["widths"]]})
+    rows.sort(key=lambda r: r["loss_pruned"])
+    return replace(target, layer_norm=rows[0]["norm"]), rows
+
+
 class OutputExists(FileExistsError):
     """The output dir exists and is not empty."""
 
@@ -284,6 +308,13 @@ def prune(cfg: PruneConfig) -> Path:
         target, splits_table = choose_split(model, scores, select, target, cfg.batch_size)
         print("[minitron] hidden/MLP split by held-out loss after pruning (selection blocks): " + ", ".join(
             f"{r['hidden']}/{r['ffn']} {r['loss_pruned']:.3f}" for r in splits_table))
+    norms_table = []
+    if target.layer_widths:  # the contribution normalization reads the output weights' norms
+        scores = {**scores, **per_layer.output_norms(model)}
+        if target.layer_norm == "loss":
+            target, norms_table = choose_layer_norm(model, scores, select, target, cfg.batch_size)
+            print("[minitron] per-layer widths: held-out loss after pruning by normalization: " + ", ".join(
+                f"{r['norm']} {r['loss_pruned']:.3f}" for r in norms_table))
     plan = make_plan(model.config, scores, target)
     print(f"[minitron] dims {src.to_dict()} -> {plan.target} dropped={plan.dropped_layers}")
     loss_before = lm_loss(model, report, cfg.batch_size)
@@ -293,7 +324,7 @@ def prune(cfg: PruneConfig) -> Path:
                "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
                "heldout_tokens": int(report.numel()), "heldout_blocks": "report (disjoint from selection)",
                "selection_tokens": int(select.numel()), "criterion": meta.get("criterion", "activation"),
-               "budget_splits": splits_table}
+               "budget_splits": splits_table, "layer_norms": norms_table}
     active = (f", active per token {plan.params_before['active'] / 1e6:.2f}M -> {plan.params_after['active'] / 1e6:.2f}M"
               if arch.is_moe(model) else "")
     print(f"[minitron] params {plan.params_before['total'] / 1e6:.2f}M -> {plan.params_after['total'] / 1e6:.2f}M "
@@ -301,12 +332,15 @@ def prune(cfg: PruneConfig) -> Path:
           f"{plan.params_after['non_embedding'] / 1e6:.2f}M{active}); held-out loss {loss_before:.4f} -> {loss_after:.4f}")
 
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        save_model(model, tmp)
         tokenizer.save_pretrained(tmp)
         plan.save(tmp / "plan.json")
-        save_scores(scores, tmp, {**meta, "model": cfg.model})
+        save_scores({k: v for k, v in scores.items() if k not in per_layer.OUT_NORM_KEYS.values()}, tmp,
+                    {**meta, "model": cfg.model})
         plot_importance(scores, tmp / "importance.png", title=f"importance of {cfg.model}")
         plot_blocks(scores, tmp / "blocks.png")
+        if plan.per_layer:
+            plot_layer_widths(plan.per_layer, plan.target, tmp / "layer_widths.png")
         (tmp / "prune_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         (tmp / "prune_metrics.json").write_text(json.dumps(metrics, indent=1))
     return out
