@@ -6,6 +6,7 @@ budget (the default recipe's 70M when its search is off) and the same hidden/MLP
     uniform     every layer the same MLP width and KV groups (what minitron did until now)
     ffn         per-layer MLP widths (target.layer_widths=[ffn]); normalization chosen by held-out loss
     ffn-kv      per-layer MLP widths and KV groups (target.layer_widths=[ffn, kv_heads])
+    ffn-measured  per-layer MLP widths from each layer's measured loss when narrowed alone (layer_norm=measured)
 
 Then: WikiText-2 validation loss (the first --blocks blocks of --seq-len tokens) right after pruning; the same
 distillation (--tokens tokens of the default corpus, the default recipe's LR schedule, same seed and data order)
@@ -23,7 +24,8 @@ import json
 import time
 from pathlib import Path
 
-ARMS = {"uniform": None, "ffn": ["ffn"], "ffn-kv": ["ffn", "kv_heads"]}
+ARMS = {"uniform": (None, "loss"), "ffn": (["ffn"], "loss"), "ffn-kv": (["ffn", "kv_heads"], "loss"),
+        "ffn-measured": (["ffn"], "measured")}
 WIKITEXT = "wikitext-2-raw/wiki.valid.raw"
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         if not (pruned / "plan.json").is_file():
             prune(PruneConfig(model="default", out=str(pruned), scores=scores, overwrite=True,
-                              target=Target(params=args.params, layer_widths=ARMS[arm])))
+                              target=Target(params=args.params, layer_widths=ARMS[arm][0], layer_norm=ARMS[arm][1])))
         scores = scores or str(pruned / "scores.safetensors")  # later arms: the same scores, no calibration
         plan = PrunePlan.load(pruned / "plan.json")
         metrics = json.loads((pruned / "prune_metrics.json").read_text())

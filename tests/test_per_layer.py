@@ -154,7 +154,7 @@ def test_prune_stage_chooses_the_normalization_by_held_out_loss(tokenizer, corpu
     src = tmp_path / "src"
     make_model("llama").save_pretrained(src)
     tokenizer.save_pretrained(src)
-    target = Target(params="95k", layer_widths=["ffn", "kv_heads"], round_to=8)
+    target = Target(params="95k", layer_widths=["ffn", "kv_heads"], round_to=8, layer_norm="loss")
     out = prune(PruneConfig(model=str(src), out=str(tmp_path / "out"), calib_data=str(corpus_dir), calib_samples=8,
                             heldout_samples=2, seq_len=32, batch_size=4, device="cpu", target=target))
     metrics = json.loads((out / "prune_metrics.json").read_text())
@@ -268,7 +268,7 @@ def test_cli_export_writes_the_padded_and_gguf_layouts(tokenizer, tmp_path, caps
 
 
 def test_recipe_with_per_layer_widths_end_to_end(tokenizer, corpus_dir, tmp_path):
-    """`minitron run` with target.layer_widths on a tiny Llama: prune (normalization by held-out loss), distill the
+    """`minitron run` with target.layer_widths on a tiny Llama: prune (widths by measured per-layer loss), distill the
     per-layer student (checkpoints included), evaluate it, export it with its padded copy and a deci GGUF; the
     report and the model card show the widths."""
     from minitron.pipeline import RunConfig, run
@@ -276,7 +276,7 @@ def test_recipe_with_per_layer_widths_end_to_end(tokenizer, corpus_dir, tmp_path
 
     teacher = tmp_path / "teacher"
     model = make_model("llama")
-    with torch.no_grad():  # layer 1's MLP activations 4x the others': raw scores give it more neurons
+    with torch.no_grad():  # layer 1's MLP 4x the others': narrowing it costs more loss, it keeps more neurons
         model.model.layers[1].mlp.up_proj.weight.mul_(4.0)
     model.save_pretrained(teacher)
     tokenizer.save_pretrained(teacher)
@@ -284,7 +284,7 @@ def test_recipe_with_per_layer_widths_end_to_end(tokenizer, corpus_dir, tmp_path
     over = {"out": str(out), "model.teacher": str(teacher), "model.device": "cpu", "data.corpus": str(corpus_dir),
             "data.seq_len": 32, "importance.calib_samples": 8, "importance.heldout_samples": 4,
             "importance.batch_size": 4, "target.params": 110000, "target.layer_widths": "[ffn,kv_heads]",
-            "target.drop_parts": "true", "target.layer_norm": "raw", "distill.tokens": 768, "distill.batch_size": 4, "distill.eval_every": 2,
+            "target.drop_parts": "true", "distill.tokens": 768, "distill.batch_size": 4, "distill.eval_every": 2,
             "distill.save_every": 2, "eval.tasks": f"loss:{corpus_dir}", "eval.limit": 4, "eval.batch_size": 4,
             "export.padded": "true", "export.gguf": "f32"}
     run(load_config(RunConfig, None, [f"{k}={v}" for k, v in over.items()]))
@@ -341,3 +341,46 @@ def test_plan_estimate_says_how_per_layer_widths_are_counted(tokenizer, tmp_path
     assert "per-layer ffn: the uniform widths' totals; a single layer taken as wide as the source's" in text
     u, p = resolve_shapes(uniform), resolve_shapes(per)
     assert p["student"].params == u["student"].params and p["student"].layer_params > u["student"].layer_params
+
+
+def test_a_per_layer_model_is_not_pruned_again_and_iterative_recipes_say_so(tmp_path):
+    from minitron.pipeline import RunConfig
+    from minitron.pipeline.config import ConfigError, load_config
+
+    model, _ = per_layer_model("llama")
+    with pytest.raises(PlanError, match="already has per-layer widths.*prune its uniform source"):
+        make_plan(model.config, {}, Target(ffn=32))
+    with pytest.raises(ConfigError, match="not pruned again: iterative.budgets"):
+        load_config(RunConfig, None, ["iterative.budgets=[150000,120000]", "target.layer_widths=[ffn]"])
+
+
+def test_measured_curves_zero_exactly_what_pruning_removes(tokenizer):
+    """`measured`: a probe zeroes the output weights of a layer's dropped units, which gives the logits of that layer
+    pruned (its MLP sliced to the kept neurons; its attention to the kept KV groups); the unit values follow the
+    loss saved per unit, and the weights are restored after every probe."""
+    import copy
+
+    from minitron.arch.adapters import slice_linear
+
+    model = make_model("llama")
+    s = scores_for(model)
+    ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = arch.decoder_layers(model)[1]
+    keep = torch.argsort(s["neurons"][1], descending=True)[:40].sort().values
+    sliced = copy.deepcopy(model)
+    mlp = arch.decoder_layers(sliced)[1].mlp
+    slice_linear(mlp.gate_proj, out_idx=keep)
+    slice_linear(mlp.up_proj, out_idx=keep)
+    slice_linear(mlp.down_proj, in_idx=keep)
+    with torch.no_grad(), P._zeroed(model, layer, s["neurons"][1], 40, "ffn"):
+        torch.testing.assert_close(model(ids).logits, sliced(ids).logits, atol=1e-5, rtol=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    d = arch.dims_of(model.config)
+    curves = P.measure_curves(model, s, ids, arch.Dims(**{**d.to_dict(), "ffn": 64, "kv_heads": 1, "heads": 2}),
+                              ["ffn", "kv_heads"], batch_size=2)
+    assert curves["neuron_measured"].shape == (4, 128) and curves["kv_measured"].shape == (4, 2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    t = Target(hidden=48, ffn=64, heads=2, kv_heads=1, layer_widths=["ffn", "kv_heads"], layer_norm="measured")
+    plan = make_plan(model.config, {**s, **curves}, t)
+    assert sum(w["ffn"] for w in plan.per_layer["widths"]) == 4 * 64

@@ -56,8 +56,9 @@ def _prune_parser(sub) -> None:
     w = p.add_argument_group("per-layer widths (Llama, Mistral, Qwen2; see docs/pruning.md)")
     w.add_argument("--layer-widths", help="axes whose width may differ by layer: ffn, kv_heads or ffn,kv_heads "
                    "(the uniform target's totals spread over the layers by importance)")
-    add_option(w, Target, "layer_norm", "how scores compare between layers: loss (the lowest held-out loss of the "
-               "three), mean, contribution or raw", choices=["loss", "mean", "contribution", "raw"])
+    add_option(w, Target, "layer_norm", "how layers compare: measured (each layer's held-out loss when narrowed "
+               "alone), loss (the best of mean, contribution, raw by held-out loss), or one of those three",
+               choices=["measured", "loss", "mean", "contribution", "raw"])
     add_option(w, Target, "layer_floor", "each layer keeps at least this fraction of the uniform width")
     w.add_argument("--drop-parts", action="store_true", help="a layer may lose its whole MLP or attention")
     c = p.add_argument_group("importance")

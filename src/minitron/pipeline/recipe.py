@@ -167,6 +167,10 @@ class RunConfig:
             raise ConfigError("give one budget: budget.minutes (wall time) or budget.gpu_hours, not both")
         if any(v is not None and v <= 0 for v in (b.minutes, b.gpu_hours)):
             raise ConfigError(f"the budget must be positive, got minutes={b.minutes} gpu_hours={b.gpu_hours}")
+        if (t.layer_widths or self.search.layer_widths) and self.iterative.budgets:
+            raise ConfigError("per-layer widths (target / search.layer_widths) are not pruned again: iterative.budgets "
+                              "would prune a per-layer student in its next step. Use one prune step (drop "
+                              "iterative.budgets) or uniform widths")
         if (b.minutes or b.gpu_hours) and self.iterative.budgets:
             raise ConfigError("budget.minutes / gpu_hours plans one distillation; iterative.budgets runs several: "
                               "use distill.tokens with iterative, or drop iterative.budgets")

@@ -215,7 +215,9 @@ def stage_search(cfg: RunConfig, out: Path, teacher: str, scores_path: Path) -> 
             write_record(tmp, record)
     best = json.loads((folder / "search.json").read_text())["rows"][0]["dims"]
     print(f"[minitron] search picked {best}")
-    return target_of(arch.Dims(**best), cfg.search)  # MoE axes (experts, top-k, shared expert) included
+    # MoE axes (experts, top-k, shared expert) included; per-layer widths spread as the recipe's target says
+    return replace(target_of(arch.Dims(**best), cfg.search), layer_norm=cfg.target.layer_norm,
+                   layer_floor=cfg.target.layer_floor, drop_parts=cfg.target.drop_parts)
 
 
 def _short_distiller(cfg: RunConfig, teacher: str, tokenizer, work: Path):

@@ -49,8 +49,9 @@ class Target:
     # per-layer widths (Llama, Mistral, Qwen2): the axes whose width may differ by layer (ffn, kv_heads); the uniform
     # target's totals are spread over the layers by importance (minitron.prune.per_layer)
     layer_widths: list[str] | None = None
-    layer_norm: str = "loss"         # how scores compare between layers: loss (the prune stage keeps whichever of
-                                     # mean / contribution / raw gives the lowest held-out loss) | mean | contribution | raw
+    layer_norm: str = "measured"     # how layers compare: measured (each layer's held-out loss when narrowed alone,
+                                     # measured by the prune stage) | loss (whichever of mean / contribution / raw
+                                     # gives the lowest held-out loss) | mean | contribution | raw
     layer_floor: float = 0.25        # each layer keeps at least this fraction of the uniform width
     drop_parts: bool = False         # a layer may lose its whole MLP or attention (floor 0; layer 0 keeps attention)
 
@@ -180,6 +181,9 @@ def resolve_dims(config, target: Target) -> arch.Dims:
     if not src.mamba_heads and (target.mamba_heads or target.mamba_head_dim):
         raise PlanError(f"mamba_heads / mamba_head_dim are Mamba axes, but {config.model_type} has no Mamba layers; "
                         "drop them")
+    if layerwise.is_per_layer(config):
+        raise PlanError("this model already has per-layer widths (its config has per_layer_config); pruning it again "
+                        "is not supported: prune its uniform source, with target.layer_widths for per-layer widths")
     heads = pick(target.heads, src.heads)
     hidden = pick(target.hidden, heads * src.head_dim if arch.get_arch(config).hidden_is_q_width else src.hidden)
     experts = pick(target.experts, src.experts)

@@ -48,8 +48,8 @@ class SearchConfig:
     speedup: float = 0.0
     speed_rounds: int = 3
     # per-layer widths (Llama, Mistral, Qwen2): every candidate spreads its MLP neurons / KV groups over its layers
-    # (minitron.prune.per_layer; scores compared by the mean normalization) and the pick keeps it (the prune stage
-    # then chooses the normalization by held-out loss)
+    # (minitron.prune.per_layer; scores compared by the mean normalization: measuring every candidate's layers would
+    # cost too much) and the pick keeps it (the prune stage then spreads them by target.layer_norm, measured)
     layer_widths: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -121,7 +121,8 @@ def target_of(d: arch.Dims, cfg: SearchConfig) -> Target:
     moe = dict(experts=d.experts, top_k=d.top_k, shared_ffn=d.shared_ffn or None) if d.experts else {}
     mamba = dict(mamba_heads=d.mamba_heads, mamba_head_dim=d.mamba_head_dim) if d.mamba_heads else {}
     return Target(hidden=d.hidden, ffn=d.ffn, heads=d.heads, kv_heads=d.kv_heads, layers=d.layers,
-                  layer_metric=cfg.layer_metric, layer_widths=cfg.layer_widths, round_to=cfg.round_to, **moe, **mamba)
+                  layer_metric=cfg.layer_metric, layer_widths=cfg.layer_widths, layer_norm="mean",
+                  round_to=cfg.round_to, **moe, **mamba)
 
 
 def search(model, scores: dict[str, torch.Tensor], validation: torch.Tensor, cfg: SearchConfig,

@@ -305,12 +305,20 @@ def prune(cfg: PruneConfig) -> Path:
                                select, cfg, n_drop)
     target, splits_table = cfg.target, []
     if target.params is not None and target.split == "loss" and target.hidden is None and target.ffn is None:
-        target, splits_table = choose_split(model, scores, select, target, cfg.batch_size)
+        # measured per-layer widths probe around the uniform width, so the split is chosen with uniform widths first
+        uniform_first = target.layer_widths and target.layer_norm == "measured"
+        target, splits_table = choose_split(model, scores, select, replace(target, layer_widths=None)
+                                            if uniform_first else target, cfg.batch_size)
+        target = replace(target, layer_widths=cfg.target.layer_widths)
         print("[minitron] hidden/MLP split by held-out loss after pruning (selection blocks): " + ", ".join(
             f"{r['hidden']}/{r['ffn']} {r['loss_pruned']:.3f}" for r in splits_table))
     norms_table = []
     if target.layer_widths:  # the contribution normalization reads the output weights' norms
         scores = {**scores, **per_layer.output_norms(model)}
+        if target.layer_norm == "measured":  # each layer's loss when it alone is narrowed (selection blocks)
+            scores.update(per_layer.measure_curves(model, scores, select[:per_layer.MEASURE_BLOCKS],
+                                                   resolve_dims(model.config, target), target.layer_widths,
+                                                   cfg.batch_size))
         if target.layer_norm == "loss":
             target, norms_table = choose_layer_norm(model, scores, select, target, cfg.batch_size)
             print("[minitron] per-layer widths: held-out loss after pruning by normalization: " + ", ".join(
@@ -335,7 +343,8 @@ def prune(cfg: PruneConfig) -> Path:
         save_model(model, tmp)
         tokenizer.save_pretrained(tmp)
         plan.save(tmp / "plan.json")
-        save_scores({k: v for k, v in scores.items() if k not in per_layer.OUT_NORM_KEYS.values()}, tmp,
+        save_scores({k: v for k, v in scores.items() if k not in {*per_layer.OUT_NORM_KEYS.values(),
+                                                                   *per_layer.MEASURED_KEYS.values()}}, tmp,
                     {**meta, "model": cfg.model})
         plot_importance(scores, tmp / "importance.png", title=f"importance of {cfg.model}")
         plot_blocks(scores, tmp / "blocks.png")
