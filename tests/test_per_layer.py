@@ -376,6 +376,12 @@ def test_measured_curves_zero_exactly_what_pruning_removes(tokenizer):
     with torch.no_grad(), P._zeroed(model, layer, s["neurons"][1], 40, "ffn"):
         torch.testing.assert_close(model(ids).logits, sliced(ids).logits, atol=1e-5, rtol=0)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # a probe runs from its layer on, from what enters that layer: the same loss as the whole model
+    from minitron.arch.models import lm_loss
+
+    inputs = P.layer_inputs(model, ids, batch_size=1)
+    for start in (0, 2, 3):
+        assert abs(P.suffix_loss(model, start, inputs[start], ids, batch_size=1) - lm_loss(model, ids, 1)) < 1e-5
     d = arch.dims_of(model.config)
     curves = P.measure_curves(model, s, ids, arch.Dims(**{**d.to_dict(), "ffn": 64, "kv_heads": 1, "heads": 2}),
                               ["ffn", "kv_heads"], batch_size=2)
@@ -384,3 +390,15 @@ def test_measured_curves_zero_exactly_what_pruning_removes(tokenizer):
     t = Target(hidden=48, ffn=64, heads=2, kv_heads=1, layer_widths=["ffn", "kv_heads"], layer_norm="measured")
     plan = make_plan(model.config, {**s, **curves}, t)
     assert sum(w["ffn"] for w in plan.per_layer["widths"]) == 4 * 64
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_a_probe_from_its_layer_on_gives_the_whole_models_loss(family):
+    from minitron.arch.models import lm_loss
+
+    model = make_model(family)
+    ids = torch.randint(0, 384, (3, 40), generator=torch.Generator().manual_seed(1))
+    inputs = P.layer_inputs(model, ids, batch_size=2)
+    assert [x.shape for x in inputs] == [(3, 40, 64)] * 4
+    for start in range(4):
+        assert abs(P.suffix_loss(model, start, inputs[start], ids, batch_size=2) - lm_loss(model, ids, 2)) < 1e-5

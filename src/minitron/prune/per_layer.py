@@ -12,8 +12,8 @@ between layers (activation sizes grow with depth). The normalizations (`NORMS`):
 - `raw`: the activation scores as they are.
 - `measured`: not a rescaling but a measurement (the way NVIDIA's Puzzle scores its per-layer choices): for each
   layer and a few widths, the held-out LM loss when that layer alone keeps only its best units (the others whole);
-  a unit's value is the loss its block of widths saves per unit. Costs layers x len(MEASURED_LEVELS) forward
-  passes over MEASURE_BLOCKS held-out blocks (`measure_curves`).
+  a unit's value is the loss its block of widths saves per unit. Costs layers x (len(MEASURED_LEVELS) + 1) passes
+  over MEASURE_BLOCKS held-out blocks, each from the probed layer on (`measure_curves`).
 
 `measured` is the default: on the default teacher at 70M it beat the uniform widths by 0.89 nats of WikiText-2 loss
 right after pruning and 0.73 after the same distillation, where `mean` lost 0.22 / 0.04 to them and `raw` and
@@ -92,6 +92,7 @@ def measure_curves(model, scores: dict[str, torch.Tensor], blocks: torch.Tensor,
     from minitron.arch.models import lm_loss
 
     base = lm_loss(model, blocks, batch_size)
+    inputs = layer_inputs(model, blocks, batch_size)  # what enters each layer: a probe of layer i runs layers i.. only
     out = {}
     for axis, key in (("ffn", "neurons"), ("kv_heads", "kv_groups")):
         if axis not in axes:
@@ -103,11 +104,51 @@ def measure_curves(model, scores: dict[str, torch.Tensor], blocks: torch.Tensor,
             losses = {units: base}
             for w in widths[:-1]:
                 with _zeroed(model, layer, scores[key][i], w, axis):
-                    losses[w] = lm_loss(model, blocks, batch_size)
+                    losses[w] = suffix_loss(model, i, inputs[i], blocks, batch_size)
             for lo, hi in zip(widths, widths[1:], strict=False):
                 values[i, lo:hi] = (losses[lo] - losses[hi]) / (hi - lo)
         out[MEASURED_KEYS[key]] = values
     return out
+
+
+@torch.no_grad()
+def layer_inputs(model, blocks: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """The hidden states entering each decoder layer for token blocks [N, T]: a list of L tensors [N, T, C] (on the
+    model's device, in its dtype)."""
+    device = next(model.parameters()).device
+    layers = arch.decoder_layers(model)
+    seen: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def grab(i):
+        def hook(module, args, kwargs):
+            seen[i].append((args[0] if args else kwargs["hidden_states"]).detach())
+        return hook
+
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for b in range(0, blocks.shape[0], batch_size):
+            arch.backbone(model)(input_ids=blocks[b:b + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(x) for x in seen]                                                        # L x [N, T, C]
+
+
+@torch.no_grad()
+def suffix_loss(model, start: int, hidden_in: torch.Tensor, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token LM loss of blocks [N, T] run from decoder layer `start` on, given hidden_in [N, T, C], what
+    enters that layer (layer_inputs): the layers before it are left out (arch.without_layers) and the rest read
+    hidden_in as their input embeddings. Equal to the whole model's loss when the earlier layers are unchanged."""
+    total, count = 0.0, 0
+    with arch.without_layers(model, list(range(start))):
+        for b in range(0, blocks.shape[0], batch_size):
+            h = arch.backbone(model)(inputs_embeds=hidden_in[b:b + batch_size],
+                                     use_cache=False).last_hidden_state                        # [B, T, C]
+            target = blocks[b:b + batch_size, 1:].to(h.device)                                 # [B, T-1]
+            logits = arch.logits_of_hidden(model, h[:, :-1].reshape(-1, h.shape[-1]))          # [B*(T-1), V]
+            total += float(torch.nn.functional.cross_entropy(logits.float(), target.reshape(-1), reduction="sum"))
+            count += target.numel()
+    return total / count
 
 
 @contextlib.contextmanager
