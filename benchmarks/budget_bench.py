@@ -3,10 +3,12 @@
 Every arm is one `minitron run` with the same `budget.minutes` (so each spends the same wall time on this machine,
 its distillation sized by what it measured), into <out>/<arm>:
 
-    old       recipes/legacy.yaml: the default until 2026-12-06 (70M width-only, Debian's Python docs, lr 1e-4)
-    new       recipes/default.yaml: the default now
-    new-70m   the new default with the old default's size: target.params=70M (search off)
-    new-106m  the new default at a 21% cut: target.params=106M (search off)
+    old           recipes/legacy.yaml: the default until 2026-12-06 (70M width-only, Debian's Python docs, lr 1e-4)
+    new           recipes/default.yaml: the default now (since 2026-12-07: 70M, per-layer MLP widths by measured loss)
+    speed-search  the default of 2026-12-06: the shape with the lowest held-out loss among those measured >= 1.5x
+                  faster to prefill (search.enabled=true), uniform widths
+    new-70m       the new default with uniform widths (target.layer_widths=null)
+    new-106m      the new default at a 21% cut: target.params=106M
 
 Each run also logs the WikiText-2 validation loss at every distillation evaluation (distill.heldout), so the
 curves of all arms share one y axis. Then every student and the teacher are scored alike: WikiText-2 test
@@ -15,8 +17,8 @@ and prefill / decode speed at batch 1 and 8 (best of 5 rounds interleaved over a
 model in <out>/scores/, so arms can be run one invocation at a time. Writes <out>/budget_bench.md and .json and
 <out>/curves.png; benchmarks/RESULTS.md quotes them.
 
-    MINITRON_DATA_DIR=../shared/data .venv/bin/python benchmarks/budget_bench.py --minutes 20 --arms old,new
-    MINITRON_DATA_DIR=../shared/data .venv/bin/python benchmarks/budget_bench.py --minutes 20 --arms new-106m
+    MINITRON_DATA_DIR=../shared/data .venv/bin/python benchmarks/budget_bench.py --minutes 18 --arms old,new
+    MINITRON_DATA_DIR=../shared/data .venv/bin/python benchmarks/budget_bench.py --minutes 18 --arms speed-search
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = "wikitext-2-raw/wiki.valid.raw"
 ARMS = {"old": ("recipes/legacy.yaml", []),
         "new": ("recipes/default.yaml", []),
-        "new-70m": ("recipes/default.yaml", ["search.enabled=false", "target.params=70M"]),
-        "new-106m": ("recipes/default.yaml", ["search.enabled=false", "target.params=106M"])}
+        "speed-search": ("recipes/default.yaml", ["search.enabled=true", "target.layer_widths=null"]),
+        "new-70m": ("recipes/default.yaml", ["target.layer_widths=null"]),
+        "new-106m": ("recipes/default.yaml", ["target.params=106M"])}
 
 
 def run_arm(arm: str, out: Path, minutes: float, extra: list[str]) -> float:
@@ -105,7 +108,9 @@ def table(out: Path, arms: list[str], scores: dict, speed: dict, walls: dict) ->
             d, cfg = plan["target"], (out / name / "config.yaml").read_text()
             corpus = next(line.split(":", 1)[1].strip() for line in cfg.splitlines() if line.strip().startswith("corpus:"))
             done = json.loads((out / name / "distill" / "minitron_distill.json").read_text())
-            desc = (f"{plan['params_after']['total'] / 1e6:.1f}M | {d['layers']} / {d['hidden']} / {d['ffn']} / "
+            widths = [w["ffn"] for w in plan.get("per_layer", {}).get("widths", [])]
+            mlp = f"per layer {min(widths)}-{max(widths)}" if widths and min(widths) != max(widths) else d["ffn"]
+            desc = (f"{plan['params_after']['total'] / 1e6:.1f}M | {d['layers']} / {d['hidden']} / {mlp} / "
                     f"{d['heads']} | {corpus} | {done['tokens']:,} | {walls.get(name, '—')}")
         ratio = {k: {b: sp[k][b] / t[k][b] for b in sp[k]} for k in ("prefill_tok_s", "decode_tok_s")}
         lines.append(f"| {name} | {desc} | {s['wikitext2']['perplexity']:.2f} ({s['wikitext2']['windows']}) | "

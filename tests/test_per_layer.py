@@ -402,3 +402,11 @@ def test_a_probe_from_its_layer_on_gives_the_whole_models_loss(family):
     assert [x.shape for x in inputs] == [(3, 40, 64)] * 4
     for start in range(4):
         assert abs(P.suffix_loss(model, start, inputs[start], ids, batch_size=2) - lm_loss(model, ids, 2)) < 1e-5
+
+
+def test_auto_dtype_reads_the_checkpoints_own(tokenizer, tmp_path):
+    model, _ = per_layer_model("qwen2")
+    save_model(model.to(torch.bfloat16), tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    assert next(load_model(str(tmp_path / "m"), dtype="auto")[0].parameters()).dtype == torch.bfloat16
+    assert next(load_model(str(tmp_path / "m"))[0].parameters()).dtype == torch.float32

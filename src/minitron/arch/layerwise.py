@@ -213,9 +213,9 @@ def build(config, dtype: torch.dtype | None = None, empty: bool = False) -> nn.M
     return model
 
 
-def load(path: Path, config, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A per-layer model saved in `path` (safetensors): built empty, then every weight read and assigned; a weight
-    the file lacks or has beyond the model is an error naming them."""
+def load(path: Path, config, dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """A per-layer model saved in `path` (safetensors) in `dtype` (None: the checkpoint's own): built empty, then every
+    weight read and assigned; a weight the file lacks or has beyond the model is an error naming them."""
     from safetensors.torch import load_file
 
     files = sorted(Path(path).glob("model*.safetensors"))  # (a prune dir also holds scores.safetensors)
@@ -224,6 +224,7 @@ def load(path: Path, config, dtype: torch.dtype = torch.float32) -> nn.Module:
     state = {}
     for f in files:
         state.update(load_file(f))
+    dtype = dtype or next(v.dtype for v in state.values() if v.is_floating_point())
     model = build(config, dtype, empty=True)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if config.tie_word_embeddings:

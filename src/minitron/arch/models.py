@@ -272,7 +272,7 @@ def _load_per_layer(path: str, dtype):
 
     config = layerwise.read_config(Path(path))
     layerwise.check_family(config)
-    return layerwise.load(Path(path), config, torch.float32 if dtype == "auto" else parse_dtype(dtype))
+    return layerwise.load(Path(path), config, None if dtype == "auto" else parse_dtype(dtype))
 
 
 def save_model(model, out, **kwargs) -> None:

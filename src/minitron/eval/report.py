@@ -404,9 +404,12 @@ def readme_section(run: Path) -> str:
              f"`minitron run` ({(run / 'config.yaml').name} in `{run}`): {_minutes(log[-1]['seconds'])} wall on "
              f"{start['device']} ({times}), minitron {start['minitron']}, torch {start['torch']}."]
     src, dst = plan["source"], plan["target"]
+    widths = [w["ffn"] for w in (plan.get("per_layer") or {}).get("widths", [])]
+    mlp = (f"per layer {min(widths)}-{max(widths)} (in all as {dst['ffn']} in every layer)"
+           if widths and min(widths) != max(widths) else dst["ffn"])
     lines.append(f"The student has {plan['params_after']['total'] / 1e6:.1f}M parameters (teacher "
                  f"{plan['params_before']['total'] / 1e6:.1f}M; hidden {src['hidden']} -> {dst['hidden']}, MLP "
-                 f"{src['ffn']} -> {dst['ffn']}, {dst['heads']} heads / {dst['kv_heads']} KV heads, {dst['layers']} of "
+                 f"{src['ffn']} -> {mlp}, {dst['heads']} heads / {dst['kv_heads']} KV heads, {dst['layers']} of "
                  f"{src['layers']} layers).")
     metrics, distilled = _json(run / "prune" / "prune_metrics.json"), _json(run / "distill" / "minitron_distill.json")
     if metrics and distilled and distilled.get("final_eval"):

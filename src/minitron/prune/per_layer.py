@@ -31,6 +31,7 @@ import contextlib
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from minitron.arch import adapters as arch
 from minitron.arch import layerwise
@@ -100,7 +101,8 @@ def measure_curves(model, scores: dict[str, torch.Tensor], blocks: torch.Tensor,
         units, uniform = scores[key].shape[1], (dims.ffn if axis == "ffn" else dims.kv_heads)
         widths = sorted({0, units} | {min(units, max(1, round(f * uniform))) for f in MEASURED_LEVELS})
         values = torch.zeros(scores[key].shape)                                                   # [L, U]
-        for i, layer in enumerate(arch.decoder_layers(model)):
+        for i, layer in enumerate(tqdm(arch.decoder_layers(model), desc=f"prune: measure {axis} widths per layer",
+                                       unit="layer")):
             losses = {units: base}
             for w in widths[:-1]:
                 with _zeroed(model, layer, scores[key][i], w, axis):
@@ -156,10 +158,11 @@ def _zeroed(model, layer, score: torch.Tensor, keep: int, axis: str):
     """Zero the output weights of all but the `keep` best units (by `score`) of one layer's MLP ("ffn") or
     attention ("kv_heads": whole KV groups, their query heads' o_proj columns), restoring them on exit."""
     lin = arch.mlp_output(model, layer) if axis == "ffn" else arch.attn_output(model, layer)
-    drop = torch.argsort(score.float(), descending=True)[keep:]
+    drop = torch.argsort(score.float().cpu(), descending=True)[keep:]
     if axis == "kv_heads":  # group g's query heads: o_proj columns [g*q*D, (g+1)*q*D), q*D = in_features / groups
         width = lin.weight.shape[1] // score.numel()
         drop = (drop[:, None] * width + torch.arange(width)[None, :]).flatten()                  # [G, w] -> [G*w]
+    drop = drop.to(lin.weight.device)
     saved = lin.weight[:, drop].clone()
     lin.weight[:, drop] = 0
     try:
