@@ -341,6 +341,17 @@ def test_plan_estimate_says_how_per_layer_widths_are_counted(tokenizer, tmp_path
     assert "per-layer ffn: the uniform widths' totals; a single layer taken as wide as the source's" in text
     u, p = resolve_shapes(uniform), resolve_shapes(per)
     assert p["student"].params == u["student"].params and p["student"].layer_params > u["student"].layer_params
+    # with a budget, the measurement's probes are part of the prune stage's estimated minutes
+    from minitron.pipeline.budget import estimate_lines
+
+    def prune_minutes(cfg):
+        lines = estimate_lines(cfg, resolve_shapes(cfg), 1, False, tflops=1e-6)  # a slow device: tiny FLOPs show
+        return float(next(x for x in lines if x.startswith("| prune")).split("|")[2])
+
+    budget = ["budget.minutes=5", f"model.teacher={teacher}", "model.device=cpu", "target.params=110000",
+              "data.seq_len=256"]
+    assert prune_minutes(load_config(RunConfig, None, [*budget, "target.layer_widths=[ffn]"])) > prune_minutes(
+        load_config(RunConfig, None, budget))
 
 
 def test_a_per_layer_model_is_not_pruned_again_and_iterative_recipes_say_so(tmp_path):

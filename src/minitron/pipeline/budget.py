@@ -121,6 +121,14 @@ def estimate_lines(cfg: RunConfig, shapes: dict, world: int, cuda: bool, tflops:
     before = {"correction": 6 * t * cfg.correction.tokens if cfg.correction.enabled else 0,
               "importance": 2 * t * (imp.calib_samples + imp.heldout_samples * (2 + shapes["n_drop"])) * seq,
               "prune": 2 * s * imp.heldout_samples * seq * 4}  # the hidden/MLP split: a few candidates scored
+    axes = cfg.search.layer_widths if cfg.search.enabled else cfg.target.layer_widths
+    if axes and cfg.target.layer_norm == "measured":  # per-layer widths measured: probes of each layer from it on
+        from minitron.prune.per_layer import MEASURE_BLOCKS, MEASURED_LEVELS
+
+        teacher = shapes["teacher"]
+        head = teacher.vocab * teacher.hidden
+        probes = teacher.layers * (len(MEASURED_LEVELS) + 1) * len(axes)
+        before["prune"] += probes * 2 * (head + (t - head) / 2) * MEASURE_BLOCKS * seq
     if cfg.search.enabled:  # each candidate scored on the held-out blocks (MAX_MEASURED of them), the best trained
         from minitron.prune.search import MAX_MEASURED
 
