@@ -241,10 +241,14 @@ def head_dim_of(config) -> int:
     return int(hd) if hd else config.hidden_size // config.num_attention_heads
 
 
+def is_per_layer(config) -> bool:
+    """Whether a config gives its layers their own widths (transformers' per_layer_config; minitron.arch.layerwise)."""
+    return bool(getattr(config, "is_heterogeneous", False))
+
+
 def config_value(config, key: str):
-    """config.key; on a per-layer config (transformers' per_layer_config, minitron.arch.layerwise) the global
-    value, which minitron writes as the widest layer's."""
-    if getattr(config, "is_heterogeneous", False):
+    """config.key; on a per-layer config the global value, which minitron writes as the widest layer's."""
+    if is_per_layer(config):
         return config._getattr_without_heterogeneous_validation(key)
     return getattr(config, key)
 
@@ -448,13 +452,15 @@ def layer_parts(model_or_config) -> list[frozenset[str]]:
     return [frozenset({parts[k]}) for k in layer_kinds(config)]
 
 
+SKIP_NAMES = {"attention": "attn", "mlp": "mlp"}  # per_layer_config[i]["skip"] (transformers) -> a layer part here
+
+
 def skipped_parts(config) -> list[frozenset[str]]:
     """Each layer's parts ("attn", "mlp") that a per-layer config skips (per_layer_config[i]["skip"]); none on
     a uniform config."""
-    if not getattr(config, "is_heterogeneous", False):
+    if not is_per_layer(config):
         return [frozenset()] * config.num_hidden_layers
-    names = {"attention": "attn", "mlp": "mlp"}
-    return [frozenset(names[s] for s in (getattr(config.per_layer_config[i], "skip", None) or ()))
+    return [frozenset(SKIP_NAMES[s] for s in (getattr(config.per_layer_config[i], "skip", None) or ()))
             for i in range(config.num_hidden_layers)]
 
 

@@ -26,7 +26,8 @@ from torch import nn
 from minitron.arch import adapters as A
 
 PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2")
-SKIP_ATTENTION, SKIP_MLP = "attention", "mlp"  # transformers' names in per_layer_config[i]["skip"]
+SKIP_ATTENTION, SKIP_MLP = tuple(A.SKIP_NAMES)  # "attention", "mlp": transformers' names in per_layer_config[i]["skip"]
+is_per_layer = A.is_per_layer
 
 
 @dataclass(frozen=True)
@@ -74,21 +75,14 @@ def check_family(config) -> None:
                                         f"this is {transformers.__version__}: pip install -U 'transformers>=5.25,<6'")
 
 
-def is_per_layer(config) -> bool:
-    """Whether a config gives its layers their own widths (config.per_layer_config set)."""
-    return bool(getattr(config, "is_heterogeneous", False))
-
-
 def layer_widths(config) -> list[LayerWidth]:
     """Each layer's widths, read from per_layer_config (or the global values for a uniform config)."""
     out = []
-    for i in range(config.num_hidden_layers):
+    for i, skip in enumerate(A.skipped_parts(config)):
         c = config.per_layer_config[i] if is_per_layer(config) else config
-        skip = set(getattr(c, "skip", None) or ())
         kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        out.append(LayerWidth(heads=0 if SKIP_ATTENTION in skip else c.num_attention_heads,
-                              kv_heads=0 if SKIP_ATTENTION in skip else kv,
-                              ffn=0 if SKIP_MLP in skip else c.intermediate_size))
+        out.append(LayerWidth(heads=0 if "attn" in skip else c.num_attention_heads,
+                              kv_heads=0 if "attn" in skip else kv, ffn=0 if "mlp" in skip else c.intermediate_size))
     return out
 
 
@@ -245,7 +239,8 @@ def pad_to_uniform(model: nn.Module) -> nn.Module:
     padded MLP neurons have zero gate/up rows and zero down columns (they add 0); padded KV groups have zero q/k/v
     rows and zero o_proj columns (their heads attend to zero values and add 0); a skipped part becomes all zeros
     (norm gains 1). No memory is saved: this is for loaders without per-layer support."""
-    full = build(uniform_config(model.config), dtype=A.embedding(model).weight.dtype, empty=True)
+    emb = A.embedding(model).weight
+    full = build(uniform_config(model.config), dtype=emb.dtype, empty=True)
     arch = A.get_arch(model)
     norms = tuple(f"{n}.weight" for n in (arch.pre_attn_norm, arch.pre_mlp_norm))
     src = model.state_dict()
@@ -254,8 +249,8 @@ def pad_to_uniform(model: nn.Module) -> nn.Module:
         if key in src:
             out[key] = _place(src[key], like)
         else:  # a skipped part: zero weights, norm gains 1 (the zeros after the norm make its output 0 anyway)
-            out[key] = torch.ones(like.shape) if key.endswith(norms) else torch.zeros(like.shape)
-            out[key] = out[key].to(A.embedding(model).weight)
+            fill = torch.ones if key.endswith(norms) else torch.zeros
+            out[key] = fill(like.shape, dtype=emb.dtype, device=emb.device)
     full.load_state_dict(out, strict=True, assign=True)
     if model.config.tie_word_embeddings:
         full.tie_weights()

@@ -314,11 +314,12 @@ LOSS_CHUNK = 1024  # tokens per [chunk, V] logit slice of the LM loss (fp32: 512
 
 
 def token_nll_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  chunk_size: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
+                  chunk_size: int = LOSS_CHUNK, inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy of one batch, never holding [B, T, V] logits.
 
     input_ids [B, T], attention_mask [B, T] (0 = padding) or None. Position t predicts token t+1 where both
-    are unmasked. The backbone gives hidden states [B, T, C]; the valid positions [N, C] go through the LM
+    are unmasked. inputs_embeds [B, T, C]: what the backbone reads instead of input_ids' embeddings (input_ids are
+    then the targets only). The backbone gives hidden states [B, T, C]; the valid positions [N, C] go through the LM
     head (and the family's logit soft-cap, arch.final_logits) chunk_size tokens at a time: [chunk, V]
     logits in the model dtype, cross-entropy in fp32, summed in fp64. Returns (fp64 scalar tensor on the
     model's device, number of predicted tokens). For evaluation (no_grad): under autograd every chunk's
@@ -326,8 +327,8 @@ def token_nll_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     """
     from minitron.arch import adapters as arch
 
-    hidden = arch.backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state  # [B, T, C]
+    source = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    hidden = arch.backbone(model)(**source, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B, T, C]
     valid = torch.ones_like(input_ids[:, 1:], dtype=torch.bool) if attention_mask is None else (
         attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool())  # [B, T-1]
     h = hidden[:, :-1][valid]  # [N, C]
@@ -342,18 +343,20 @@ def token_nll_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
 @torch.no_grad()
 def lm_loss(model, blocks: torch.Tensor, batch_size: int = 8, attention_mask: torch.Tensor | None = None,
-            chunk_size: int = LOSS_CHUNK) -> float:
+            chunk_size: int = LOSS_CHUNK, inputs_embeds: torch.Tensor | None = None) -> float:
     """Mean next-token cross-entropy (fp32, summed in fp64) of a causal LM over token blocks [N, T].
 
     Every block predicts its tokens 1..T-1; masked positions (attention_mask == 0) are skipped. Logits are
     made chunk_size tokens at a time (token_nll_sum), so memory does not grow with the vocabulary x tokens.
+    inputs_embeds [N, T, C]: the backbone reads these instead of the blocks' embeddings (token_nll_sum).
     """
     device = next(model.parameters()).device
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start:start + batch_size].to(device)  # [B, T]
         mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
-        s, n = token_nll_sum(model, ids, mask, chunk_size)
+        embeds = None if inputs_embeds is None else inputs_embeds[start:start + batch_size].to(device)  # [B, T, C]
+        s, n = token_nll_sum(model, ids, mask, chunk_size, embeds)
         total += s
         count += n
     if count == 0:

@@ -141,16 +141,10 @@ def suffix_loss(model, start: int, hidden_in: torch.Tensor, blocks: torch.Tensor
     """Mean next-token LM loss of blocks [N, T] run from decoder layer `start` on, given hidden_in [N, T, C], what
     enters that layer (layer_inputs): the layers before it are left out (arch.without_layers) and the rest read
     hidden_in as their input embeddings. Equal to the whole model's loss when the earlier layers are unchanged."""
-    total, count = 0.0, 0
+    from minitron.arch.models import lm_loss
+
     with arch.without_layers(model, list(range(start))):
-        for b in range(0, blocks.shape[0], batch_size):
-            h = arch.backbone(model)(inputs_embeds=hidden_in[b:b + batch_size],
-                                     use_cache=False).last_hidden_state                        # [B, T, C]
-            target = blocks[b:b + batch_size, 1:].to(h.device)                                 # [B, T-1]
-            logits = arch.logits_of_hidden(model, h[:, :-1].reshape(-1, h.shape[-1]))          # [B*(T-1), V]
-            total += float(torch.nn.functional.cross_entropy(logits.float(), target.reshape(-1), reduction="sum"))
-            count += target.numel()
-    return total / count
+        return lm_loss(model, blocks, batch_size, inputs_embeds=hidden_in)
 
 
 @contextlib.contextmanager
@@ -190,14 +184,14 @@ def allocate(score: torch.Tensor, total: int, block: int, floors: list[int]) -> 
     return [c * block for c in counts]
 
 
-def layer_widths(config, scores: dict[str, torch.Tensor], dims: arch.Dims, n_layers_kept: list[int],
-                 axes: list[str], norm: str, floor: float, drop_parts: bool, block: int) -> dict[str, list[int]]:
-    """Per kept layer (source indices `n_layers_kept`): {"ffn": widths, "kv_heads": groups}. An axis not in `axes`
-    keeps the uniform width in every layer."""
+def layer_widths(scores: dict[str, torch.Tensor], dims: arch.Dims, kept: list[int], axes: list[str], norm: str,
+                 floor: float, drop_parts: bool, block: int) -> dict[str, list[int]]:
+    """Per kept layer (source indices `kept`): {"ffn": widths, "kv_heads": groups}. An axis not in `axes` keeps the
+    uniform width in every layer."""
     norm = "mean" if norm == "loss" else norm  # the prune stage compares them by loss; a plan alone takes mean
-    n = len(n_layers_kept)
+    n = len(kept)
     out = {"ffn": [dims.ffn] * n, "kv_heads": [dims.kv_heads] * n}
-    rows = torch.tensor(n_layers_kept)
+    rows = torch.tensor(kept)
     if "ffn" in axes:
         score = normalized(scores, "neurons", norm)[rows]                                      # [L', F]
         f = 0 if drop_parts else min(dims.ffn, block * math.ceil(floor * dims.ffn / block))

@@ -410,8 +410,8 @@ def make_plan(config, scores: dict[str, torch.Tensor], target: Target) -> PruneP
     a = arch.get_arch(config)
     widths = None
     if target.layer_widths:  # each kept layer its own MLP width / KV groups (the uniform dims' totals)
-        w = per_layer_plan.layer_widths(config, scores, dims, kept_layers, target.layer_widths, target.layer_norm,
-                                   target.layer_floor, target.drop_parts, target.round_to)
+        w = per_layer_plan.layer_widths(scores, dims, kept_layers, target.layer_widths, target.layer_norm,
+                                        target.layer_floor, target.drop_parts, target.round_to)
         widths = {i: (w["kv_heads"][j], w["ffn"][j]) for j, i in enumerate(kept_layers)}
     for i in kept_layers:
         if widths is not None:
