@@ -8,7 +8,10 @@ its distillation sized by what it measured), into <out>/<arm>:
     speed-search  the default of 2026-12-06: the shape with the lowest held-out loss among those measured >= 1.5x
                   faster to prefill (search.enabled=true), uniform widths
     new-70m       the new default with uniform widths (target.layer_widths=null)
+    new-80m       the new default at 80M (target.params=80M): what the speed target's margin buys
     new-106m      the new default at a 21% cut: target.params=106M
+    new-1207      the default as committed on 2026-12-07 (fe6092d: per-layer probes on 4 blocks, evaluations every 20
+                  steps): a kept run folder, not rerun (the changes since are in code, not in the recipe)
 
 Each run also logs the WikiText-2 validation loss at every distillation evaluation (distill.heldout), so the
 curves of all arms share one y axis. Then every student and the teacher are scored alike: WikiText-2 test
@@ -36,12 +39,24 @@ ARMS = {"old": ("recipes/legacy.yaml", []),
         "new": ("recipes/default.yaml", []),
         "speed-search": ("recipes/default.yaml", ["search.enabled=true", "target.layer_widths=null"]),
         "new-70m": ("recipes/default.yaml", ["target.layer_widths=null"]),
-        "new-106m": ("recipes/default.yaml", ["target.params=106M"])}
+        "new-80m": ("recipes/default.yaml", ["target.params=80M"]),
+        "new-106m": ("recipes/default.yaml", ["target.params=106M"]),
+        "new-1207": None}
 
 
 def run_arm(arm: str, out: Path, minutes: float, extra: list[str]) -> float:
-    """`minitron run` of the arm's recipe with the budget (a finished run is skipped by the pipeline itself)."""
+    """`minitron run` of the arm's recipe with the budget (a finished run is skipped by the pipeline itself), with
+    the teacher's cached scores removed first."""
+    import shutil
+
+    from minitron.arch.models import cache_dir
+
+    if ARMS[arm] is None:
+        raise SystemExit(f"{arm} is a kept run (the budget_bench docstring says which commit): put its folder in "
+                         f"{out / arm} or leave it out of --arms")
     recipe, over = ARMS[arm]
+    # every arm pays the teacher's evaluation, as a user's first run does (a later run reuses the cached scores)
+    shutil.rmtree(cache_dir() / "teacher_scores", ignore_errors=True)
     cmd = [sys.executable, "-m", "minitron.cli", "run", str(ROOT / recipe), f"out={out / arm}",
            f"budget.minutes={minutes}", f"distill.heldout=[{HELDOUT}]", *over, *extra]
     print("[bench]", " ".join(cmd), flush=True)

@@ -88,3 +88,25 @@ def test_one_source_of_every_default():
         assert common, (section, shared)
         for name in common:
             assert default_of(section, name) == default_of(shared, name), (section.__name__, name)
+
+
+def test_distill_lr_auto_follows_the_students_width(tmp_path):
+    """`distill.lr: auto` is 0.5 / the student's hidden width (min_lr auto: a tenth of it); anything else that is
+    not a positive number is refused with the fix."""
+    from minitron.arch.tiny import make_model
+    from minitron.distill.config import auto_lr
+    from minitron.pipeline.recipe import RunConfig
+    from minitron.pipeline.stages import _distill_config
+
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "student")
+    cfg = load_config(RunConfig, None, ["target.params=1M", "distill.lr=auto", "distill.min_lr=auto"])
+    d = _distill_config(cfg, "default", str(tmp_path / "student"), tmp_path / "d", 1000)
+    assert d.lr == auto_lr(model.config.hidden_size) == 0.5 / model.config.hidden_size and d.min_lr == d.lr / 10
+    assert auto_lr(504) == pytest.approx(9.92e-4, rel=1e-3)  # the default student: the 1e-3 measured best
+    fixed = _distill_config(load_config(RunConfig, None, ["target.params=1M", "distill.lr=3e-4"]), "default",
+                            str(tmp_path / "student"), tmp_path / "d", 1000)
+    assert fixed.lr == 3e-4
+    for bad in ("distill.lr=fast", "distill.min_lr=0"):
+        with pytest.raises(ConfigError, match="neither a positive number nor auto"):
+            load_config(RunConfig, None, ["target.params=1M", bad])

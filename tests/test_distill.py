@@ -125,13 +125,20 @@ def test_plan_steps_fits_training_evaluations_and_saving(tmp_path):
     from minitron.distill.parallel import Dist
 
     cfg = DistillConfig(student="s", out=str(tmp_path), seconds=100.0, eval_every=4, save_every=0)
-    t_call = __import__("time").perf_counter() - 10.0  # 10 s already spent (loading, the first evaluation, probe)
-    total = plan_steps(tmp_path, cfg, Dist(), t_call, step_s=1.0, eval_s=2.0, done=4, tokens_per_step=256,
-                       n_params=int(SAVE_BYTES_PER_S))  # saving: 1 + 4 s
-    # left = 100 - 10 - 5 - 2 (final evaluation) = 83 s at 1 s per step + 2 s / 4 steps of evaluation -> 55 more
-    assert total == 4 + 55
-    plan = json.loads((tmp_path / "budget.json").read_text())
-    assert plan["total_steps"] == total and plan["tokens"] == total * 256 and plan["tok_per_s"] == 256.0
+
+    def plan(eval_s):
+        t_call = __import__("time").perf_counter() - 9.99  # 10 s already spent (loading, first evaluation, probe)
+        return plan_steps(tmp_path, cfg, Dist(), t_call, step_s=1.0, eval_s=eval_s, done=4, tokens_per_step=256,
+                          n_params=int(SAVE_BYTES_PER_S))  # saving: 1 + 4 s
+
+    # left = 100 - 10 - 5 - 0.2 (final evaluation) = 84.8 s at 1 s per step + 0.2 s / 4 steps of evaluation
+    assert plan(0.2) == (4 + 80, 4)
+    saved = json.loads((tmp_path / "budget.json").read_text())
+    assert saved["total_steps"] == 84 and saved["tokens"] == 84 * 256 and saved["tok_per_s"] == 256.0
+    assert saved["eval_every"] == 4
+    # evaluations of 2 s every 4 steps would take 44 s of 100: spaced to 3 between the first and the last (10%)
+    assert plan(2.0) == (4 + 76, 22)  # 83 s at 1 + 2 / 22 s per step
+    assert plan(4.0) == (4 + 81, 0)   # the first and the last alone take 8 s: no evaluation between them
 
 
 def test_time_budget_plans_after_the_probe_and_resumes_with_the_plan(pair, tmp_path):
@@ -147,16 +154,31 @@ def test_time_budget_plans_after_the_probe_and_resumes_with_the_plan(pair, tmp_p
     assert proc.returncode == -9, proc.stderr[-2000:]  # killed at step 4's checkpoint, after the plan (step 3)
     plan = json.loads((out / "budget.json").read_text())
     assert plan["probe_steps"] == 3 and plan["total_steps"] > 100, plan   # tiny steps: many fit in 600 s
-    plan["total_steps"] = 9  # what the resumed run must follow instead of planning again (and of 600 s)
+    plan["total_steps"], plan["eval_every"] = 9, 3  # what the resumed run must follow instead of planning again
     (out / "budget.json").write_text(json.dumps(plan))
     cfg.resume = True
     distill(cfg)                                                         # resumes with the plan, not a new one
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, plan["total_steps"] + 1))
+    assert [r["step"] for r in rows if "val_kl" in r] == [0, 3, 6, 9]  # every 3 steps as planned, not eval_every 0
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[:3] == pytest.approx([cfg.lr / 3, 2 * cfg.lr / 3, cfg.lr])  # the warm-up is the probe
     assert lrs == pytest.approx([lr_at(i, cfg, plan["total_steps"]) for i in range(plan["total_steps"])])  # cosine
     assert json.loads((out / "minitron_distill.json").read_text())["steps"] == plan["total_steps"]
+
+
+def test_time_budget_plans_again_a_third_of_the_way_and_keeps_to_it(pair, tmp_path):
+    """The probe's first steps run slower than later ones: a third of the way the steps are planned again from the
+    steps timed since, the first plan kept in budget.json, and the run does the steps of the second plan."""
+    cfg = cfg_for(pair, tmp_path / "run", steps=None, seconds=6.0, probe_steps=3, warmup_steps=None,
+                  save_every=0, eval_every=0)
+    distill(cfg)
+    plan = json.loads((Path(cfg.out) / "budget.json").read_text())
+    again = plan["replanned"]
+    assert again["at_step"] == 3 + (again["total_steps_before"] - 3) // 3 and plan["probe_steps"] == 3
+    rows = read_metrics(Path(cfg.out) / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, plan["total_steps"] + 1))
+    assert json.loads((Path(cfg.out) / "minitron_distill.json").read_text())["steps"] == plan["total_steps"]
 
 
 def test_grad_accum_matches_bigger_batch(pair, tmp_path):

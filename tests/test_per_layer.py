@@ -421,3 +421,23 @@ def test_auto_dtype_reads_the_checkpoints_own(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "m")
     assert next(load_model(str(tmp_path / "m"), dtype="auto")[0].parameters()).dtype == torch.bfloat16
     assert next(load_model(str(tmp_path / "m"))[0].parameters()).dtype == torch.float32
+
+
+def test_no_probe_below_a_layers_floor(monkeypatch):
+    """Widths under the floor are never given (a layer always keeps them), so they are not probed: one probe fewer
+    per layer, the same values above the floor, and the floor's units ranked first (the layer's largest value)."""
+    model = make_model("llama")
+    s = scores_for(model)
+    ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(5))
+    dims = arch.Dims(**{**arch.dims_of(model.config).to_dict(), "ffn": 64})
+    calls = []
+    probe = P.suffix_loss
+    monkeypatch.setattr(P, "suffix_loss", lambda *a, **k: calls.append(1) or probe(*a, **k))
+    full = P.measure_curves(model, s, ids, dims, ["ffn"], batch_size=2)["neuron_measured"]      # [4, 128]
+    n_full = len(calls)
+    low = P.floor_units(dims, 0.25, False, 8)
+    assert low == {"ffn": 16, "kv_heads": 1} and P.floor_units(dims, 0.25, True, 8) == {"ffn": 0, "kv_heads": 0}
+    floored = P.measure_curves(model, s, ids, dims, ["ffn"], batch_size=2, floors=low)["neuron_measured"]
+    assert n_full == 4 * 4 and len(calls) - n_full == 4 * 3  # widths 0, 16, 32, 64 (128, the whole MLP: no probe)
+    torch.testing.assert_close(floored[:, 16:], full[:, 16:])
+    assert torch.equal(floored[:, :16], floored[:, 16:].max(dim=1, keepdim=True).values.expand(4, 16))

@@ -43,6 +43,7 @@ from minitron.distill.parallel import Dist, fill_shards, init_distributed, real_
 from minitron.distill.student import LayerTap, Student, evaluate_all, teacher_pass, val_topk
 
 SAVE_BYTES_PER_S = 200e6  # what a time budget keeps for writing the student at the end (a local disk)
+EVAL_SHARE = 0.1          # a time budget's evaluations (the first and the last included) take at most this share
 
 
 def warmup_steps(cfg: DistillConfig, total: int | None) -> int:
@@ -207,12 +208,13 @@ def distill(cfg: DistillConfig) -> Path:
             torch.cuda.empty_cache()
 
     metrics_path = out / "metrics.jsonl"
-    start = 0
+    start, eval_every = 0, cfg.eval_every  # (a time budget may space evaluations further: plan_steps)
     if cfg.resume:
         state = load_checkpoint(ckpt, model, optim, d)
         start = state["step"]
         if total is None and (out / "budget.json").is_file():  # a time-budgeted run keeps the steps it planned
-            total = json.loads((out / "budget.json").read_text())["total_steps"]
+            planned = json.loads((out / "budget.json").read_text())
+            total, eval_every = planned["total_steps"], planned.get("eval_every", eval_every)
         if d.main:
             truncate_metrics(metrics_path, start)
             print(f"[minitron] resumed {out} at step {start}/{total}")
@@ -241,6 +243,7 @@ def distill(cfg: DistillConfig) -> Path:
     t0, tok0 = time.perf_counter(), 0
     step = start
     probe_s, timed = 0.0, 0  # training seconds of the probe's steps after this call's first, and how many
+    replan_at = None if total is None else -1  # the step of a time budget's second plan (-1: none)
     while total is None or step < total:
         t_step = time.perf_counter()
         ids_all = global_block_ids(step, splits.train.shape[0], per_step, cfg.seed)
@@ -290,11 +293,15 @@ def distill(cfg: DistillConfig) -> Path:
                                           "tok_per_s": rate})
         bar.update(1)
         bar.set_postfix(loss=f"{logged[0].item():.4f}", tok_s=f"{rate:.0f}")
-        if total is None and done_steps >= cfg.probe_steps and timed:
-            total = plan_steps(out, cfg, d, t_call, probe_s / timed, eval_s, done_steps,
-                               tokens_per_step, sum(p.numel() for p in student_model.parameters()))
+        if (total is None and done_steps >= cfg.probe_steps or done_steps == replan_at) and timed:
+            first = json.loads((out / "budget.json").read_text()) if done_steps == replan_at and d.main else None
+            total, eval_every = plan_steps(out, cfg, d, t_call, probe_s / timed, eval_s, done_steps, tokens_per_step,
+                                           sum(p.numel() for p in student_model.parameters()), first)
+            # once more a third of the way, timed on the steps after the warm-up (the first ones run slower)
+            replan_at = done_steps + (total - done_steps) // 3 if replan_at is None else -1
+            probe_s, timed = 0.0, 0
             bar.total = total
-        if done_steps == total or (cfg.eval_every and done_steps % cfg.eval_every == 0):
+        if done_steps == total or (eval_every and done_steps % eval_every == 0):
             ev = evaluate_all(model, teacher, val, extra_val, cfg, d, device, autocast, topk_val)
             if d.main:
                 append_metrics(metrics_path, {"step": done_steps, "tokens": done_steps * tokens_per_step, **ev})
@@ -311,27 +318,41 @@ def distill(cfg: DistillConfig) -> Path:
 
 
 def plan_steps(out: Path, cfg: DistillConfig, d: Dist, t_call: float, step_s: float, eval_s: float, done: int,
-               tokens_per_step: int, n_params: int) -> int:
-    """A time-budgeted run, after its probe: the number of steps whose training, evaluations (every eval_every
-    steps and at the end, each as long as the first), checkpoints (every save_every steps: weights and AdamW states,
-    12 bytes a parameter) and the final save (4 bytes a parameter) fit in what is left of cfg.seconds, writing at
-    SAVE_BYTES_PER_S. Rank 0's plan is every rank's (budget.json records it; a resumed run reads it)."""
+               tokens_per_step: int, n_params: int, first: dict | None = None) -> tuple[int, int]:
+    """A time-budgeted run, after its probe: (steps, eval_every). The steps are those whose training, evaluations
+    (every eval_every steps and at the end, each as long as the first), checkpoints (every save_every steps: weights
+    and AdamW states, 12 bytes a parameter) and the final save (4 bytes a parameter) fit in what is left of
+    cfg.seconds, writing at SAVE_BYTES_PER_S. Evaluations are spaced further than cfg.eval_every where all of them
+    (the first and the last included) would take more than EVAL_SHARE of the seconds: on a short budget that is
+    only the first and the last. With `first` (the probe's plan), a second plan from the steps timed since, which
+    keeps the first's record. Rank 0's plan is every rank's (budget.json records it; a resumed run reads it)."""
     save_s, ckpt_s = 1.0 + 4 * n_params / SAVE_BYTES_PER_S, 1.0 + 12 * n_params / SAVE_BYTES_PER_S
     left = cfg.seconds - (time.perf_counter() - t_call) - save_s - eval_s  # eval_s: the final evaluation
-    per_step = (step_s + (eval_s / cfg.eval_every if cfg.eval_every else 0.0)
+    every = cfg.eval_every
+    if every and eval_s > 0:
+        between = max(0, math.floor(EVAL_SHARE * cfg.seconds / eval_s) - 2)  # evaluations besides the first, last
+        steps = done + math.floor(left / step_s)
+        if steps // every > between:
+            every = math.ceil(steps / (between + 1)) if between else 0
+    per_step = (step_s + (eval_s / every if every else 0.0)
                 + (ckpt_s / cfg.save_every if cfg.save_every else 0.0))
     more = max(0, math.floor(left / per_step))
-    total = int(d.max(d.tensor([float(done + more if d.main else 0)]))[0])
+    total, every = (int(x) for x in d.max(d.tensor([float(done + more), float(every)] if d.main else [0.0, 0.0])))
     plan = {"seconds": cfg.seconds, "probe_steps": done, "step_s": round(step_s, 4), "eval_s": round(eval_s, 3),
             "spent_before_plan_s": round(time.perf_counter() - t_call, 2), "total_steps": total,
-            "tokens": total * tokens_per_step, "tok_per_s": round(tokens_per_step / step_s, 1)}
+            "tokens": total * tokens_per_step, "tok_per_s": round(tokens_per_step / step_s, 1), "eval_every": every}
+    if first is not None:
+        plan = {**first, "total_steps": total, "tokens": total * tokens_per_step, "eval_every": every,
+                "replanned": {"at_step": done, "step_s": round(step_s, 4), "total_steps_before": first["total_steps"]}}
     if d.main:
         tmp = out / "budget.json.tmp"
         tmp.write_text(json.dumps(plan, indent=1))
         os.replace(tmp, out / "budget.json")
-        print(f"[minitron] time budget {cfg.seconds:.0f} s: {step_s:.2f} s/step measured in the warm-up, "
-              f"evaluation {eval_s:.1f} s -> {total} steps ({total * tokens_per_step:,} tokens)")
-    return total
+        print(f"[minitron] time budget {cfg.seconds:.0f} s: {step_s:.2f} s/step measured "
+              f"{'in the warm-up' if first is None else f'since, at step {done}'}, "
+              f"evaluation {eval_s:.1f} s (every {every or total} steps) -> {total} steps "
+              f"({total * tokens_per_step:,} tokens)")
+    return total, every
 
 
 def _full(norm) -> float:

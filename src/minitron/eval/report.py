@@ -362,8 +362,11 @@ def budget_lines(b: dict) -> list[str]:
              f"| distillation | {b['distill_s']:.0f} |"]
     d = b.get("distill")
     if d:
+        again = d.get("replanned")
+        planned = (f"planned {again['total_steps_before']} steps, then {d['total_steps']} at step {again['at_step']} "
+                   f"from the steps since ({again['step_s']:.2f} s each)" if again else f"planned {d['total_steps']} steps")
         lines += ["", f"Distillation timed its first {d['probe_steps']} steps ({d['step_s']:.2f} s each, "
-                  f"{d['tok_per_s']:,.0f} tokens/s) and planned {d['total_steps']} steps: {d['tokens']:,} tokens."]
+                  f"{d['tok_per_s']:,.0f} tokens/s) and {planned}: {d['tokens']:,} tokens."]
     if "spent_s" in b:
         lines.append(f"The run took {b['spent_s']:.0f} s ({b['over_s']:+.0f} s against the budget).")
     return lines + [""]

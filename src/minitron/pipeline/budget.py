@@ -127,7 +127,8 @@ def estimate_lines(cfg: RunConfig, shapes: dict, world: int, cuda: bool, tflops:
 
         teacher = shapes["teacher"]
         head = teacher.vocab * teacher.hidden
-        probes = teacher.layers * (len(MEASURED_LEVELS) + 1) * len(axes)
+        low = 0.0 if cfg.target.drop_parts else cfg.target.layer_floor  # no probe below a layer's floor
+        probes = teacher.layers * (1 + sum(f > low for f in MEASURED_LEVELS)) * len(axes)
         before["prune"] += probes * 2 * (head + (t - head) / 2) * MEASURE_BLOCKS * seq
     if cfg.search.enabled:  # each candidate scored on the held-out blocks (MAX_MEASURED of them), the best trained
         from minitron.prune.search import MAX_MEASURED

@@ -76,8 +76,8 @@ class DistillSection:
     loss: str = _dc("loss")
     temperature: float = _dc("temperature")
     ce_weight: float = _dc("ce_weight")
-    lr: float = _dc("lr")
-    min_lr: float = _dc("min_lr")
+    lr: float | str = _dc("lr")           # or auto: distill.config.auto_lr (0.5 / the student's hidden width)
+    min_lr: float | str = _dc("min_lr")   # or auto: lr / 10
     batch_size: int = _dc("batch_size")
     grad_accum: int = _dc("grad_accum")
     eval_every: int = _dc("eval_every")
@@ -90,6 +90,13 @@ class DistillSection:
     fsdp_reduce_every_micro: bool | None = _dc("fsdp_reduce_every_micro")  # fsdp: a reduction per micro-batch
     teacher_dtype: str | None = _dc("teacher_dtype")  # None: bfloat16 on CUDA, else model.dtype
     heldout: list[str] | None = None     # other corpora whose LM loss every evaluation logs
+
+    def __post_init__(self):
+        for name in ("lr", "min_lr"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "auto" or not isinstance(value, str) and value <= 0:
+                raise ConfigError(f"distill.{name}: {value!r} is neither a positive number nor auto; give e.g. "
+                                  f"distill.{name}=1e-4, or distill.{name}=auto")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 from minitron.arch import adapters as arch
 from minitron.arch import ranks, runlog
 from minitron.arch.files import atomic_dir
-from minitron.arch.models import hub_id, load_model, save_model
+from minitron.arch.models import hub_id, load_config, load_model, save_model
 from minitron.data.corpus import calibration_sample, load_splits, selection_blocks
 from minitron.data.fingerprint import (
     corpus_identity,
@@ -39,7 +39,7 @@ from minitron.data.fingerprint import (
     stale_reason,
     write_record,
 )
-from minitron.distill.config import RESUMABLE_CHANGES
+from minitron.distill.config import RESUMABLE_CHANGES, auto_lr
 from minitron.pipeline.budget import budget_seconds, plan_distill
 from minitron.pipeline.budget import finish as finish_budget
 from minitron.pipeline.config import ConfigError, save_config
@@ -267,8 +267,10 @@ def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, to
     from minitron.distill import DistillConfig, can_resume
 
     d = cfg.distill
+    lr = auto_lr(arch.dims_of(load_config(student)).hidden) if d.lr == "auto" else d.lr
     kw = dict(student=student, teacher=teacher, out=str(folder), data=cfg.data.corpus, tokens=tokens,
-              loss=d.loss, temperature=d.temperature, ce_weight=d.ce_weight, lr=d.lr, min_lr=d.min_lr,
+              loss=d.loss, temperature=d.temperature, ce_weight=d.ce_weight, lr=lr,
+              min_lr=lr / 10 if d.min_lr == "auto" else d.min_lr,
               batch_size=d.batch_size, grad_accum=d.grad_accum, seq_len=cfg.data.seq_len,
               val_fraction=cfg.data.val_fraction, eval_every=d.eval_every, save_every=d.save_every,
               topk_cache=str(Path(cfg.out) / "teacher_topk") if d.topk > 0 else None, topk=max(d.topk, 1),

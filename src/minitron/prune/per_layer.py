@@ -12,8 +12,9 @@ between layers (activation sizes grow with depth). The normalizations (`NORMS`):
 - `raw`: the activation scores as they are.
 - `measured`: not a rescaling but a measurement (the way NVIDIA's Puzzle scores its per-layer choices): for each
   layer and a few widths, the held-out LM loss when that layer alone keeps only its best units (the others whole);
-  a unit's value is the loss its block of widths saves per unit. Costs layers x (len(MEASURED_LEVELS) + 1) passes
-  over MEASURE_BLOCKS held-out blocks, each from the probed layer on (`measure_curves`).
+  a unit's value is the loss its block of widths saves per unit. Costs layers x len(MEASURED_LEVELS) passes (one
+  more with drop_parts: width 0) over MEASURE_BLOCKS held-out blocks, each from the probed layer on
+  (`measure_curves`).
 
 `measured` is the default: on the default teacher at 70M it beat the uniform widths by 0.89 nats of WikiText-2 loss
 right after pruning and 0.73 after the same distillation, where `mean` lost 0.22 / 0.04 to them and `raw` and
@@ -40,8 +41,8 @@ NORMS = ("mean", "contribution", "raw")
 AXES = ("ffn", "kv_heads")
 OUT_NORM_KEYS = {"neurons": "neuron_out_norm", "kv_groups": "kv_out_norm"}
 MEASURED_KEYS = {"neurons": "neuron_measured", "kv_groups": "kv_measured"}
-MEASURED_LEVELS = (0.25, 0.5, 1.0, 2.0)  # widths probed (and 0), x the uniform width (capped at the source's)
-MEASURE_BLOCKS = 4                                  # held-out blocks each probe's loss is measured on
+MEASURED_LEVELS = (0.25, 0.5, 1.0, 2.0)  # widths probed (and the floor), x the uniform width (at most the source's)
+MEASURE_BLOCKS = 2                                  # held-out blocks each probe's loss is measured on
 
 
 @torch.no_grad()
@@ -81,7 +82,7 @@ def normalized(scores: dict[str, torch.Tensor], key: str, norm: str) -> torch.Te
 
 @torch.no_grad()
 def measure_curves(model, scores: dict[str, torch.Tensor], blocks: torch.Tensor, dims: arch.Dims, axes: list[str],
-                   batch_size: int = 8) -> dict[str, torch.Tensor]:
+                   batch_size: int = 8, floors: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """The `measured` unit values: {"neuron_measured": [L, F], "kv_measured": [L, K]} for the axes asked.
 
     For each layer and each probed width w (0, MEASURED_LEVELS x the uniform width, and the source's width, where the
@@ -89,7 +90,8 @@ def measure_curves(model, scores: dict[str, torch.Tensor], blocks: torch.Tensor,
     activation score. A unit is removed exactly by zeroing its output weights (its down_proj column; the o_proj
     columns of its KV group's query heads), restored after each probe. The unit ranked r-th in its layer is worth
     (loss(w_a) - loss(w_b)) / (w_b - w_a), for the probed widths w_a <= r < w_b around it: the loss its segment of
-    widths saves per unit."""
+    widths saves per unit. Widths below `floors[axis]` (the narrowest a layer may get: `floor_units`) are not
+    probed: a layer always keeps those units, so they get its largest measured value."""
     from minitron.arch.models import lm_loss
 
     base = lm_loss(model, blocks, batch_size)
@@ -99,7 +101,9 @@ def measure_curves(model, scores: dict[str, torch.Tensor], blocks: torch.Tensor,
         if axis not in axes:
             continue
         units, uniform = scores[key].shape[1], (dims.ffn if axis == "ffn" else dims.kv_heads)
-        widths = sorted({0, units} | {min(units, max(1, round(f * uniform))) for f in MEASURED_LEVELS})
+        low = (floors or {}).get(axis, 0)
+        widths = sorted({low, units} | {w for f in MEASURED_LEVELS if (w := min(units, max(1, round(f * uniform))))
+                                          > low})
         values = torch.zeros(scores[key].shape)                                                   # [L, U]
         for i, layer in enumerate(tqdm(arch.decoder_layers(model), desc=f"prune: measure {axis} widths per layer",
                                        unit="layer")):
@@ -109,6 +113,8 @@ def measure_curves(model, scores: dict[str, torch.Tensor], blocks: torch.Tensor,
                     losses[w] = suffix_loss(model, i, inputs[i], blocks, batch_size)
             for lo, hi in zip(widths, widths[1:], strict=False):
                 values[i, lo:hi] = (losses[lo] - losses[hi]) / (hi - lo)
+            if 0 < low < units:
+                values[i, :low] = values[i, low:].max()  # always kept
         out[MEASURED_KEYS[key]] = values
     return out
 
@@ -184,6 +190,15 @@ def allocate(score: torch.Tensor, total: int, block: int, floors: list[int]) -> 
     return [c * block for c in counts]
 
 
+def floor_units(dims: arch.Dims, floor: float, drop_parts: bool, block: int) -> dict[str, int]:
+    """The narrowest width a layer may get, per axis: `floor` x the uniform width (MLP neurons in whole blocks, at
+    least one KV group), or 0 with drop_parts."""
+    if drop_parts:
+        return {"ffn": 0, "kv_heads": 0}
+    return {"ffn": min(dims.ffn, block * math.ceil(floor * dims.ffn / block)),
+            "kv_heads": max(1, math.ceil(floor * dims.kv_heads))}
+
+
 def layer_widths(scores: dict[str, torch.Tensor], dims: arch.Dims, kept: list[int], axes: list[str], norm: str,
                  floor: float, drop_parts: bool, block: int) -> dict[str, list[int]]:
     """Per kept layer (source indices `kept`): {"ffn": widths, "kv_heads": groups}. An axis not in `axes` keeps the
@@ -192,13 +207,13 @@ def layer_widths(scores: dict[str, torch.Tensor], dims: arch.Dims, kept: list[in
     n = len(kept)
     out = {"ffn": [dims.ffn] * n, "kv_heads": [dims.kv_heads] * n}
     rows = torch.tensor(kept)
+    low = floor_units(dims, floor, drop_parts, block)
     if "ffn" in axes:
         score = normalized(scores, "neurons", norm)[rows]                                      # [L', F]
-        f = 0 if drop_parts else min(dims.ffn, block * math.ceil(floor * dims.ffn / block))
-        out["ffn"] = allocate(score, n * dims.ffn, block, [f] * n)
+        out["ffn"] = allocate(score, n * dims.ffn, block, [low["ffn"]] * n)
     if "kv_heads" in axes:
         score = normalized(scores, "kv_groups", norm)[rows]                                    # [L', K]
-        f = 0 if drop_parts else max(1, math.ceil(floor * dims.kv_heads))
+        f = low["kv_heads"]
         floors = [max(f, 1) if j == 0 else f for j in range(n)]  # the first layer keeps its attention
         out["kv_heads"] = allocate(score, n * dims.kv_heads, 1, floors)
     return out

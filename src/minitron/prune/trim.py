@@ -316,9 +316,10 @@ def prune(cfg: PruneConfig) -> Path:
     if target.layer_widths:  # the contribution normalization reads the output weights' norms
         scores = {**scores, **per_layer.output_norms(model)}
         if target.layer_norm == "measured":  # each layer's loss when it alone is narrowed (selection blocks)
-            scores.update(per_layer.measure_curves(model, scores, select[:per_layer.MEASURE_BLOCKS],
-                                                   resolve_dims(model.config, target), target.layer_widths,
-                                                   cfg.batch_size))
+            dims = resolve_dims(model.config, target)
+            floors = per_layer.floor_units(dims, target.layer_floor, target.drop_parts, target.round_to)
+            scores.update(per_layer.measure_curves(model, scores, select[:per_layer.MEASURE_BLOCKS], dims,
+                                                   target.layer_widths, cfg.batch_size, floors))
         if target.layer_norm == "loss":
             target, norms_table = choose_layer_norm(model, scores, select, target, cfg.batch_size)
             print("[minitron] per-layer widths: held-out loss after pruning by normalization: " + ", ".join(
