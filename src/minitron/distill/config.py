@@ -14,15 +14,14 @@ from minitron.distill.losses import (
 )
 
 FINISHED = "minitron_distill.json"
-LR_PER_WIDTH = 0.5  # a recipe's `distill.lr: auto`: this over the student's hidden width (auto_lr)
+LR_PER_WIDTH = 0.4  # a recipe's `distill.lr: auto`: this over the student's hidden width (auto_lr)
 
 
 def auto_lr(hidden: int) -> float:
     """The peak learning rate of `distill.lr: auto` for a student of this hidden width: LR_PER_WIDTH / hidden (the
-    best AdamW rate falls as 1 / width, as muP predicts). Anchors: at hidden 504 (the default student) 1e-3 is
-    measured best of 5e-4, 1e-3 and 3e-3 over a short budget's 20 steps, 3e-3 diverging in its warm-up
-    (benchmarks/RESULTS.md); at hidden 3072-4096 the Minitron papers distil 4B-8B students at 1e-4 (this rule: 1.6e-4
-    and 1.2e-4)."""
+    best AdamW rate falls as 1 / width, as muP predicts). Anchors: at hidden 504 (the default student) 5e-4 and 1e-3
+    are equally good and 2e-3 / 3e-3 worse over a short budget's 20 steps (benchmarks/RESULTS.md): this rule gives
+    7.9e-4; at hidden 4096 the Minitron papers distil 8B students at 1e-4: this rule gives 9.8e-5."""
     return LR_PER_WIDTH / hidden
 
 
