@@ -239,6 +239,28 @@ def child(stage: str, recipe: str, result: str) -> int:
 
 # ---- the parent: run the stages, read what they left, build the table ---------------------------------
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. torchrun starts its workers in sessions of their own, so killing
+    the agent's process group alone left the worker running (holding its GPU) after the agent died."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_stage(stage: str, mode: str, work: Path, recipe: Path, env: dict, deadline: float) -> dict:
     """One stage process under torchrun; its log in work/logs. Returns its result with wall seconds and exit. The
     process is killed at `deadline` (time.perf_counter), so that the table is written whatever happens."""
@@ -258,12 +280,12 @@ def run_stage(stage: str, mode: str, work: Path, recipe: Path, env: dict, deadli
         killed = False
         while proc.poll() is None:
             if stage == "distill-killed" and marker.is_file():
-                os.killpg(proc.pid, signal.SIGKILL)  # torchrun's agent and its worker: a machine-level kill
+                kill_tree(proc.pid)  # torchrun's agent and its worker: a machine-level kill
                 killed = True
                 proc.wait()
                 break
             if time.perf_counter() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 proc.wait()
                 break
             time.sleep(0.2)

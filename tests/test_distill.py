@@ -170,7 +170,7 @@ def test_time_budget_plans_after_the_probe_and_resumes_with_the_plan(pair, tmp_p
 def test_time_budget_plans_again_a_third_of_the_way_and_keeps_to_it(pair, tmp_path):
     """The probe's first steps run slower than later ones: a third of the way the steps are planned again from the
     steps timed since, the first plan kept in budget.json, and the run does the steps of the second plan."""
-    cfg = cfg_for(pair, tmp_path / "run", steps=None, seconds=6.0, probe_steps=3, warmup_steps=None,
+    cfg = cfg_for(pair, tmp_path / "run", steps=None, seconds=10.0, probe_steps=3, warmup_steps=None,
                   save_every=0, eval_every=0)
     distill(cfg)
     plan = json.loads((Path(cfg.out) / "budget.json").read_text())
