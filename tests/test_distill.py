@@ -458,3 +458,72 @@ def test_every_collective_runs_on_the_training_device(pair, tmp_path, mode):
         # DDP's bucketed gradient all-reduce runs in its C++ reducer, on the parameters' device; FSDP2's are seen
         assert {"all_reduce", "barrier"} <= ops and (mode == "ddp" or {"broadcast_object_list", "reduce_scatter_single",
                                                                         "all_gather_single"} <= ops), ops
+
+
+def test_autocast_auto_takes_the_faster_measured_and_keeps_it_on_resume(pair, tmp_path, monkeypatch):
+    """autocast: auto times the student in fp32 and under bf16 autocast and trains in the faster (here forced
+    each way by a fake clock); distill_config.json records the choice and the timings, the precision follows it,
+    and a resumed run keeps the saved choice instead of measuring again."""
+    from minitron.distill import precision as prec_mod
+
+    for fast, compute in (("bf16", "torch.bfloat16"), ("fp32", "torch.float32")):
+        calls = []
+
+        def fake(model, ids, bf16, fast=fast, calls=calls):
+            calls.append((tuple(ids.shape), bf16))
+            return 0.1 if (bf16 == (fast == "bf16")) else 0.3
+
+        monkeypatch.setattr(prec_mod, "_pass_seconds", fake)
+        out = tmp_path / fast
+        cfg = cfg_for(pair, out, steps=4, save_every=2, autocast="auto")
+        with pytest.raises(SystemExit):  # stop after the first checkpoint, as a killed run would
+            _stop_after_checkpoint(monkeypatch, lambda: distill(cfg))
+        assert calls == [((1, 32), False), ((1, 32), True)] * (prec_mod.TIMED_PASSES + 1)
+        chosen = json.loads((out / "distill_config.json").read_text())["autocast_chosen"]
+        assert chosen["autocast"] == ("bf16" if fast == "bf16" else "none") and chosen["how"] == "measured"
+        assert {chosen["fp32_s"], chosen["bf16_s"]} == {0.1, 0.3}
+        calls.clear()
+        monkeypatch.undo()
+        distill(cfg_for(pair, out, steps=4, save_every=2, autocast="auto", resume=True))
+        assert calls == []  # not measured again
+        assert json.loads((out / "minitron_distill.json").read_text())["precision"]["compute"] == compute
+
+
+def _stop_after_checkpoint(monkeypatch, run):
+    """Run `run` until the first checkpoint has been written, then raise SystemExit."""
+    from minitron.distill import loop
+
+    real = loop.save_checkpoint
+
+    def save_then_stop(*a, **k):
+        real(*a, **k)
+        raise SystemExit
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    run()
+
+
+def test_autocast_choice_on_a_gpu_and_when_given():
+    from minitron.distill.parallel import Dist
+    from minitron.distill.precision import choose_autocast, precision
+
+    model = torch.nn.Linear(2, 2)
+    cfg = DistillConfig(student="s", out="o", steps=1, autocast="bf16")
+    assert choose_autocast(cfg, model, torch.device("cpu"), Dist()) == {"autocast": "bf16", "how": "given"}
+    cfg.autocast = "auto"
+    saved = {"autocast": "none", "how": "measured", "fp32_s": 0.1, "bf16_s": 0.2}
+    assert choose_autocast(cfg, model, torch.device("cpu"), Dist(), saved)["autocast"] == "none"
+    p = precision(cfg, torch.device("cpu"), "bf16")
+    assert p["compute"] == torch.bfloat16 and p["teacher"] == torch.bfloat16 and p["master"] == torch.float32
+    assert precision(cfg, torch.device("cpu"), "none")["compute"] == torch.float32
+    with pytest.raises(DistillError, match="none, bf16 or auto"):
+        DistillConfig(student="s", out="o", steps=1, autocast="fp16")
+
+
+def test_measure_autocast_times_both_modes_and_clears_gradients():
+    from minitron.distill.precision import measure_autocast
+
+    model = make_model("llama", seed=1, **SMALL)
+    timed = measure_autocast(model, 16, torch.device("cpu"))
+    assert timed["fp32_s"] > 0 and timed["bf16_s"] > 0
+    assert all(p.grad is None for p in model.parameters())

@@ -13,7 +13,7 @@ from minitron.cli import main
 from minitron.pipeline import RunConfig
 from minitron.pipeline import estimate as E
 from minitron.pipeline import memory_terms as M
-from minitron.pipeline.config import load_config
+from minitron.pipeline.config import ConfigError, load_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -285,3 +285,16 @@ def test_budget_in_gpu_hours_is_spent_as_flops_say(llama8b, capsys):
     assert "at 300 TFLOP/s achieved per GPU" in capsys.readouterr().out
     assert B.estimate_lines(load_config(RunConfig, RECIPES / "gpu-8b-8gpu.yaml", [f"model.teacher={llama8b}"]),
                             shapes, 8, cuda=True) == []  # no budget, no plan
+
+
+def test_autocast_auto_counts_as_bf16_on_a_gpu_only(llama8b):
+    """distill.autocast=auto is bf16 on a GPU that has it (distill.precision.choose_autocast) and measured on a
+    CPU: the estimate counts it as autocast on CUDA and fp32 on a CPU; an unknown value fails at load."""
+    over = [f"model.teacher={llama8b}", "model.dtype=float32", "distill.autocast=auto"]
+    gpu = {e.stage: e for e in E.estimate_run(load_config(RunConfig, RECIPES / "gpu-8b.yaml", over), 1,
+                                              M.parse_memory("80GB"))}["distill"]
+    cpu = {e.stage: e for e in E.estimate_run(load_config(RunConfig, RECIPES / "gpu-8b.yaml",
+                                                          over + ["model.device=cpu"]), 1)}["distill"]
+    assert "autocast compute" in gpu.note and "autocast compute" not in cpu.note
+    with pytest.raises(ConfigError, match="distill.autocast 'fp16' unknown"):
+        load_config(RunConfig, RECIPES / "gpu-8b.yaml", [f"model.teacher={llama8b}", "distill.autocast=fp16"])

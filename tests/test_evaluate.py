@@ -323,3 +323,17 @@ def test_cli_passes_speed_rounds(monkeypatch, model_dir, tmp_path):
     assert main(["eval", "--model", str(model_dir), "--tasks", "speed", "--device", "cpu", "--speed-rounds", "2",
                  "--out", str(tmp_path / "o")]) == 0
     assert len(calls) == 2 and "best of 2 interleaved rounds" in (tmp_path / "o/results.md").read_text()
+
+
+def test_prefill_computes_the_last_positions_logits_only():
+    """A generation's prefill needs the next token's logits only (transformers' generate passes logits_to_keep=1):
+    measure_speed times that forward, not one that also projects every prompt position onto the vocabulary."""
+    from minitron.arch.adapters import prefill_kwargs
+
+    model = make_model("llama")
+    shapes = []
+    model.register_forward_hook(lambda m, args, kwargs, out: shapes.append(
+        (kwargs["input_ids"].shape[1], kwargs.get("logits_to_keep"), out.logits.shape[1])), with_kwargs=True)
+    E.measure_speed(model, prompt_len=8, decode_tokens=2, batch_sizes=(1,))
+    assert {s for s in shapes if s[0] == 8} == {(8, 1, 1)}  # warm-up and timed prefill: one position's logits
+    assert prefill_kwargs(torch.nn.Linear(2, 2)) == {}

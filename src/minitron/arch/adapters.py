@@ -747,3 +747,12 @@ def final_logits(model: nn.Module, raw: torch.Tensor) -> torch.Tensor:
 def logits_of_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Final hidden states [..., C] (backbone output) -> the model's logits [..., V]."""
     return final_logits(model, lm_head(model)(hidden))
+
+
+def prefill_kwargs(model: nn.Module) -> dict:
+    """The forward options of a generation's prefill: only the last position's logits where the model computes them
+    alone (`logits_to_keep`, as transformers' generate sets it, and as llama.cpp and vLLM do), since the next token
+    needs no others; {} for a family without it."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}

@@ -43,7 +43,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     opt("device")
     opt("dtype", "compute dtype: float32 | bfloat16 (fp32 master weights and optimizer states either way)")
     opt("teacher_dtype", "the frozen teacher's dtype (default: bfloat16 on CUDA, else --dtype)")
-    opt("autocast", choices=["none", "bf16"])
+    opt("autocast", choices=["none", "bf16", "auto"])
     opt("grad_checkpointing", "activation checkpointing of the student")
     opt("distributed", choices=["auto", "none", "ddp", "fsdp"])
     p.add_argument("--fsdp-reduce-every-micro", action="store_true", default=None,

@@ -14,6 +14,7 @@ from minitron.distill.losses import (
 )
 
 FINISHED = "minitron_distill.json"
+AUTOCAST_MODES = ("none", "bf16", "auto")  # auto: bf16 on a GPU that has it, else the faster of the two, measured
 LR_PER_WIDTH = 0.4  # a recipe's `distill.lr: auto`: this over the student's hidden width (auto_lr)
 
 
@@ -81,7 +82,7 @@ class DistillConfig:
     device: str = "auto"
     dtype: str = "float32"                # compute dtype: float32, or bfloat16 (fp32 master weights + bf16 compute)
     teacher_dtype: str | None = None      # the frozen teacher's dtype (default: bfloat16 on CUDA, else dtype)
-    autocast: str = "none"                # none | bf16
+    autocast: str = "none"                # none | bf16 | auto (bf16 on a GPU that has it, else the faster, measured)
     grad_checkpointing: bool = False      # activation checkpointing of the student
     distributed: str = "auto"             # auto (ddp under torchrun) | none | ddp | fsdp
     # FSDP with grad_accum > 1: reduce-scatter gradients after every micro-batch (None / False: after the last
@@ -104,8 +105,9 @@ class DistillConfig:
                                f"{self.seconds} and {self.probe_steps}")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise DistillError(f"unknown hidden loss {self.hidden_loss!r}; use one of {HIDDEN_LOSSES}")
-        if self.autocast not in ("none", "bf16"):
-            raise DistillError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+        if self.autocast not in AUTOCAST_MODES:
+            raise DistillError(f"autocast must be none, bf16 or auto (the faster of the two on this machine, "
+                               f"measured), got {self.autocast!r}")
         if self.distributed not in ("auto", "none", "ddp", "fsdp"):
             raise DistillError(f"distributed must be auto|none|ddp|fsdp, got {self.distributed!r}")
         if self.release_teacher and not (self.topk_cache and self.teacher is not None and self.hidden_loss == "none"):

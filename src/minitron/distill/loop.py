@@ -21,7 +21,6 @@ from minitron.arch.models import (
     load_config,
     load_model,
     load_tokenizer,
-    parse_dtype,
     save_model,
 )
 from minitron.data.corpus import DataError, corpus_blocks, load_splits, report_blocks, resolve_source
@@ -40,6 +39,7 @@ from minitron.distill.losses import (
 )
 from minitron.distill.metrics import append_metrics, plot_metrics, read_metrics, truncate_metrics
 from minitron.distill.parallel import Dist, fill_shards, init_distributed, real_state, unwrap, wrap
+from minitron.distill.precision import autocast_context, choose_autocast, precision
 from minitron.distill.student import LayerTap, Student, evaluate_all, teacher_pass, val_topk
 
 SAVE_BYTES_PER_S = 200e6  # what a time budget keeps for writing the student at the end (a local disk)
@@ -90,23 +90,6 @@ def check_vocab(teacher_name: str, student_name: str) -> None:
 
 
 
-def precision(cfg: DistillConfig, device: torch.device) -> dict[str, torch.dtype]:
-    """Mixed precision done right: the student's master weights and AdamW states stay fp32; forward and
-    backward run in the compute dtype (cfg.dtype, or bf16 with cfg.autocast="bf16") through autocast (and
-    FSDP2's MixedPrecisionPolicy when sharded); the frozen teacher runs in its own dtype (teacher_dtype;
-    default bf16 on CUDA, else the compute dtype)."""
-    compute = torch.bfloat16 if cfg.autocast == "bf16" else parse_dtype(cfg.dtype)
-    default_teacher = torch.bfloat16 if device.type == "cuda" else compute
-    teacher = parse_dtype(cfg.teacher_dtype) if cfg.teacher_dtype else default_teacher
-    return {"master": torch.float32, "compute": compute, "teacher": teacher}
-
-
-def _autocast(compute: torch.dtype, device: torch.device):
-    if compute != torch.float32:
-        return lambda: torch.autocast(device.type, dtype=compute)
-    return contextlib.nullcontext
-
-
 def distill(cfg: DistillConfig) -> Path:
     """Train cfg.student against cfg.teacher (or the LM loss alone); returns the output dir."""
     t_call = time.perf_counter()  # a time budget counts from here
@@ -137,14 +120,16 @@ def distill(cfg: DistillConfig) -> Path:
         check_vocab(cfg.teacher, cfg.student)
     loss_cfg = cfg.loss_config()
 
-    prec = precision(cfg, device)
+    if d.mode == "fsdp":  # built on the meta device, sharded, then filled from rank 0's copy (fill_shards)
+        student_model, tokenizer = empty_model(cfg.student, torch.float32), load_tokenizer(cfg.student)
+    else:  # fp32 master weights (precision)
+        student_model, tokenizer = load_model(cfg.student, device, torch.float32)
+    saved_choice = json.loads((out / "distill_config.json").read_text()).get("autocast_chosen") if cfg.resume else None
+    chosen = choose_autocast(cfg, student_model, device, d, saved_choice)
+    prec = precision(cfg, device, chosen["autocast"])
     tf32 = torch.backends.cuda.matmul.allow_tf32  # put back at the end: evaluation after training keeps its own
     if device.type == "cuda" and prec["compute"] != torch.float32:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 matmuls left under bf16 autocast: TF32
-    if d.mode == "fsdp":  # built on the meta device, sharded, then filled from rank 0's copy (fill_shards)
-        student_model, tokenizer = empty_model(cfg.student, prec["master"]), load_tokenizer(cfg.student)
-    else:
-        student_model, tokenizer = load_model(cfg.student, device, prec["master"])
     teacher = None
     if cfg.teacher is not None:
         teacher = load_model(cfg.teacher, device, prec["teacher"], with_tokenizer=False)[0]
@@ -221,13 +206,13 @@ def distill(cfg: DistillConfig) -> Path:
     elif d.main:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
-        saved = {**asdict(cfg), "global_batch": per_step, "inputs": inputs}
+        saved = {**asdict(cfg), "global_batch": per_step, "inputs": inputs, "autocast_chosen": chosen}
         (out / "distill_config.json").write_text(json.dumps(saved, indent=2))
         if splits.blend is not None:  # a blend corpus: what was drawn from each source (report.md shows it)
             (out / "blend_drawn.json").write_text(json.dumps(splits.blend, indent=1))
     d.barrier()
 
-    autocast = _autocast(prec["compute"], device)
+    autocast = autocast_context(prec["compute"], device)
     tokens_per_step = per_step * cfg.seq_len
     eval_s = 0.0
     if start == 0:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from minitron.arch.adapters import prefill_kwargs
 from minitron.arch.models import load_model, parse_dtype, resolve_device, token_nll_sum
 from minitron.data.corpus import data_dir, load_splits, report_blocks
 from minitron.eval import tasks as T
@@ -249,22 +250,24 @@ def measure_speed(model, prompt_len: int = 128, decode_tokens: int = 32, batch_s
                   seed: int = 0) -> dict:
     """Prefill and KV-cached greedy decode throughput at each batch size (seeded random prompts).
 
-    prefill_tok_s[B] = B * prompt_len / time of one forward over [B, prompt_len];
+    prefill_tok_s[B] = B * prompt_len / time of one forward over [B, prompt_len] that, as a generation's prefill,
+    computes the last position's logits only (adapters.prefill_kwargs; before 2026-12-07 every position's);
     decode_tok_s[B] = B * decode_tokens / time of decode_tokens single-token steps with the KV cache.
     """
+    prefill = prefill_kwargs(model)
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     res: dict = {"prompt_len": prompt_len, "decode_tokens": decode_tokens, "prefill_tok_s": {}, "decode_tok_s": {}}
     warm = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(device)  # [1, P]
-    out = model(input_ids=warm, use_cache=True)
+    out = model(input_ids=warm, use_cache=True, **prefill)
     for _ in range(2):
         out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
     for bs in batch_sizes:
         ids = torch.randint(0, vocab, (bs, prompt_len), generator=gen).to(device)  # [B, P]
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, **prefill)
         _sync(device)
         t1 = time.perf_counter()
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]

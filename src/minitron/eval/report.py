@@ -332,7 +332,11 @@ def write_report(out: Path) -> Path:
         lines += ["## Architecture search", "", (out / "search" / "search.md").read_text(),
                   "![search](search/search.png)", ""]
     for curve in sorted(out.glob("**/distill/loss.png")):
-        lines += [f"## Distillation ({curve.parent.relative_to(out)})", "", f"![loss]({curve.relative_to(out)})", ""]
+        lines += [f"## Distillation ({curve.parent.relative_to(out)})", ""]
+        chosen = (_json(curve.parent / "distill_config.json") or {}).get("autocast_chosen")
+        if chosen:
+            lines += [precision_line(chosen), ""]
+        lines += [f"![loss]({curve.relative_to(out)})", ""]
     for drawn in sorted(out.glob("**/distill/blend_drawn.json")):
         lines += blend_lines(json.loads(drawn.read_text()), f"Data blend drawn ({drawn.parent.relative_to(out)})")
     results = out / "eval" / "results.json"
@@ -347,6 +351,15 @@ def write_report(out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def precision_line(chosen: dict) -> str:
+    """What the distillation computed in (distill_config.json's autocast_chosen: minitron.distill.precision)."""
+    mode = "bf16 autocast (fp32 master weights)" if chosen["autocast"] == "bf16" else "fp32"
+    if "fp32_s" in chosen:
+        return (f"Computed in {mode}, the faster here (autocast: auto; one forward+backward of the student took "
+                f"{chosen['fp32_s']:.3f} s in fp32 and {chosen['bf16_s']:.3f} s under bf16 autocast).")
+    return f"Computed in {mode} (autocast: {chosen['how']})."
 
 
 def budget_lines(b: dict) -> list[str]:

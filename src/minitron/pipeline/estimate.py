@@ -232,14 +232,20 @@ def _parallel(section, world: int, torchrun: bool) -> str:
     return mode
 
 
-def _train_settings(section, cfg, world: int, teacher: str, torchrun: bool = False) -> TrainSettings:
+def _bf16_compute(autocast: str, cuda: bool) -> bool:
+    """Whether training computes in bf16: autocast bf16, or auto on a GPU (auto on a CPU is measured at run time:
+    the estimate counts it as fp32)."""
+    return autocast == "bf16" or autocast == "auto" and cuda
+
+
+def _train_settings(section, cfg, world: int, teacher: str, cuda: bool, torchrun: bool = False) -> TrainSettings:
     from minitron.distill import DistillConfig
     from minitron.pipeline.config import default_of
 
     def get(name):
         return getattr(section, name, default_of(DistillConfig, name))
 
-    bf16 = get("autocast") == "bf16" or cfg.model.dtype in ("bfloat16", "bf16")
+    bf16 = _bf16_compute(get("autocast"), cuda) or cfg.model.dtype in ("bfloat16", "bf16")
     parallel = _parallel(section, world, torchrun)
     mode = ("bf16" if parallel == "fsdp" else "autocast") if bf16 else "fp32"
     return TrainSettings(batch_size=get("batch_size"), grad_accum=get("grad_accum"), seq_len=cfg.data.seq_len,
@@ -250,11 +256,11 @@ def _train_settings(section, cfg, world: int, teacher: str, torchrun: bool = Fal
 
 
 def _teacher_bytes(cfg, cuda: bool) -> int:
-    """distill.teacher_dtype, else bf16 on CUDA, else the compute dtype (distill.loop.precision)."""
+    """distill.teacher_dtype, else bf16 on CUDA, else the compute dtype (distill.precision.precision)."""
     name = getattr(cfg.distill, "teacher_dtype", None)
     if name:
         return dtype_bytes(name)
-    if cuda or cfg.distill.autocast == "bf16":
+    if cuda or _bf16_compute(cfg.distill.autocast, cuda):
         return 2
     return dtype_bytes(cfg.model.dtype)
 
@@ -307,7 +313,7 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
     out: list[StageEstimate] = []
 
     if cfg.correction.enabled:
-        ts = _train_settings(cfg.correction, cfg, world_size, "none", torchrun)
+        ts = _train_settings(cfg.correction, cfg, world_size, "none", cuda, torchrun)
         out.append(load_estimate(train_estimate("correction", T, None, 0, ts, cuda), T,
                                  checkpoint_bytes(shapes["config"]), 0, ts, cuda))
     else:
@@ -334,7 +340,7 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
         if cfg.search.train_tokens > 0:
             d = train_estimate("search", S, T, _teacher_bytes(cfg, cuda),
                                _train_settings(cfg.distill, cfg, world_size, "topk" if cfg.distill.topk else "full",
-                                               torchrun),
+                                               cuda, torchrun),
                                cuda)
             d.terms = {"search's teacher + candidate": resident["teacher weights"]
                        + resident["candidate (pruned in place)"], **d.terms}
@@ -360,7 +366,7 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
     out.append(load_estimate(forward_estimate("prune", resident, trans, cuda, note), None, b,
                              sum(resident.values()), None, cuda))
 
-    ts = _train_settings(cfg.distill, cfg, world_size, "topk" if cfg.distill.topk else "full", torchrun)
+    ts = _train_settings(cfg.distill, cfg, world_size, "topk" if cfg.distill.topk else "full", cuda, torchrun)
     teacher_bytes = _teacher_bytes(cfg, cuda)
     out.append(load_estimate(train_estimate("distill", S, T, teacher_bytes, ts, cuda), S, b,
                              weights(T.params, teacher_bytes), ts, cuda))
@@ -434,7 +440,7 @@ def suggestions(cfg, stage: str, world_size: int, gpu_bytes: int, shapes: dict) 
         opts: list[tuple[str, dict]] = []
         if ckpt and not sec.grad_checkpointing:
             opts.append((f"{name}.grad_checkpointing=true", ckpt))
-        if getattr(sec, "autocast", "bf16") != "bf16" and cfg.model.dtype not in ("bfloat16", "bf16"):
+        if getattr(sec, "autocast", "bf16") == "none" and cfg.model.dtype not in ("bfloat16", "bf16"):
             opts.append((f"{name}.autocast=bf16", {"autocast": "bf16"}))
         if (world_size > 1 and getattr(sec, "distributed", "") == "fsdp" and acc > 1
                 and not getattr(sec, "fsdp_reduce_every_micro", None)):

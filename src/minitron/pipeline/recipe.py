@@ -54,7 +54,7 @@ class CorrectionSection:
     lr: float = 1e-5
     batch_size: int = _dc("batch_size")
     grad_accum: int = _dc("grad_accum")
-    autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute)
+    autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute) | auto (measured)
     grad_checkpointing: bool = _dc("grad_checkpointing")  # activation checkpointing
     distributed: str = _dc("distributed")  # auto (ddp under torchrun) | none | ddp | fsdp
     fsdp_reduce_every_micro: bool | None = _dc("fsdp_reduce_every_micro")  # fsdp: a reduction per micro-batch
@@ -84,7 +84,7 @@ class DistillSection:
     save_every: int = _dc("save_every")
     topk: int = 0                         # > 0: cache the teacher's top-k log-probs once and reuse them
     release_teacher: bool | None = _dc("release_teacher")  # with topk: free the teacher once the cache is built
-    autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute)
+    autocast: str = _dc("autocast")       # none | bf16 (fp32 master weights, bf16 compute) | auto (measured)
     grad_checkpointing: bool = _dc("grad_checkpointing")  # activation checkpointing of the student
     distributed: str = _dc("distributed")  # auto (ddp under torchrun) | none | ddp | fsdp
     fsdp_reduce_every_micro: bool | None = _dc("fsdp_reduce_every_micro")  # fsdp: a reduction per micro-batch
@@ -166,6 +166,12 @@ class RunConfig:
             from minitron.export.runtime import llama_cpp
 
             llama_cpp()  # RuntimeMissing (how to install llama-cpp-python) now, not after distillation
+        from minitron.distill.config import AUTOCAST_MODES
+
+        for name in ("correction", "distill"):
+            if getattr(self, name).autocast not in AUTOCAST_MODES:
+                raise ConfigError(f"{name}.autocast {getattr(self, name).autocast!r} unknown; choose from "
+                                  f"{', '.join(AUTOCAST_MODES)} (auto: the faster of bf16 and fp32 here, measured)")
         if self.importance.criterion not in CRITERIA:
             raise ConfigError(f"importance.criterion {self.importance.criterion!r} unknown; choose from "
                               f"{', '.join(CRITERIA)}")
