@@ -4,24 +4,31 @@ Every arm is one `minitron run` with the same `budget.minutes` (so each spends t
 its distillation sized by what it measured), into <out>/<arm>:
 
     old           recipes/legacy.yaml: the default until 2026-12-06 (70M width-only, Debian's Python docs, lr 1e-4)
-    new           recipes/default.yaml: the default now (since 2026-12-07: 70M, per-layer MLP widths by measured loss)
+    new           recipes/default.yaml: the default now (since 2026-12-07 evening: 89M, 24 layers, per-layer MLP
+                  widths by measured loss; the same settings as new-l24)
     speed-search  the default of 2026-12-06: the shape with the lowest held-out loss among those measured >= 1.5x
                   faster to prefill (search.enabled=true), uniform widths
-    new-70m       the new default with uniform widths (target.layer_widths=null)
-    new-80m       the new default at 80M (target.params=80M): what the speed target's margin buys
-    new-106m      the new default at a 21% cut: target.params=106M
+    new-70m       the 70M default of 2026-12-07 with uniform widths (target.params=70M, target.layer_widths=null)
+    new-80m       that default at 80M (target.params=80M): what the speed target's margin buys
+    new-106m      that default at a 21% cut: target.params=106M
+    pl-70m        the default until 2026-12-07 evening: 70M, per-layer MLP widths (30 layers, hidden 504)
+    new-l24       the default since 2026-12-07 evening, its shape given as overrides: ~89M by depth and width, 24 of
+                  30 layers (the contiguous block of 6 with the lowest Block Importance dropped) and MLP 960 on
+                  average, per layer by measured loss
     new-1207      the default as committed on 2026-12-07 (fe6092d: per-layer probes on 4 blocks, evaluations every 20
                   steps): a kept run folder, not rerun (the changes since are in code, not in the recipe)
 
 Each run also logs the WikiText-2 validation loss at every distillation evaluation (distill.heldout), so the
 curves of all arms share one y axis. Then every student and the teacher are scored alike: WikiText-2 test
 perplexity over all its non-overlapping 2048-token windows, PIQA on all its items (scored as lm-eval scores it),
-and prefill / decode speed at batch 1 and 8 (best of 5 rounds interleaved over all models). Scores are cached per
+and prefill / decode speed at batch 1 and 8 (best of 5 rounds interleaved over all models, each round's prefill the
+fastest of 3 calls). Scores are cached per
 model in <out>/scores/, so arms can be run one invocation at a time. Writes <out>/budget_bench.md and .json and
 <out>/curves.png; benchmarks/RESULTS.md quotes them.
 
     MINITRON_DATA_DIR=../shared/data .venv/bin/python benchmarks/budget_bench.py --minutes 18 --arms old,new
     MINITRON_DATA_DIR=../shared/data .venv/bin/python benchmarks/budget_bench.py --minutes 18 --arms speed-search
+    MINITRON_DATA_DIR=../shared/data .venv/bin/python benchmarks/budget_bench.py --minutes 18 --arms pl-70m,new-l24
 """
 
 from __future__ import annotations
@@ -35,12 +42,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = "wikitext-2-raw/wiki.valid.raw"
+# the 70M-era arms start from the default recipe's settings with its shape undone (layers and MLP kept, LM-loss blocks)
+BY_PARAMS = ["target.layers=null", "target.ffn=null", "target.layer_metric=lm-loss"]
 ARMS = {"old": ("recipes/legacy.yaml", []),
         "new": ("recipes/default.yaml", []),
         "speed-search": ("recipes/default.yaml", ["search.enabled=true", "target.layer_widths=null"]),
-        "new-70m": ("recipes/default.yaml", ["target.layer_widths=null"]),
-        "new-80m": ("recipes/default.yaml", ["target.params=80M"]),
-        "new-106m": ("recipes/default.yaml", ["target.params=106M"]),
+        "new-70m": ("recipes/default.yaml", [*BY_PARAMS, "target.params=70M", "target.layer_widths=null"]),
+        "new-80m": ("recipes/default.yaml", [*BY_PARAMS, "target.params=80M"]),
+        "new-106m": ("recipes/default.yaml", [*BY_PARAMS, "target.params=106M"]),
+        "pl-70m": ("recipes/default.yaml", [*BY_PARAMS, "target.params=70M"]),
+        "new-l24": ("recipes/default.yaml", ["target.params=null", "target.layers=24", "target.ffn=960",
+                                             "target.layer_metric=bi"]),
         "new-1207": None}
 
 
