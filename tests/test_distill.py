@@ -477,7 +477,7 @@ def test_autocast_auto_takes_the_faster_measured_and_keeps_it_on_resume(pair, tm
         out = tmp_path / fast
         cfg = cfg_for(pair, out, steps=4, save_every=2, autocast="auto")
         with pytest.raises(SystemExit):  # stop after the first checkpoint, as a killed run would
-            _stop_after_checkpoint(monkeypatch, lambda: distill(cfg))
+            _stop_after_checkpoint(monkeypatch, lambda cfg=cfg: distill(cfg))
         assert calls == [((1, 32), False), ((1, 32), True)] * (prec_mod.TIMED_PASSES + 1)
         chosen = json.loads((out / "distill_config.json").read_text())["autocast_chosen"]
         assert chosen["autocast"] == ("bf16" if fast == "bf16" else "none") and chosen["how"] == "measured"

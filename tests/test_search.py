@@ -64,9 +64,10 @@ def test_search_by_speed_keeps_the_fast_candidates_and_marks_the_front(tokenizer
 
     monkeypatch.setattr(S, "speed_of", clock)
     teacher_params = sum(p.numel() for p in model.parameters())
+    teacher_decoder = S.compute_params(model.config)
     cfg = SearchConfig(params=110_000, tolerance=0.15, round_to=8, max_candidates=2, speedup=1.2)
     rows = search(model, scores, blocks[8:12], cfg, train=lambda s: s, batch_size=4)
-    estimated = [teacher_params / r["params"]["total"] for r in rows]  # (tied: compute params = params)
+    estimated = [teacher_decoder / r["params"]["non_embedding"] for r in rows]  # prefill: the decoder's params
     assert all(1.2 * S.SPEED_BAND[0] <= e <= 1.2 * S.SPEED_BAND[1] for e in estimated)  # only those near are timed
     fast = [r for r in rows if r["prefill_speedup"] >= 1.2]
     assert fast and rows[: len(fast)] == fast  # the fast ones first

@@ -187,10 +187,12 @@ MAX_MEASURED = 16         # at most this many, spread over the band
 
 
 def compute_params(config) -> int:
-    """Parameters a token's forward multiplies through: all but the input embedding lookup (the LM head counts)."""
-    d = arch.dims_of(config)
-    total = count_params(config)["total"]
-    return total - (0 if d.tied else d.vocab * d.hidden)
+    """Parameters a prompt token's prefill multiplies through: the decoder's, not the embedding lookup nor the LM
+    head, which a generation's prefill runs on the last position only (harness.measure_speed times it so; until
+    2026-12-07 the LM head counted, which ranked hidden cuts as faster than they prefill); MoE: the experts a token
+    is routed to."""
+    c = count_params(config)
+    return c["active"] - (c["total"] - c["non_embedding"])
 
 
 def near_speedup(config, cands: list[arch.Dims], speedup: float) -> list[arch.Dims]:
