@@ -135,10 +135,11 @@ def run_inputs(cfg: DistillConfig) -> dict:
             "student": model_identity(cfg.student), "data": corpus_identity(cfg.data, cfg.data_root)}
 
 
-def check_same_run(out: Path, cfg: DistillConfig, inputs: dict, world: int = 1) -> None:
+def check_same_run(out: Path, cfg: DistillConfig, inputs: dict, world: int = 1) -> dict:
     """--resume must continue the same run: same models (by weights, not only by name), data, budget,
     optimizer settings and global batch. The world size may change (checkpoints are resharded) when
-    batch_size x grad_accum x world stays the same, so every step sees the same blocks."""
+    batch_size x grad_accum x world stays the same, so every step sees the same blocks. Returns the saved
+    distill_config.json (what the run chose at its start, e.g. autocast_chosen)."""
     saved_file = out / "distill_config.json"
     if not saved_file.is_file():
         raise CheckpointError(f"{saved_file} is missing: cannot check that --resume continues the same run; "
@@ -157,3 +158,4 @@ def check_same_run(out: Path, cfg: DistillConfig, inputs: dict, world: int = 1) 
     if diff:
         raise DistillError(f"--resume with settings that differ from the run in {out} (saved vs now: {diff}); "
                            "resume with the same settings, or start a new run in another --out")
+    return saved

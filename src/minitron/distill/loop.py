@@ -112,8 +112,7 @@ def distill(cfg: DistillConfig) -> Path:
                               "start without --resume")
     inputs = run_inputs(cfg)
     d, device = init_distributed(cfg)
-    if cfg.resume:
-        check_same_run(out, cfg, inputs, d.world)
+    saved_run = check_same_run(out, cfg, inputs, d.world) if cfg.resume else {}
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if cfg.teacher is not None:
@@ -124,8 +123,7 @@ def distill(cfg: DistillConfig) -> Path:
         student_model, tokenizer = empty_model(cfg.student, torch.float32), load_tokenizer(cfg.student)
     else:  # fp32 master weights (precision)
         student_model, tokenizer = load_model(cfg.student, device, torch.float32)
-    saved_choice = json.loads((out / "distill_config.json").read_text()).get("autocast_chosen") if cfg.resume else None
-    chosen = choose_autocast(cfg, student_model, device, d, saved_choice)
+    chosen = choose_autocast(cfg, student_model, device, d, saved_run.get("autocast_chosen"))
     prec = precision(cfg, device, chosen["autocast"])
     tf32 = torch.backends.cuda.matmul.allow_tf32  # put back at the end: evaluation after training keeps its own
     if device.type == "cuda" and prec["compute"] != torch.float32:
