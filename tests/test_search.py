@@ -65,6 +65,10 @@ def test_search_by_speed_keeps_the_fast_candidates_and_marks_the_front(tokenizer
     monkeypatch.setattr(S, "speed_of", clock)
     teacher_params = sum(p.numel() for p in model.parameters())
     teacher_decoder = S.compute_params(model.config)
+    from minitron.prune.plan import count_params
+
+    counts = count_params(model.config)  # a prefill's LM head runs on one position: neither it nor the lookup counts
+    assert teacher_decoder == counts["non_embedding"] < counts["total"]
     cfg = SearchConfig(params=110_000, tolerance=0.15, round_to=8, max_candidates=2, speedup=1.2)
     rows = search(model, scores, blocks[8:12], cfg, train=lambda s: s, batch_size=4)
     estimated = [teacher_decoder / r["params"]["non_embedding"] for r in rows]  # prefill: the decoder's params
