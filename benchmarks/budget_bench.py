@@ -15,6 +15,7 @@ its distillation sized by what it measured), into <out>/<arm>:
     new-l24       the default since 2026-12-07 evening, its shape given as overrides: ~89M by depth and width, 24 of
                   30 layers (the contiguous block of 6 with the lowest Block Importance dropped) and MLP 960 on
                   average, per layer by measured loss
+    new-refit     the default with the prune stage's least-squares refit (prune.refit=attn+mlp; off by default)
     new-1207      the default as committed on 2026-12-07 (fe6092d: per-layer probes on 4 blocks, evaluations every 20
                   steps): a kept run folder, not rerun (the changes since are in code, not in the recipe)
 
@@ -54,6 +55,7 @@ ARMS = {"old": ("recipes/legacy.yaml", []),
         "pl-70m": ("recipes/default.yaml", [*BY_PARAMS, "target.params=70M"]),
         "new-l24": ("recipes/default.yaml", ["target.params=null", "target.layers=24", "target.ffn=960",
                                              "target.layer_metric=bi"]),
+        "new-refit": ("recipes/default.yaml", ["prune.refit=attn+mlp"]),
         "new-1207": None}
 
 

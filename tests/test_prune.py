@@ -30,8 +30,8 @@ def test_identity_plan_keeps_logits(family, tokenizer):
 
 
 def test_prune_saves_a_plain_hf_model(family, tiny_model_dir, corpus_dir, tmp_path, tokenizer):
-    target = Target(hidden=48, ffn=96, heads=2, kv_heads=1, layers=3)
-    out = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "out", target=target))
+    target = Target(hidden=48, ffn=96, heads=2, kv_heads=1, layers=3)  # trimmed only: equal to apply_plan's model
+    out = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "out", target=target, refit="none"))
     plan = PrunePlan.load(out / "plan.json")
     for name in ("model.safetensors", "config.json", "tokenizer.json", "scores.safetensors", "scores.json",
                  "importance.png", "prune_metrics.json", "plan.json"):

@@ -141,6 +141,9 @@ class Arch:
     # explicit head_dim): a pruned config that breaks it would not load with from_pretrained
     hidden_divisible_by_heads: bool = False
     attention_free: bool = False               # no attention or MLP config keys at all (Mamba2)
+    # a layer's output is its input plus what o_proj and down_proj output, as they are (no post-norm, no residual
+    # multiplier): the prune stage's least-squares refit of those projections (minitron.prune.refit) applies
+    residual_outputs: bool = True
     # width attributes that modules cache at construction (names -> Dims, see set_module_widths)
     layer_attrs: tuple[str, ...] = ("hidden_size",)
     attn_attrs: tuple[str, ...] = ("num_key_value_groups",)
@@ -155,17 +158,19 @@ FAMILIES: dict[str, Arch] = {
     "gemma3_text": Arch("gemma3_text", pre_mlp_norm="pre_feedforward_layernorm",
                         other_hidden_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                         head_norms=("q_norm", "k_norm"), has_layer_types=True, layer_has_idx=True,
-                        scaled_embedding=True, hidden_divisible_by_heads=True, norm_weight_offset=1.0),
+                        scaled_embedding=True, hidden_divisible_by_heads=True, norm_weight_offset=1.0,
+                        residual_outputs=False),
     "phi3": Arch("phi3", attn_in=(("qkv_proj", ("q", "kv", "kv")),), mlp_in=(("gate_up_proj", ("ffn", "ffn")),),
                  attn_attrs=("num_key_value_groups", "num_key_value_heads"), mlp_attrs=()),
     "gemma2": Arch("gemma2", pre_mlp_norm="pre_feedforward_layernorm",  # soft-capped logits and attention
                    other_hidden_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                    has_layer_types=True, scaled_embedding=True, hidden_divisible_by_heads=True,
-                   norm_weight_offset=1.0, final_softcap=True),
+                   norm_weight_offset=1.0, final_softcap=True, residual_outputs=False),
     "olmo2": Arch("olmo2", pre_attn_norm=None, pre_mlp_norm=None,  # norms after attention and MLP only
                   other_hidden_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-                  proj_norms=(("q_norm", "q"), ("k_norm", "kv"))),
-    "granite": Arch("granite", logits_scaling=True),  # embedding / residual / attention multipliers: scalars
+                  proj_norms=(("q_norm", "q"), ("k_norm", "kv")), residual_outputs=False),
+    # embedding / residual / attention multipliers: scalars
+    "granite": Arch("granite", logits_scaling=True, residual_outputs=False),
     "mixtral": Arch("mixtral", moe=MoeArch(n_experts_key="num_local_experts", width_key="intermediate_size"),
                     mlp_attrs=()),
     "qwen2_moe": Arch("qwen2_moe", has_layer_types=True, mlp_attrs=(),
@@ -550,6 +555,11 @@ def set_mamba_widths(model: nn.Module, layer: nn.Module, dims: Dims) -> None:
 
 
 # ---- MoE blocks (layout: MoeArch; the pruning and scoring of experts: minitron.arch.moe) -------------------
+
+def residual_outputs(model_or_config) -> bool:
+    """Whether each layer adds its o_proj / down_proj outputs to the residual stream unchanged (Arch)."""
+    return get_arch(model_or_config).residual_outputs
+
 
 def is_moe(model_or_config) -> bool:
     """Whether the family's MLP is a sparse MoE block."""

@@ -21,6 +21,7 @@ def _add_common(p: argparse.ArgumentParser, cls) -> None:
 def _prune_parser(sub) -> None:
     from minitron.pipeline.config import add_option, default_of
     from minitron.prune.importance import BATCH_AGGS, CRITERIA, SEQ_AGGS
+    from minitron.prune.refit import REFIT_PARTS
     from minitron.prune.trim import PruneConfig
 
     p = sub.add_parser("prune", help="measure importance and trim a model to target dims or a parameter budget",
@@ -75,6 +76,11 @@ def _prune_parser(sub) -> None:
                "Taylor, random", choices=list(CRITERIA))
     add_option(c, PruneConfig, "scores", "reuse scores.safetensors of an earlier run (skips calibration)")
     add_option(c, PruneConfig, "seed")
+    r = p.add_argument_group("refit (least squares of o_proj / down_proj toward the teacher's residual stream)")
+    add_option(r, PruneConfig, "refit", "which output projections are refit after trimming",
+               choices=list(REFIT_PARTS))
+    add_option(r, PruneConfig, "refit_samples", "calibration blocks the refit reads")
+    add_option(r, PruneConfig, "refit_ridge", "pull toward the trimmed weights (relative to mean diag X^T X)")
     _add_common(p, PruneConfig)
     p.set_defaults(func=_run_prune)
 
@@ -96,6 +102,7 @@ def _run_prune(args) -> None:
                       calib_samples=args.calib_samples, heldout_samples=args.heldout_samples, seq_len=args.seq_len,
                       val_fraction=args.val_fraction, batch_size=args.batch_size, seq_agg=args.seq_agg,
                       batch_agg=args.batch_agg, criterion=args.criterion, scores=args.scores, seed=args.seed,
+                      refit=args.refit, refit_samples=args.refit_samples, refit_ridge=args.refit_ridge,
                       device=args.device, dtype=args.dtype, data_dir=args.data_dir, overwrite=args.overwrite,
                       trust_remote_code=args.trust_remote_code)
     print(f"[minitron] pruned model written to {prune(cfg)}")

@@ -120,7 +120,9 @@ def estimate_lines(cfg: RunConfig, shapes: dict, world: int, cuda: bool, tflops:
     imp = cfg.importance
     before = {"correction": 6 * t * cfg.correction.tokens if cfg.correction.enabled else 0,
               "importance": 2 * t * (imp.calib_samples + imp.heldout_samples * (2 + shapes["n_drop"])) * seq,
-              "prune": 2 * s * imp.heldout_samples * seq * 4}  # the hidden/MLP split: a few candidates scored
+              # the hidden/MLP split (a few candidates scored); the refit: the teacher's and two student passes
+              "prune": 2 * s * imp.heldout_samples * seq * 4
+              + (0 if cfg.prune.refit == "none" else 2 * (t + 2 * s) * min(cfg.prune.refit_samples, imp.calib_samples) * seq)}
     axes = cfg.search.layer_widths if cfg.search.enabled else cfg.target.layer_widths
     if axes and cfg.target.layer_norm == "measured":  # per-layer widths measured: probes of each layer from it on
         from minitron.prune.per_layer import MEASURE_BLOCKS, MEASURED_LEVELS

@@ -56,6 +56,7 @@ from minitron.pipeline.memory_terms import (
     master_states,
     optimizer_transient,
     parse_memory,
+    refit_working,
     saved_activations,
     shape_of,
     sharded_load,
@@ -363,6 +364,12 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
     if split:
         resident["candidate split (pruned in place)"] = weights(S.params, b)
         note = "hidden/MLP split chosen by held-out loss (each candidate pruned in place)"
+    if cfg.prune.refit != "none":  # the refit's terms replace the scoring's: they come after it
+        work = refit_working(T, S, min(cfg.prune.refit_samples, imp.calib_samples) * seq, h_tokens, b)
+        resident["refit: student copy"] = work.pop("refit: student copy")
+        if sum(work.values()) > sum(trans.values()):
+            trans = work
+        note += f"; refit of {cfg.prune.refit} on {min(cfg.prune.refit_samples, imp.calib_samples)} blocks"
     out.append(load_estimate(forward_estimate("prune", resident, trans, cuda, note), None, b,
                              sum(resident.values()), None, cuda))
 

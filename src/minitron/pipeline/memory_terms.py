@@ -300,3 +300,17 @@ def importance_working(s: Shape, tokens: int, nbytes: int, bi_states: int) -> di
 def kv_cache(s: Shape, batch: int, tokens: int, nbytes: int) -> int:
     """Keys and values of every layer for batch x tokens positions: 2 x L x K x bytes per position."""
     return 2 * s.layers * s.kv_width * nbytes * batch * tokens
+
+
+def refit_working(t: Shape, s: Shape, tokens: int, batch_tokens: int, nbytes: int) -> dict[str, int]:
+    """The prune stage's refit (minitron.prune.refit) over N calibration tokens, beside the teacher: the student
+    (its own copy), the teacher's and the student's residual streams and the teacher's stream after attention
+    (N x (C_t + 2 C_s)), the student's MLP inputs and residual before the MLP kept for one layer (N x (F + C_s)),
+    in the model dtype; X^T X and X^T R in fp32 and their fp64 solve (k = the wider of F and H x D); one layer's
+    forward temporaries."""
+    k = max(s.ffn, s.heads * s.head_dim)
+    return {"refit: student copy": weights(s.params, nbytes),
+            "refit: streams": tokens * (t.hidden + 2 * s.hidden) * nbytes,
+            "refit: one layer's MLP inputs": tokens * (s.ffn + s.hidden) * nbytes,
+            "refit: statistics and solve": 4 * k * (k + s.hidden) + 8 * k * (2 * k + s.hidden),
+            "refit: layer temporaries": forward_working(s, batch_tokens, nbytes)}

@@ -71,6 +71,15 @@ class ImportanceSection:
 
 
 @dataclass
+class PruneSection:
+    """The prune stage's least-squares refit (minitron.prune.refit) of the trimmed output projections."""
+
+    refit: str = _d(PruneConfig, "refit")                  # none | mlp | attn+mlp
+    refit_samples: int = _d(PruneConfig, "refit_samples")  # calibration blocks it reads
+    refit_ridge: float = _d(PruneConfig, "refit_ridge")    # pull toward the trimmed weights
+
+
+@dataclass
 class DistillSection:
     tokens: int = 200_000
     loss: str = _dc("loss")
@@ -141,6 +150,7 @@ class RunConfig:
     correction: CorrectionSection = field(default_factory=CorrectionSection)
     importance: ImportanceSection = field(default_factory=ImportanceSection)
     target: Target = field(default_factory=Target)
+    prune: PruneSection = field(default_factory=PruneSection)
     search: SearchConfig = field(default_factory=SearchConfig)
     distill: DistillSection = field(default_factory=DistillSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -175,6 +185,12 @@ class RunConfig:
         if self.importance.criterion not in CRITERIA:
             raise ConfigError(f"importance.criterion {self.importance.criterion!r} unknown; choose from "
                               f"{', '.join(CRITERIA)}")
+        from minitron.prune.refit import RefitConfig
+
+        try:
+            RefitConfig(self.prune.refit, self.prune.refit_samples, self.prune.refit_ridge).check()
+        except ValueError as e:
+            raise ConfigError(f"prune: {e}") from None
         b = self.budget
         if b.minutes is not None and b.gpu_hours is not None:
             raise ConfigError("give one budget: budget.minutes (wall time) or budget.gpu_hours, not both")

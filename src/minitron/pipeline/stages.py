@@ -243,7 +243,8 @@ def _short_distiller(cfg: RunConfig, teacher: str, tokenizer, work: Path):
 def stage_prune(cfg: RunConfig, folder: Path, model_name: str, scores_path: Path, target: Target) -> Path:
     """Trim `model_name` to `target` with the saved scores (no recalibration)."""
     imp = cfg.importance
-    record = make_record("prune", {"target": asdict(target), "importance": asdict(imp), "data": _data(cfg),
+    record = make_record("prune", {"target": asdict(target), "importance": asdict(imp), "prune": asdict(cfg.prune),
+                                   "data": _data(cfg),
                                    "dtype": cfg.model.dtype},
                          {"model": model_identity(model_name), "importance": dir_identity(scores_path.parent)})
     if up_to_date(folder, record, "plan.json"):
@@ -258,7 +259,9 @@ def _prune(cfg: RunConfig, folder: Path, model_name: str, scores_path: Path, tar
                       calib_samples=imp.calib_samples, heldout_samples=imp.heldout_samples,
                       seq_len=cfg.data.seq_len, val_fraction=cfg.data.val_fraction, batch_size=imp.batch_size,
                       seq_agg=imp.seq_agg, batch_agg=imp.batch_agg, criterion=imp.criterion,
-                      scores=str(scores_path), seed=cfg.data.seed, device=cfg.model.device, dtype=cfg.model.dtype,
+                      scores=str(scores_path), seed=cfg.data.seed, refit=cfg.prune.refit,
+                      refit_samples=cfg.prune.refit_samples, refit_ridge=cfg.prune.refit_ridge,
+                      device=cfg.model.device, dtype=cfg.model.dtype,
                       data_dir=cfg.data.data_dir, overwrite=True, trust_remote_code=cfg.model.trust_remote_code))
     write_record(folder, record)
 

@@ -46,6 +46,8 @@ from minitron.prune.plan import (
     resolve_dims,
     source_config,
 )
+from minitron.prune.refit import RefitConfig, refit
+from minitron.prune.refit import supported as refit_supported
 
 
 def _rows(units: list[int], size: int) -> torch.Tensor:
@@ -252,6 +254,10 @@ class PruneConfig:
     seq_agg: str = "mean"              # aggregation over the sequence: mean | l2 | max | var
     batch_agg: str = "l2"              # aggregation over samples: mean | l2 | max | var
     criterion: str = "activation"      # width scores: activation | magnitude | taylor | random
+    # least-squares refit of the trimmed o_proj / down_proj toward the teacher's residual stream (minitron.prune.refit)
+    refit: str = "none"                # none | mlp | attn+mlp (see docs/pruning.md: helps before distillation)
+    refit_samples: int = 64            # calibration blocks it reads (the first of the calibration sample)
+    refit_ridge: float = 0.1           # pull toward the trimmed weights, relative to mean diag(X^T X)
     scores: str | None = None          # reuse a scores.safetensors (no calibration)
     seed: int = 0
     device: str = "auto"
@@ -274,6 +280,25 @@ def measure(model, tokenizer, calib: torch.Tensor, select: torch.Tensor, cfg: Pr
     task = ((tokenizer, metric[len("task:"):], [1, n_drop] if t.contiguous else [1], cfg.data_dir)
             if need_task else None)
     return score_model(model, calib, select, icfg, cfg.criterion, cfg.seed, task)
+
+
+def _trim(model: nn.Module, plan: PrunePlan, train: torch.Tensor, report: torch.Tensor, cfg: PruneConfig
+          ) -> tuple[nn.Module, dict]:
+    """Apply the plan; with cfg.refit, to a copy whose output projections are then refit toward `model` (the
+    teacher) on calibration blocks of `train`. Returns (the pruned model, what the refit did)."""
+    rcfg = RefitConfig(cfg.refit, cfg.refit_samples, cfg.refit_ridge, cfg.batch_size)
+    rcfg.check()
+    if rcfg.parts == "none" or not refit_supported(model):
+        why = "off" if rcfg.parts == "none" else f"{arch.get_arch(model).family}: sub-layer outputs are not added as they are"
+        return apply_plan(model, plan), {"parts": "none", "why": why}
+    student = pruned_copy(model, plan)
+    trimmed = lm_loss(student, report, cfg.batch_size)
+    rows = refit(student, model, plan.kept_layers, plan.hidden,
+                 calibration_sample(train, cfg.calib_samples, cfg.seed)[:cfg.refit_samples], rcfg)
+    print(f"[minitron] refit {rcfg.parts} on {min(cfg.refit_samples, cfg.calib_samples)} calibration blocks: "
+          f"held-out loss after trimming {trimmed:.4f}")
+    return student, {"parts": rcfg.parts, "samples": rcfg.samples, "ridge": rcfg.ridge,
+                     "heldout_loss_trimmed": trimmed, "projections": rows}
 
 
 def prune(cfg: PruneConfig) -> Path:
@@ -327,13 +352,13 @@ def prune(cfg: PruneConfig) -> Path:
     plan = make_plan(model.config, scores, target)
     print(f"[minitron] dims {src.to_dict()} -> {plan.target} dropped={plan.dropped_layers}")
     loss_before = lm_loss(model, report, cfg.batch_size)
-    apply_plan(model, plan)
+    model, refit_metrics = _trim(model, plan, splits.train, report, cfg)
     loss_after = lm_loss(model, report, cfg.batch_size)
     metrics = {"params_before": plan.params_before, "params_after": plan.params_after,
                "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
                "heldout_tokens": int(report.numel()), "heldout_blocks": "report (disjoint from selection)",
                "selection_tokens": int(select.numel()), "criterion": meta.get("criterion", "activation"),
-               "budget_splits": splits_table, "layer_norms": norms_table}
+               "budget_splits": splits_table, "layer_norms": norms_table, "refit": refit_metrics}
     active = (f", active per token {plan.params_before['active'] / 1e6:.2f}M -> {plan.params_after['active'] / 1e6:.2f}M"
               if arch.is_moe(model) else "")
     print(f"[minitron] params {plan.params_before['total'] / 1e6:.2f}M -> {plan.params_after['total'] / 1e6:.2f}M "
