@@ -85,7 +85,7 @@ class DistillSection:
     loss: str = _dc("loss")
     temperature: float = _dc("temperature")
     ce_weight: float = _dc("ce_weight")
-    lr: float | str = _dc("lr")           # or auto: distill.config.auto_lr (0.4 / the student's hidden width)
+    lr: float | str = _dc("lr")           # or auto: distill.config.auto_lr (0.2 / the student's hidden width)
     min_lr: float | str = _dc("min_lr")   # or auto: lr / 10
     batch_size: int = _dc("batch_size")
     grad_accum: int = _dc("grad_accum")
