@@ -118,5 +118,7 @@ def test_prune_records_the_refit(tiny_model_dir, corpus_dir, tmp_path, family):
 def test_bad_refit_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="refit parts 'all' unknown"):
         RefitConfig(parts="all").check()
+    with pytest.raises(ValueError, match="refit parts 'all' unknown"):  # refused before the model is looked for
+        prune(PruneConfig(model=str(tmp_path / "missing"), out=str(tmp_path / "out"), refit="all"))
     with pytest.raises(ConfigError, match="prune: refit needs samples >= 1"):
         load_config(RunConfig, None, ["target.params=70M", "prune.refit_samples=0"]).check()

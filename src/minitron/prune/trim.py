@@ -287,7 +287,6 @@ def _trim(model: nn.Module, plan: PrunePlan, train: torch.Tensor, report: torch.
     """Apply the plan; with cfg.refit, to a copy whose output projections are then refit toward `model` (the
     teacher) on calibration blocks of `train`. Returns (the pruned model, what the refit did)."""
     rcfg = RefitConfig(cfg.refit, cfg.refit_samples, cfg.refit_ridge, cfg.batch_size)
-    rcfg.check()
     if rcfg.parts == "none" or not refit_supported(model):
         why = "off" if rcfg.parts == "none" else f"{arch.get_arch(model).family}: sub-layer outputs are not added as they are"
         return apply_plan(model, plan), {"parts": "none", "why": why}
@@ -310,6 +309,7 @@ def prune(cfg: PruneConfig) -> Path:
     check_out_dir(out, cfg.overwrite)
     if cfg.criterion not in CRITERIA:
         raise ValueError(f"criterion {cfg.criterion!r} unknown; choose from {', '.join(CRITERIA)}")
+    RefitConfig(cfg.refit, cfg.refit_samples, cfg.refit_ridge).check()  # before any model is loaded
     config = source_config(cfg.model, cfg.trust_remote_code)  # architecture and target checked before loading
     src = arch.dims_of(config)
     n_drop = src.layers - resolve_dims(config, cfg.target).layers
