@@ -285,6 +285,20 @@ def test_hidden_loss_with_projection_and_bf16_checkpointing(pair, tmp_path):
         distill(cfg_for(pair, tmp_path / "hid-bad", hidden_loss="mse", layer_map=[0, 9]))
 
 
+def test_hidden_loss_maps_the_layers_the_plan_kept(pair, tmp_path):
+    """A pruned student's plan.json (written by minitron prune) sets the hidden-state loss' teacher layers: the
+    layers it kept, not an even spread; a plan cut from a model of another depth is ignored."""
+    student = tmp_path / "student"
+    shutil.copytree(pair / "student", student)
+    plan = {"source": {"layers": 4}, "kept_layers": [0, 2]}  # layers 1 and 3 of the 4-layer teacher dropped
+    (student / "plan.json").write_text(json.dumps(plan))
+    out = distill(cfg_for(pair, tmp_path / "kept", student=str(student), steps=2, hidden_loss="cosine"))
+    assert json.loads((out / "minitron_distill.json").read_text())["layer_map"] == [0, 2]
+    (student / "plan.json").write_text(json.dumps({**plan, "source": {"layers": 6}}))  # an iterative step's plan
+    out = distill(cfg_for(pair, tmp_path / "spread", student=str(student), steps=2, hidden_loss="cosine"))
+    assert json.loads((out / "minitron_distill.json").read_text())["layer_map"] == [1, 3]  # default_layer_map(2, 4)
+
+
 def test_correct_lowers_lm_loss(pair, tmp_path):
     out = correct(str(pair / "student"), str(pair / "corpus"), str(tmp_path / "corr"), steps=10, seq_len=32,
                   batch_size=4, eval_every=0, lr=1e-2, progress=False)

@@ -40,7 +40,7 @@ from minitron.distill.losses import (
 from minitron.distill.metrics import append_metrics, plot_metrics, read_metrics, truncate_metrics
 from minitron.distill.parallel import Dist, fill_shards, init_distributed, real_state, unwrap, wrap
 from minitron.distill.precision import autocast_context, choose_autocast, precision
-from minitron.distill.student import LayerTap, Student, evaluate_all, teacher_pass, val_topk
+from minitron.distill.student import LayerTap, Student, evaluate_all, plan_layer_map, teacher_pass, val_topk
 
 SAVE_BYTES_PER_S = 200e6  # what a time budget keeps for writing the student at the end (a local disk)
 EVAL_SHARE = 0.1          # a time budget's evaluations (the first and the last included) take at most this share
@@ -149,7 +149,8 @@ def distill(cfg: DistillConfig) -> Path:
     layer_map, t_tap = None, None
     if cfg.hidden_loss != "none":
         n_s, n_t = dims_of(student_model.config).layers, dims_of(teacher.config).layers
-        layer_map = cfg.layer_map or default_layer_map(n_s, n_t)
+        # the layers the student kept when pruned, else spread evenly over depth
+        layer_map = cfg.layer_map or plan_layer_map(cfg.student, n_s, n_t) or default_layer_map(n_s, n_t)
         if len(layer_map) != n_s or not all(0 <= j < n_t for j in layer_map):
             raise DistillError(f"layer_map {layer_map} needs one teacher layer in [0, {n_t}) per student layer ({n_s})")
         t_tap = LayerTap(teacher, layer_map)
@@ -293,7 +294,8 @@ def distill(cfg: DistillConfig) -> Path:
                                                                 "total_steps": total})
         step += 1
     bar.close()
-    finish(out, model, tokenizer, d, cfg, total, total * tokens_per_step, {k: str(v) for k, v in prec.items()})
+    finish(out, model, tokenizer, d, cfg, total, total * tokens_per_step, {k: str(v) for k, v in prec.items()},
+           layer_map)
     for h in (module.tap.handles if module.tap else []) + (t_tap.handles if t_tap else []):
         h.remove()
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -345,8 +347,9 @@ def _full(norm) -> float:
 
 
 def finish(out: Path, model, tokenizer, d: Dist, cfg: DistillConfig, steps: int, tokens: int,
-           prec: dict | None = None) -> None:
-    """Save the student as a HF dir, the plot, then the FINISHED marker (last, atomically)."""
+           prec: dict | None = None, layer_map: list[int] | None = None) -> None:
+    """Save the student as a HF dir, the plot, then the FINISHED marker (last, atomically; it names the precision
+    used and the hidden-state loss' teacher layer per student layer)."""
     sd = full_state(model, None, d)[0] if d.mode == "fsdp" else None
     if d.main:
         student = unwrap(model).model
@@ -357,7 +360,7 @@ def finish(out: Path, model, tokenizer, d: Dist, cfg: DistillConfig, steps: int,
         metrics = read_metrics(out / "metrics.jsonl")
         plot_metrics(metrics, out / "loss.png", f"{'distill' if cfg.teacher else 'LM fine-tune'}: {cfg.student}")
         evals = [r for r in metrics if "val_lm_loss" in r]
-        info = {"finished": True, "steps": steps, "tokens": tokens, "precision": prec,
+        info = {"finished": True, "steps": steps, "tokens": tokens, "precision": prec, "layer_map": layer_map,
                 "first_eval": evals[0] if evals else None,
                 "final_eval": evals[-1] if evals else None}
         tmp = out / (FINISHED + ".tmp")

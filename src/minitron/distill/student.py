@@ -3,6 +3,9 @@ teacher's forward pass, and validation (LM loss and KL to the teacher)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -29,6 +32,21 @@ class LayerTap:
         def hook(_module, _inp, out):
             self.outputs[i] = layer_output(out)
         return hook
+
+
+def plan_layer_map(student: str, n_student: int, n_teacher: int) -> list[int] | None:
+    """The teacher layer each student layer was cut from, read from the prune plan (plan.json) that
+    `minitron prune` leaves in the student's folder: e.g. layers 13-18 of 30 dropped -> [0, ..., 12, 19, ..., 29].
+    None when there is no plan, or it was cut from a model of another depth than the teacher (an iterative step's
+    plan indexes the previous student's layers), or it does not match the student's depth."""
+    path = Path(student) / "plan.json"
+    if not path.is_file():
+        return None
+    plan = json.loads(path.read_text())
+    kept = plan.get("kept_layers") or []
+    if (plan.get("source") or {}).get("layers") != n_teacher or len(kept) != n_student:
+        return None
+    return [int(i) for i in kept]
 
 
 class Student(nn.Module):
