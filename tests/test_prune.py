@@ -57,13 +57,23 @@ def test_prune_saves_a_plain_hf_model(family, tiny_model_dir, corpus_dir, tmp_pa
     assert metrics["params_after"] == plan.params_after and metrics["heldout_loss_after"] > 0
 
 
-def test_reused_scores_give_the_same_plan(tiny_model_dir, corpus_dir, tmp_path):
+def test_reused_scores_give_the_same_plan(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
     target = Target(params=110_000)
     first = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "a", target=target))
     second = prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "b", target=target,
                         scores=str(first / "scores.safetensors")))
     assert json.loads((second / "scores.json").read_text())["meta"]["calib_samples"] == 8
     assert (first / "plan.json").read_text() == (second / "plan.json").read_text()
+    # scores measured for a width cut hold no Block Importance of a depth cut: refused before the model loads
+    import minitron.prune.trim as trim
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(trim, "load_model", no_load)
+    with pytest.raises(PlanError, match=r"block_bi\.2.*--scores is not"):
+        prune(_cfg(tiny_model_dir, corpus_dir, tmp_path / "c", target=Target(layers=2, layer_metric="bi"),
+                   scores=str(first / "scores.safetensors")))
 
 
 @pytest.mark.parametrize("family", ["llama"])

@@ -350,6 +350,25 @@ def _check_kept_kinds(config, kept_layers: list[int]) -> None:
                         "depth_types, or list the dropped layers with --drop-layers")
 
 
+def layer_score_name(target: Target, n_drop: int, scattered_kinds: bool = False) -> str | None:
+    """The scores entry choose_layers reads to drop n_drop layers: block_<metric>.<n_drop> for a contiguous block,
+    layer_<metric> for scattered layers (or, scattered_kinds, a hybrid's depth_types); None when nothing is dropped
+    or the layers are listed."""
+    if n_drop == 0 or target.drop_layers:
+        return None
+    key = {"bi": "bi", "lm-loss": "lm_loss"}.get(target.layer_metric, "task")
+    return f"block_{key}.{n_drop}" if target.contiguous and not scattered_kinds else f"layer_{key}"
+
+
+def missing_layer_scores(name: str, target: Target, n_drop: int) -> PlanError:
+    """The error for scores without the layer score `name` (layer_score_name), with the fix."""
+    if name.startswith("block_"):
+        return PlanError(f"scores hold no {name}: rerun importance with the {target.layer_metric} metric for blocks of "
+                         f"{n_drop} layers (prune computes it when --layers is given and --scores is not)"
+                         + ("" if target.layer_metric == "bi" else ", or use --layer-metric bi"))
+    return PlanError(f"scores hold no {name}; rerun importance with --layer-metric {target.layer_metric}")
+
+
 def choose_layers(scores: dict, n_layers: int, n_drop: int, target: Target,
                   allowed: list[int] | None = None, keep: int | None = None) -> tuple[list[int], dict]:
     """Layers to drop: the least important contiguous block (or scattered layers) by the layer metric;
@@ -359,29 +378,20 @@ def choose_layers(scores: dict, n_layers: int, n_drop: int, target: Target,
         return [], {}
     if target.drop_layers:
         return sorted(target.drop_layers), {"how": "explicit"}
-    key = {"bi": "bi", "lm-loss": "lm_loss"}.get(target.layer_metric, "task")
+    name = layer_score_name(target, n_drop, scattered_kinds=allowed is not None)
+    if name not in scores:
+        raise missing_layer_scores(name, target, n_drop)
     if allowed is not None:
-        name = f"layer_{key}"
-        if name not in scores:
-            raise PlanError(f"scores hold no {name}; rerun importance with --layer-metric {target.layer_metric}")
         order = sorted((i for i in allowed if i != keep), key=lambda i: float(scores[name][i]))
         return sorted(order[:n_drop]), {"how": f"scattered layers of kinds {target.depth_types} by "
                                                f"{target.layer_metric}", "layer_scores": scores[name].tolist()}
     if target.contiguous:
-        name = f"block_{key}.{n_drop}"
-        if name not in scores:
-            raise PlanError(f"scores hold no {name}: rerun importance with the {target.layer_metric} metric for "
-                            f"blocks of {n_drop} layers (prune computes it when --layers is given), or use "
-                            "--layer-metric bi")
         block = scores[name].float().clone()                                        # [L - n_drop + 1]
         if keep is not None:  # no block that covers it
             block[max(0, keep - n_drop + 1):keep + 1] = float("inf")
         start = int(torch.argmin(block))
         return list(range(start, start + n_drop)), {"how": f"contiguous block by {target.layer_metric}",
                                                      "block_scores": scores[name].tolist()}
-    name = f"layer_{key}"
-    if name not in scores:
-        raise PlanError(f"scores hold no {name}; rerun importance with --layer-metric {target.layer_metric}")
     layer = scores[name].float().clone()                                            # [L]
     if keep is not None:
         layer[keep] = float("inf")

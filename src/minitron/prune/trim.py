@@ -42,7 +42,9 @@ from minitron.prune.plan import (
     PrunePlan,
     Target,
     budget_splits,
+    layer_score_name,
     make_plan,
+    missing_layer_scores,
     resolve_dims,
     source_config,
 )
@@ -317,6 +319,9 @@ def prune(cfg: PruneConfig) -> Path:
     saved = load_scores(Path(cfg.scores)) if cfg.scores else None
     if saved is not None:
         check_scores_meta(saved[1], cfg.scores, src, cfg.criterion)
+        need = layer_score_name(cfg.target, n_drop, scattered_kinds=cfg.target.depth_types is not None)
+        if need is not None and need not in saved[0]:  # before the model loads and the widths are measured
+            raise missing_layer_scores(need, cfg.target, n_drop)
     model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
 
     splits = load_splits(cfg.calib_data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.seed, data_root=cfg.data_dir,
