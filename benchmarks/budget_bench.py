@@ -4,15 +4,15 @@ Every arm is one `minitron run` with the same `budget.minutes` (so each spends t
 its distillation sized by what it measured), into <out>/<arm>:
 
     old           recipes/legacy.yaml: the default until 2026-12-06 (70M width-only, Debian's Python docs, lr 1e-4)
-    new           recipes/default.yaml: the default now (since 2026-12-07 evening: 89M, 24 layers, per-layer MLP
-                  widths by measured loss; the same settings as new-l24)
+    new           recipes/default.yaml: the default now (since 2026-12-07 night: 89M, 26 layers, per-layer MLP
+                  widths by measured loss, 832 on average)
     speed-search  the default of 2026-12-06: the shape with the lowest held-out loss among those measured >= 1.5x
                   faster to prefill (search.enabled=true), uniform widths
     new-70m       the 70M default of 2026-12-07 with uniform widths (target.params=70M, target.layer_widths=null)
     new-80m       that default at 80M (target.params=80M): what the speed target's margin buys
     new-106m      that default at a 21% cut: target.params=106M
     pl-70m        the default until 2026-12-07 evening: 70M, per-layer MLP widths (30 layers, hidden 504)
-    new-l24       the default since 2026-12-07 evening, its shape given as overrides: ~89M by depth and width, 24 of
+    new-l24       the default of 2026-12-07 evening, its shape given as overrides: ~89M by depth and width, 24 of
                   30 layers (the contiguous block of 6 with the lowest Block Importance dropped) and MLP 960 on
                   average, per layer by measured loss
     new-refit     the default with the prune stage's least-squares refit (prune.refit=attn+mlp; off by default)

@@ -20,8 +20,9 @@ LR_PER_WIDTH = 0.2  # a recipe's `distill.lr: auto`: this over the student's hid
 
 def auto_lr(hidden: int) -> float:
     """The peak learning rate of `distill.lr: auto` for a student of this hidden width: LR_PER_WIDTH / hidden (the
-    best AdamW rate falls as 1 / width, as muP predicts). Anchors (benchmarks/RESULTS.md): at hidden 576, the default
-    24-layer student, 3.5e-4 beat 6.9e-4 at 20, 40 and 60 steps (WikiText-2 validation 4.217 against 4.292 after 60);
+    best AdamW rate falls as 1 / width, as muP predicts). Anchors (benchmarks/RESULTS.md): at hidden 576, the
+    24-layer student of 2026-12-07, 3.5e-4 beat 6.9e-4 and 2.5e-4 at 20, 40 and 60 steps (WikiText-2 validation
+    4.217 against 4.292 and 4.229 after 60);
     at hidden 504, the 30-layer 70M student, 5e-4 and 1e-3 were equally good and 2e-3 / 3e-3 worse over 20 steps.
     0.4 / hidden until 2026-12-07. At hidden 4096 it gives 4.9e-5; the Minitron papers distil 8B students at 1e-4
     (the GPU recipes give theirs explicitly)."""
