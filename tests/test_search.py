@@ -141,3 +141,26 @@ def test_finalists_are_timed_again_against_the_teacher(tokenizer, monkeypatch):
     rows0 = search(model, scores, blocks[8:12], replace(cfg, retime_rounds=0), batch_size=4)
     assert rows0[0]["dims"] != best["dims"] and rows0[0]["loss_pruned"] > best["loss_pruned"]
     assert not any("retimed" in r for r in rows0)
+
+
+def test_timed_candidates_are_the_nearest_the_aim_at_each_depth(monkeypatch):
+    """near_speedup: of the candidates estimated within the band, MAX_MEASURED shared evenly by the depths, at each
+    depth the ones estimated nearest AIM x the target (not spread over the band, which skipped those near the
+    line), returned slowest first."""
+    import minitron.prune.search as S
+    from minitron.arch.tiny import make_config
+
+    config = make_config("llama", layers=8, vocab=2048)
+    cfg = SearchConfig(params=0.6 * count_params(config)["total"], tolerance=0.3, round_to=8,
+                       axes=["hidden", "ffn", "layers"], layer_fractions=[0.5, 0.75, 1.0])
+    cands = candidates(config, cfg)
+    ref = S.compute_params(config)
+    key = lambda d: (d.layers, d.hidden, d.ffn, d.heads)  # noqa: E731 - Dims is not hashable
+    est = {key(d): ref / S.compute_params(config_with_dims(config, d)) for d in cands}
+    monkeypatch.setattr(S, "MAX_MEASURED", 6)
+    kept = S.near_speedup(config, cands, 2.0)
+    assert len(kept) == 6 and [est[key(d)] for d in kept] == sorted(est[key(d)] for d in kept)
+    for depth in (4, 6, 8):
+        band = [key(d) for d in cands if d.layers == depth and 1.8 <= est[key(d)] <= 3.0]
+        nearest = sorted(band, key=lambda k: abs(est[k] - S.AIM * 2.0))[:2]
+        assert len(band) > 2 and {key(d) for d in kept if d.layers == depth} == set(nearest)
