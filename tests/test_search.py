@@ -25,6 +25,8 @@ def test_candidates_in_budget():
         candidates(model.config, SearchConfig(params=1_000, tolerance=0.01))
     with pytest.raises(ValueError, match="unknown axes"):
         SearchConfig(axes=["depth"]).check()
+    with pytest.raises(ValueError, match="retime_rounds >= 0"):
+        SearchConfig(retime_rounds=-1).check()
 
 
 def test_search_ranks_and_trains(tokenizer, tmp_path):
