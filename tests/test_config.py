@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -88,6 +89,33 @@ def test_one_source_of_every_default():
         assert common, (section, shared)
         for name in common:
             assert default_of(section, name) == default_of(shared, name), (section.__name__, name)
+
+
+def test_freeze_embeddings_auto_follows_whether_the_hidden_width_was_kept(tmp_path):
+    """`distill.freeze_embeddings: auto` (the default recipe's) freezes the embedding and LM head of a student that keeps
+    the teacher's hidden width (they are the teacher's own) and trains them where the width was cut; true / false
+    win; anything else is refused with the fix."""
+    from minitron.arch.tiny import make_model
+    from minitron.pipeline.recipe import RunConfig
+    from minitron.pipeline.stages import _distill_config
+
+    make_model("llama").save_pretrained(tmp_path / "teacher")
+    make_model("llama").save_pretrained(tmp_path / "kept")
+    make_model("llama", hidden_size=32, head_dim=16).save_pretrained(tmp_path / "cut")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
+
+    def frozen(student, *over):
+        cfg = load_config(RunConfig, recipe, list(over))
+        return _distill_config(cfg, str(tmp_path / "teacher"), str(tmp_path / student), tmp_path / "d",
+                               1000).freeze_embeddings
+
+    assert load_config(RunConfig, recipe).distill.freeze_embeddings == "auto"
+    assert load_config(RunConfig, None, ["target.params=1M"]).distill.freeze_embeddings is False
+    assert frozen("kept") is True and frozen("cut") is False
+    assert frozen("kept", "distill.freeze_embeddings=false") is False
+    assert frozen("cut", "distill.freeze_embeddings=true") is True
+    with pytest.raises(ConfigError, match="none of true, false, auto"):
+        load_config(RunConfig, None, ["target.params=1M", "distill.freeze_embeddings=maybe"])
 
 
 def test_distill_lr_auto_follows_the_students_width(tmp_path):

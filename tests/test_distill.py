@@ -429,6 +429,17 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(pair, tmp_path):
     assert_same_weights(two_then_one, one, atol=1e-5)
 
 
+def test_freeze_embeddings_trains_all_but_the_embedding_and_lm_head(pair, tmp_path):
+    """freeze_embeddings: the token embedding and the LM head come out bit-identical while every other weight
+    moves and the loss still falls."""
+    out = distill(cfg_for(pair, tmp_path / "fe", steps=6, freeze_embeddings=True, eval_every=0))
+    before, after = load_file(str(pair / "student" / "model.safetensors")), weights(out)
+    frozen = [k for k in after if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in after if k.endswith("proj.weight"))
+    assert sum(losses(out)[-2:]) < sum(losses(out)[:2])
+
+
 def test_bf16_compute_keeps_fp32_master_weights(pair, tmp_path):
     """dtype=bfloat16 trains fp32 master weights with bf16 compute: updates far below bf16's resolution at
     |w| ~ 0.02 (lr 1e-6) still move the weights, which pure bf16 parameters would round away."""

@@ -30,6 +30,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     opt("probe_steps", "timed steps before a --seconds plan (the warm-up is at least this long)")
     for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip"):
         opt(name)
+    opt("freeze_embeddings", "do not train the token embedding (nor the LM head tied to it)")
     opt("batch_size", "blocks per micro-batch per rank")
     opt("grad_accum")
     opt("seq_len", "tokens per block")
@@ -82,7 +83,7 @@ def add_distill_parsers(subparsers) -> None:
     c.set_defaults(func=run_correct)
 
 
-_SHARED = ("data", "out", "tokens", "steps", "seconds", "probe_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
+_SHARED = ("data", "out", "tokens", "steps", "seconds", "probe_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "freeze_embeddings",
            "batch_size", "grad_accum", "seq_len", "chunk_size", "eval_every", "eval_batches", "save_every",
            "max_blocks", "data_root", "seed", "split_seed", "heldout", "device", "dtype", "teacher_dtype", "autocast", "grad_checkpointing",
            "distributed", "fsdp_reduce_every_micro", "resume", "keep_checkpoints", "progress")

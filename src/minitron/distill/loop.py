@@ -158,6 +158,9 @@ def distill(cfg: DistillConfig) -> Path:
                      layer_map, cfg.hidden_loss)
     if cfg.grad_checkpointing:
         enable_checkpointing(student_model)
+    if cfg.freeze_embeddings:  # the token embedding and the LM head (one tensor where tied): no gradient
+        for emb in (student_model.get_input_embeddings(), student_model.get_output_embeddings()):
+            emb.weight.requires_grad_(False)
     module.train()
     compute = prec["compute"] if prec["compute"] != torch.float32 else None  # None: no FSDP2 param cast
     if d.mode == "fsdp":
@@ -170,7 +173,7 @@ def distill(cfg: DistillConfig) -> Path:
     # fused on CUDA (one kernel, no per-parameter temporaries; foreach would allocate sqrt(exp_avg_sq) for
     # every parameter at once); FSDP2's sharded parameters keep the default
     fused = True if device.type == "cuda" and d.mode != "fsdp" else None  # None: torch's default (foreach)
-    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                               weight_decay=cfg.weight_decay, fused=fused)
 
     cache = None

@@ -99,8 +99,14 @@ class DistillSection:
     fsdp_reduce_every_micro: bool | None = _dc("fsdp_reduce_every_micro")  # fsdp: a reduction per micro-batch
     teacher_dtype: str | None = _dc("teacher_dtype")  # None: bfloat16 on CUDA, else model.dtype
     heldout: list[str] | None = None     # other corpora whose LM loss every evaluation logs
+    # train neither the token embedding nor the LM head; auto (the default recipe's): freeze them where the
+    # student keeps the teacher's hidden width (they are then the teacher's own), train them where it was cut
+    freeze_embeddings: bool | str = _dc("freeze_embeddings")
 
     def __post_init__(self):
+        if self.freeze_embeddings not in (True, False, "auto"):
+            raise ConfigError(f"distill.freeze_embeddings: {self.freeze_embeddings!r} is none of true, false, auto; "
+                              f"give e.g. distill.freeze_embeddings=auto")
         for name in ("lr", "min_lr"):
             value = getattr(self, name)
             if isinstance(value, str) and value != "auto" or not isinstance(value, str) and value <= 0:

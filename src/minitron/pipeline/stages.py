@@ -270,7 +270,10 @@ def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, to
     from minitron.distill import DistillConfig, can_resume
 
     d = cfg.distill
-    lr = auto_lr(arch.dims_of(load_config(student)).hidden) if d.lr == "auto" else d.lr
+    hidden = arch.dims_of(load_config(student)).hidden
+    lr = auto_lr(hidden) if d.lr == "auto" else d.lr
+    freeze = (d.freeze_embeddings if d.freeze_embeddings != "auto"
+              else teacher is not None and hidden == arch.dims_of(load_config(teacher)).hidden)
     kw = dict(student=student, teacher=teacher, out=str(folder), data=cfg.data.corpus, tokens=tokens,
               loss=d.loss, temperature=d.temperature, ce_weight=d.ce_weight, lr=lr,
               min_lr=lr / 10 if d.min_lr == "auto" else d.min_lr,
@@ -281,7 +284,7 @@ def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, to
               autocast=d.autocast, grad_checkpointing=d.grad_checkpointing, distributed=d.distributed,
               fsdp_reduce_every_micro=d.fsdp_reduce_every_micro,
               teacher_dtype=d.teacher_dtype, release_teacher=d.release_teacher, data_root=cfg.data.data_dir,
-              heldout=d.heldout,
+              heldout=d.heldout, freeze_embeddings=freeze,
               resume=can_resume(folder), progress=True)
     return DistillConfig(**{**kw, **over})
 
