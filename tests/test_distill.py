@@ -167,15 +167,18 @@ def test_time_budget_plans_after_the_probe_and_resumes_with_the_plan(pair, tmp_p
     assert json.loads((out / "minitron_distill.json").read_text())["steps"] == plan["total_steps"]
 
 
-def test_time_budget_plans_again_a_third_of_the_way_and_keeps_to_it(pair, tmp_path):
-    """The probe's first steps run slower than later ones: a third of the way the steps are planned again from the
-    steps timed since, the first plan kept in budget.json, and the run does the steps of the second plan."""
+def test_time_budget_plans_again_a_third_and_two_thirds_of_the_way_and_keeps_to_it(pair, tmp_path):
+    """The probe's first steps run slower than later ones: a third and two thirds of the way the steps are planned
+    again from the steps timed since, the first plan kept in budget.json, and the run does the last plan's steps."""
     cfg = cfg_for(pair, tmp_path / "run", steps=None, seconds=10.0, probe_steps=3, warmup_steps=None,
                   save_every=0, eval_every=0)
     distill(cfg)
     plan = json.loads((Path(cfg.out) / "budget.json").read_text())
-    again = plan["replanned"]
-    assert again["at_step"] == 3 + (again["total_steps_before"] - 3) // 3 and plan["probe_steps"] == 3
+    one, two = plan["replans"]
+    assert one["at_step"] == 3 + (one["total_steps_before"] - 3) // 3 and plan["probe_steps"] == 3
+    # the second from the first's plan (its total is the second's total_steps_before), half of what it left
+    assert two["at_step"] == one["at_step"] + (two["total_steps_before"] - one["at_step"]) // 2
+    assert plan["replanned"] == two and two["at_step"] < plan["total_steps"]
     rows = read_metrics(Path(cfg.out) / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, plan["total_steps"] + 1))
     assert json.loads((Path(cfg.out) / "minitron_distill.json").read_text())["steps"] == plan["total_steps"]

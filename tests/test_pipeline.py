@@ -155,6 +155,21 @@ def test_budget_plans_distillation_from_what_it_measured(setup, tmp_path, capsys
                                                         **{**over, "budget.minutes": 0.02})))
 
 
+def test_budget_section_names_every_plan_of_the_distillation():
+    """The report's Budget section: the probe's plan, then each later plan with its step and step time."""
+    from minitron.eval.report import budget_lines
+
+    b = {"budget_s": 1080.0, "spent_before_distill_s": 298.0, "student_share": 0.66, "teacher_eval_s": 132.0,
+         "reserved": {"student_eval_s": 87.0, "speed_s": 98.0, "export_s": 4.0}, "distill_s": 593.0,
+         "distill": {"probe_steps": 4, "step_s": 5.21, "tok_per_s": 197.0, "total_steps": 117, "tokens": 119808}}
+    assert "and planned 117 steps: 119,808 tokens." in "\n".join(budget_lines(b))
+    one, two = ({"at_step": 34, "step_s": 4.48, "total_steps_before": 94},
+                {"at_step": 60, "step_s": 4.0, "total_steps_before": 110})
+    b["distill"].update(replans=[one, two], replanned=two)
+    assert ("planned 94 steps, then 110 at step 34 from the steps since (4.48 s each), then 117 at step 60 from "
+            "the steps since (4.00 s each): 119,808 tokens.") in "\n".join(budget_lines(b))
+
+
 def test_iterative_and_search(setup, tmp_path):
     root, teacher, corpus = setup
     out = tmp_path / "iter"

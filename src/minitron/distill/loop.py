@@ -43,6 +43,7 @@ from minitron.distill.precision import autocast_context, choose_autocast, precis
 from minitron.distill.student import LayerTap, Student, evaluate_all, plan_layer_map, teacher_pass, val_topk
 
 SAVE_BYTES_PER_S = 200e6  # what a time budget keeps for writing the student at the end (a local disk)
+REPLANS = 2               # a time budget plans after the probe, then again a third and two thirds of the way
 EVAL_SHARE = 0.1          # a time budget's evaluations (the first and the last included) take at most this share
 
 
@@ -230,7 +231,8 @@ def distill(cfg: DistillConfig) -> Path:
     t0, tok0 = time.perf_counter(), 0
     step = start
     probe_s, timed = 0.0, 0  # training seconds of the probe's steps after this call's first, and how many
-    replan_at = None if total is None else -1  # the step of a time budget's second plan (-1: none)
+    replan_at = None if total is None else -1  # the step of a time budget's next plan (-1: none)
+    plans = 0  # a time budget's plans made in this call
     while total is None or step < total:
         t_step = time.perf_counter()
         ids_all = global_block_ids(step, splits.train.shape[0], per_step, cfg.seed)
@@ -284,8 +286,10 @@ def distill(cfg: DistillConfig) -> Path:
             first = json.loads((out / "budget.json").read_text()) if done_steps == replan_at and d.main else None
             total, eval_every = plan_steps(out, cfg, d, t_call, probe_s / timed, eval_s, done_steps, tokens_per_step,
                                            sum(p.numel() for p in student_model.parameters()), first)
-            # once more a third of the way, timed on the steps after the warm-up (the first ones run slower)
-            replan_at = done_steps + (total - done_steps) // 3 if replan_at is None else -1
+            # again a third and two thirds of the way, each from the steps timed since the plan before (the first
+            # steps run slower than later ones)
+            plans += 1
+            replan_at = done_steps + (total - done_steps) // (REPLANS + 2 - plans) if plans <= REPLANS else -1
             probe_s, timed = 0.0, 0
             bar.total = total
         if done_steps == total or (eval_every and done_steps % eval_every == 0):
@@ -312,8 +316,8 @@ def plan_steps(out: Path, cfg: DistillConfig, d: Dist, t_call: float, step_s: fl
     and AdamW states, 12 bytes a parameter) and the final save (4 bytes a parameter) fit in what is left of
     cfg.seconds, writing at SAVE_BYTES_PER_S. Evaluations are spaced further than cfg.eval_every where all of them
     (the first and the last included) would take more than EVAL_SHARE of the seconds: on a short budget that is
-    only the first and the last. With `first` (the probe's plan), a second plan from the steps timed since, which
-    keeps the first's record. Rank 0's plan is every rank's (budget.json records it; a resumed run reads it)."""
+    only the first and the last. With `first` (the plan before), a new plan from the steps timed since, which
+    keeps the first's record and adds this one to its `replans`. Rank 0's plan is every rank's (budget.json records it; a resumed run reads it)."""
     save_s, ckpt_s = 1.0 + 4 * n_params / SAVE_BYTES_PER_S, 1.0 + 12 * n_params / SAVE_BYTES_PER_S
     left = cfg.seconds - (time.perf_counter() - t_call) - save_s - eval_s  # eval_s: the final evaluation
     every = cfg.eval_every
@@ -330,8 +334,9 @@ def plan_steps(out: Path, cfg: DistillConfig, d: Dist, t_call: float, step_s: fl
             "spent_before_plan_s": round(time.perf_counter() - t_call, 2), "total_steps": total,
             "tokens": total * tokens_per_step, "tok_per_s": round(tokens_per_step / step_s, 1), "eval_every": every}
     if first is not None:
+        again = {"at_step": done, "step_s": round(step_s, 4), "total_steps_before": first["total_steps"]}
         plan = {**first, "total_steps": total, "tokens": total * tokens_per_step, "eval_every": every,
-                "replanned": {"at_step": done, "step_s": round(step_s, 4), "total_steps_before": first["total_steps"]}}
+                "replanned": again, "replans": [*first.get("replans", []), again]}
     if d.main:
         tmp = out / "budget.json.tmp"
         tmp.write_text(json.dumps(plan, indent=1))

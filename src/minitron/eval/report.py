@@ -375,9 +375,11 @@ def budget_lines(b: dict) -> list[str]:
              f"| distillation | {b['distill_s']:.0f} |"]
     d = b.get("distill")
     if d:
-        again = d.get("replanned")
-        planned = (f"planned {again['total_steps_before']} steps, then {d['total_steps']} at step {again['at_step']} "
-                   f"from the steps since ({again['step_s']:.2f} s each)" if again else f"planned {d['total_steps']} steps")
+        again = d.get("replans") or ([d["replanned"]] if d.get("replanned") else [])
+        after = [a["total_steps_before"] for a in again[1:]] + [d["total_steps"]] if again else []  # their steps
+        planned = f"planned {again[0]['total_steps_before'] if again else d['total_steps']} steps" + "".join(
+            f", then {n} at step {a['at_step']} from the steps since ({a['step_s']:.2f} s each)"
+            for a, n in zip(again, after, strict=True))
         lines += ["", f"Distillation timed its first {d['probe_steps']} steps ({d['step_s']:.2f} s each, "
                   f"{d['tok_per_s']:,.0f} tokens/s) and {planned}: {d['tokens']:,} tokens."]
     if "spent_s" in b:
