@@ -5,7 +5,7 @@ its distillation sized by what it measured), into <out>/<arm>:
 
     old           recipes/legacy.yaml: the default until 2026-12-06 (70M width-only, Debian's Python docs, lr 1e-4)
     new           recipes/default.yaml: the default now (since 2026-12-07 night: 89M, 26 layers, per-layer MLP
-                  widths by measured loss, 832 on average)
+                  widths by measured loss, 832 on average; embedding and LM head frozen since the sixth pass)
     speed-search  the default of 2026-12-06: the shape with the lowest held-out loss among those measured >= 1.5x
                   faster to prefill (search.enabled=true), uniform widths
     new-70m       the 70M default of 2026-12-07 with uniform widths (target.params=70M, target.layer_widths=null)

@@ -30,7 +30,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     opt("probe_steps", "timed steps before a --seconds plan (the warm-up is at least this long)")
     for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip"):
         opt(name)
-    opt("freeze_embeddings", "do not train the token embedding (nor the LM head tied to it)")
+    opt("freeze_embeddings", "do not train the token embedding nor the LM head (best where the hidden width is kept)")
     opt("batch_size", "blocks per micro-batch per rank")
     opt("grad_accum")
     opt("seq_len", "tokens per block")

@@ -174,8 +174,9 @@ def distill(cfg: DistillConfig) -> Path:
     # fused on CUDA (one kernel, no per-parameter temporaries; foreach would allocate sqrt(exp_avg_sq) for
     # every parameter at once); FSDP2's sharded parameters keep the default
     fused = True if device.type == "cuda" and d.mode != "fsdp" else None  # None: torch's default (foreach)
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                              weight_decay=cfg.weight_decay, fused=fused)
+    trained = [p for p in model.parameters() if p.requires_grad]  # frozen embeddings get no AdamW state
+    optim = torch.optim.AdamW(trained, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                              fused=fused)
 
     cache = None
     if cfg.topk_cache:
@@ -317,7 +318,8 @@ def plan_steps(out: Path, cfg: DistillConfig, d: Dist, t_call: float, step_s: fl
     cfg.seconds, writing at SAVE_BYTES_PER_S. Evaluations are spaced further than cfg.eval_every where all of them
     (the first and the last included) would take more than EVAL_SHARE of the seconds: on a short budget that is
     only the first and the last. With `first` (the plan before), a new plan from the steps timed since, which
-    keeps the first's record and adds this one to its `replans`. Rank 0's plan is every rank's (budget.json records it; a resumed run reads it)."""
+    keeps the first's record and adds this one to its `replans`. Rank 0's plan is every rank's (budget.json
+    records it; a resumed run reads it)."""
     save_s, ckpt_s = 1.0 + 4 * n_params / SAVE_BYTES_PER_S, 1.0 + 12 * n_params / SAVE_BYTES_PER_S
     left = cfg.seconds - (time.perf_counter() - t_call) - save_s - eval_s  # eval_s: the final evaluation
     every = cfg.eval_every
