@@ -338,7 +338,7 @@ def plan_steps(out: Path, cfg: DistillConfig, d: Dist, t_call: float, step_s: fl
     if first is not None:
         again = {"at_step": done, "step_s": round(step_s, 4), "total_steps_before": first["total_steps"]}
         plan = {**first, "total_steps": total, "tokens": total * tokens_per_step, "eval_every": every,
-                "replanned": again, "replans": [*first.get("replans", []), again]}
+                "replans": [*first.get("replans", []), again]}
     if d.main:
         tmp = out / "budget.json.tmp"
         tmp.write_text(json.dumps(plan, indent=1))

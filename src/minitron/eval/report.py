@@ -375,6 +375,7 @@ def budget_lines(b: dict) -> list[str]:
              f"| distillation | {b['distill_s']:.0f} |"]
     d = b.get("distill")
     if d:
+        # `replans`: every later plan; runs before 2026-12-07 night recorded one, as `replanned`
         again = d.get("replans") or ([d["replanned"]] if d.get("replanned") else [])
         after = [a["total_steps_before"] for a in again[1:]] + [d["total_steps"]] if again else []  # their steps
         planned = f"planned {again[0]['total_steps_before'] if again else d['total_steps']} steps" + "".join(
