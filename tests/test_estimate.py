@@ -44,6 +44,11 @@ def test_terms_of_tiny_llama_by_hand():
     assert M.master_states(s, 1, "none") == {"master weights": 4 * P, "grads": 4 * P, "AdamW states": 8 * P}
     assert M.master_states(s, 4, "fsdp")["AdamW states"] == 8 * P // 4
     assert M.master_states(s, 4, "ddp")["DDP buckets"] == 4 * P
+    frozen = M.frozen_embedding_params(s)
+    assert frozen == 384 * 64                                         # tied: one [V, C] tensor
+    assert M.master_states(s, 1, "none", frozen) == {"master weights": 4 * P, "grads": 4 * (P - frozen),
+                                                     "AdamW states": 8 * (P - frozen)}
+    assert M.fsdp_accumulated_grads(s, frozen) == 4 * (P - frozen)
     # per token and layer: fp32 24C + 8A + 8K + 4H + 16F + 8; autocast 26C + 4A + 4K + 4H + 8F + 8; bf16 16C + ...
     assert M.layer_activations(s, "fp32") == 24 * 64 + 8 * 64 + 8 * 32 + 4 * 4 + 16 * 128 + 8 == 4376
     assert M.layer_activations(s, "autocast") == 26 * 64 + 4 * 64 + 4 * 32 + 4 * 4 + 8 * 128 + 8 == 3096
@@ -77,6 +82,34 @@ def test_distill_estimate_of_tiny_llama_by_hand():
     assert max(phases, key=phases.get) == "end of forward"
     assert est.total == 4 * P + 8 * P + 4 * P + end_of_forward == 2234880  # master + AdamW + teacher + phase
     assert est.note.startswith("peak at end of forward")
+
+
+def test_frozen_embeddings_leave_their_states_out_of_the_estimate(tmp_path):
+    """distill.freeze_embeddings (auto: where the student keeps the teacher's hidden width) takes the embedding /
+    LM head out of the gradients and AdamW states of the memory estimate and its weight gradient out of the FLOPs a
+    distillation token costs in the budget estimate; a student whose hidden width was cut trains them."""
+    from minitron.pipeline import budget as B
+
+    _tiny().save_pretrained(tmp_path / "tiny")
+    base = [f"model.teacher={tmp_path / 'tiny'}", "model.device=cpu", "data.seq_len=16", "distill.batch_size=2",
+            "budget.minutes=10", "distill.freeze_embeddings=auto"]
+
+    def distill(over):
+        cfg = load_config(RunConfig, None, base + over)
+        shapes = E.resolve_shapes(cfg)
+        est = {e.stage: e for e in E.estimate_run(cfg)}["distill"]
+        return est, shapes, B.distill_flops(cfg, shapes)
+
+    kept, shapes, flops = distill(["target.ffn=64"])  # hidden 64 kept: frozen
+    s, t = shapes["student"], shapes["teacher"]
+    trained = s.params - 384 * 64
+    assert kept.terms["AdamW states"] == 8 * trained and kept.terms["master weights"] == 4 * s.params
+    assert flops == 6 * B._compute_params(s) + 2 * B._compute_params(t) - 2 * 384 * 64
+    trained_all, _, flops_all = distill(["target.ffn=64", "distill.freeze_embeddings=false"])
+    assert trained_all.terms["AdamW states"] == 8 * s.params and flops_all == flops + 2 * 384 * 64
+    cut, cut_shapes, cut_flops = distill(["target.hidden=32"])  # hidden cut: auto trains them
+    assert cut.terms["AdamW states"] == 8 * cut_shapes["student"].params
+    assert cut_flops == 6 * B._compute_params(cut_shapes["student"]) + 2 * B._compute_params(t)
 
 
 def test_release_teacher_takes_the_teacher_out_of_the_step():

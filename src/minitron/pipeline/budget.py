@@ -106,6 +106,15 @@ def _compute_params(s) -> int:
     return s.params - embed * (1 if s.tied else 2) + embed
 
 
+def distill_flops(cfg: RunConfig, shapes: dict) -> float:
+    """FLOPs of one distillation token: the student's forward and backward (6 per parameter it multiplies
+    through), the teacher's forward (2), less the LM head's weight gradient (2 V C) where distill.freeze_embeddings
+    leaves it untrained."""
+    t, s = shapes["teacher"], shapes["student"]
+    frozen = cfg.distill.embeddings_frozen(s.hidden, t.hidden)
+    return 6 * _compute_params(s) + 2 * _compute_params(t) - (2 * s.vocab * s.hidden if frozen else 0)
+
+
 def estimate_lines(cfg: RunConfig, shapes: dict, world: int, cuda: bool, tflops: float | None = None) -> list[str]:
     """How `minitron run` would spend the recipe's budget, from FLOPs (2 per parameter a token passes forward, 6
     forward + backward) at an achieved `tflops` per device (default GPU_TFLOPS on CUDA, CPU_TFLOPS here): the
@@ -144,14 +153,14 @@ def estimate_lines(cfg: RunConfig, shapes: dict, world: int, cuda: bool, tflops:
     evals = {"teacher_eval": 2 * t * (ppl + mc), "eval": 2 * s * (ppl + mc)}
     secs = {k: v / rate for k, v in {**before, **evals}.items() if v}
     left = total - sum(secs.values())
-    tokens = max(0.0, left) * rate / (6 * s + 2 * t)
+    tokens = max(0.0, left) * rate / distill_flops(cfg, shapes)
     unit = f"{cfg.budget.gpu_hours:g} GPU-hours over {world} GPUs = " if cfg.budget.gpu_hours else ""
     lines = [f"Budget: {unit}{total / 60:.1f} min of wall time, spent as estimated from FLOPs at "
              f"{rate / world / 1e12:g} TFLOP/s achieved per {'GPU' if cuda else 'CPU process'} (the run plans from "
              "what it measures instead):", "", "| stage | minutes |", "|---|---|"]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in secs.items()]
     lines.append(f"| distill | {max(0.0, left) / 60:.1f} (~{tokens / 1e6:,.1f}M tokens at "
-                 f"{rate / (6 * s + 2 * t):,.0f} tokens/s) |")
+                 f"{rate / distill_flops(cfg, shapes):,.0f} tokens/s) |")
     if left < MIN_DISTILL_S:
         lines.append("The budget leaves no time for distillation: raise budget.minutes / gpu_hours.")
     return lines

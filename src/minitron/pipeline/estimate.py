@@ -46,6 +46,7 @@ from minitron.pipeline.memory_terms import (
     backward_working,
     dtype_bytes,
     forward_working,
+    frozen_embedding_params,
     fsdp_accumulated_grads,
     fsdp_gathered,
     fsdp_reduce,
@@ -107,6 +108,7 @@ class TrainSettings:
     teacher: str              # full | topk | none
     release_teacher: bool = False  # topk: the teacher is freed once the cache is built
     reduce_every_micro: bool = False  # fsdp: reduce-scatter after every micro-batch (no unsharded accumulation)
+    frozen: int = 0           # parameters without gradient or AdamW state (distill.freeze_embeddings)
 
 
 def _peak(parts: dict[str, dict[str, int]]) -> tuple[dict[str, int], str]:
@@ -122,7 +124,7 @@ def train_estimate(stage: str, s: Shape, t: Shape | None, teacher_bytes: int, ts
     backward, the end of backward, the optimizer step). Gradients live through every phase when
     grad_accum > 1; with one micro-batch they appear during backward while the activations go."""
     tokens = ts.batch_size * ts.seq_len
-    states = master_states(s, ts.world, ts.parallel)
+    states = master_states(s, ts.world, ts.parallel, ts.frozen)
     grads = states.pop("grads")
     terms = dict(states)
     # FSDP accumulating without a reduce-scatter per micro-batch holds every unsharded fp32 gradient
@@ -133,7 +135,7 @@ def train_estimate(stage: str, s: Shape, t: Shape | None, teacher_bytes: int, ts
         terms["CUDA context"] = CUDA_OVERHEAD
     held_grads = {"grads": grads} if ts.grad_accum > 1 else {}
     if accumulated:
-        held_grads = {"grads (unsharded fp32, accumulated)": fsdp_accumulated_grads(s)}
+        held_grads = {"grads (unsharded fp32, accumulated)": fsdp_accumulated_grads(s, ts.frozen)}
     common: dict[str, int] = {}
     if ts.mode == "autocast":
         common["autocast bf16 weights"] = autocast_cache(s)
@@ -151,7 +153,7 @@ def train_estimate(stage: str, s: Shape, t: Shape | None, teacher_bytes: int, ts
                               "backward buffers": backward_working(s, tokens, ts.mode)},
         "end of backward": {"grads": grads, **common,
                             "backward buffers": (fsdp_reduce(s, pbytes) if ts.parallel == "fsdp" else 0)
-                            + (4 * s.vocab * s.hidden if s.tied else 0)},
+                            + (4 * s.vocab * s.hidden if s.tied and not ts.frozen else 0)},
         "optimizer step": {"grads": grads, "optimizer temporaries": optimizer_transient(s, ts.world, ts.parallel,
                                                                                          cuda)},
     }
@@ -374,6 +376,8 @@ def estimate_run(cfg, world_size: int = 1, gpu_bytes: int | None = None, shapes:
                              sum(resident.values()), None, cuda))
 
     ts = _train_settings(cfg.distill, cfg, world_size, "topk" if cfg.distill.topk else "full", cuda, torchrun)
+    if cfg.distill.embeddings_frozen(S.hidden, T.hidden):
+        ts = replace(ts, frozen=frozen_embedding_params(S))
     teacher_bytes = _teacher_bytes(cfg, cuda)
     out.append(load_estimate(train_estimate("distill", S, T, teacher_bytes, ts, cuda), S, b,
                              weights(T.params, teacher_bytes), ts, cuda))

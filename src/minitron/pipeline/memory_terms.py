@@ -122,23 +122,30 @@ def weights(params: int, nbytes: int) -> int:
     return params * nbytes
 
 
-def master_states(s: Shape, world: int, mode: str) -> dict[str, int]:
-    """The trained model's fp32 state: master weights 4P, gradients 4P, AdamW exp_avg and exp_avg_sq 8P;
-    divided by W under FSDP (sharded), whole on every rank otherwise; DDP adds its fp32 gradient buckets
-    (4P: gradient_as_bucket_view is off)."""
+def frozen_embedding_params(s: Shape) -> int:
+    """Parameters of the token embedding and the LM head (one tensor where tied): what distill.freeze_embeddings
+    leaves without gradient and AdamW state."""
+    return s.vocab * s.hidden * (1 if s.tied else 2)
+
+
+def master_states(s: Shape, world: int, mode: str, frozen: int = 0) -> dict[str, int]:
+    """The trained model's fp32 state: master weights 4P, gradients 4P', AdamW exp_avg and exp_avg_sq 8P', with P'
+    the P - frozen parameters that train; divided by W under FSDP (sharded), whole on every rank otherwise; DDP adds
+    its fp32 gradient buckets (4P': gradient_as_bucket_view is off)."""
     shard = world if mode == "fsdp" else 1
-    out = {"master weights": 4 * s.params // shard, "grads": 4 * s.params // shard,
-           "AdamW states": 8 * s.params // shard}
+    trained = s.params - frozen
+    out = {"master weights": 4 * s.params // shard, "grads": 4 * trained // shard,
+           "AdamW states": 8 * trained // shard}
     if mode == "ddp":
-        out["DDP buckets"] = 4 * s.params
+        out["DDP buckets"] = 4 * trained
     return out
 
 
-def fsdp_accumulated_grads(s: Shape) -> int:
+def fsdp_accumulated_grads(s: Shape, frozen: int = 0) -> int:
     """FSDP2 with gradient accumulation and no reduce-scatter between micro-batches (set_requires_gradient_sync):
-    every parameter's unsharded gradient, accumulated in the reduce dtype (fp32), lives on every rank until the
-    last micro-batch's backward reduce-scatters it: 4P."""
-    return 4 * s.params
+    every trained parameter's unsharded gradient, accumulated in the reduce dtype (fp32), lives on every rank until
+    the last micro-batch's backward reduce-scatters it: 4 (P - frozen)."""
+    return 4 * (s.params - frozen)
 
 
 def sharded_load(s: Shape, file_bytes: int, world: int) -> int:

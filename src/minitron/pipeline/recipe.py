@@ -113,6 +113,13 @@ class DistillSection:
                 raise ConfigError(f"distill.{name}: {value!r} is neither a positive number nor auto; give e.g. "
                                   f"distill.{name}=1e-4, or distill.{name}=auto")
 
+    def embeddings_frozen(self, student_hidden: int, teacher_hidden: int | None) -> bool:
+        """Whether distillation leaves the embedding and LM head untrained: freeze_embeddings, with auto resolved
+        (frozen where a teacher is given and the student keeps its hidden width)."""
+        if self.freeze_embeddings != "auto":
+            return bool(self.freeze_embeddings)
+        return teacher_hidden is not None and student_hidden == teacher_hidden
+
 
 @dataclass
 class EvalSection:

@@ -272,8 +272,7 @@ def _distill_config(cfg: RunConfig, teacher: str, student: str, folder: Path, to
     d = cfg.distill
     hidden = arch.dims_of(load_config(student)).hidden
     lr = auto_lr(hidden) if d.lr == "auto" else d.lr
-    freeze = (d.freeze_embeddings if d.freeze_embeddings != "auto"
-              else teacher is not None and hidden == arch.dims_of(load_config(teacher)).hidden)
+    freeze = d.embeddings_frozen(hidden, arch.dims_of(load_config(teacher)).hidden if teacher is not None else None)
     kw = dict(student=student, teacher=teacher, out=str(folder), data=cfg.data.corpus, tokens=tokens,
               loss=d.loss, temperature=d.temperature, ce_weight=d.ce_weight, lr=lr,
               min_lr=lr / 10 if d.min_lr == "auto" else d.min_lr,
