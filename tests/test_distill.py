@@ -139,6 +139,14 @@ def test_plan_steps_fits_training_evaluations_and_saving(tmp_path):
     # evaluations of 2 s every 4 steps would take 44 s of 100: spaced to 3 between the first and the last (10%)
     assert plan(2.0) == (4 + 76, 22)  # 83 s at 1 + 2 / 22 s per step
     assert plan(4.0) == (4 + 81, 0)   # the first and the last alone take 8 s: no evaluation between them
+    # checkpoints every 4 steps: weights 4 bytes a parameter, AdamW states 8 bytes a trained one (frozen: none)
+    cfg.save_every = 4
+    n = int(SAVE_BYTES_PER_S)
+    all_trained = plan_steps(tmp_path, cfg, Dist(), __import__("time").perf_counter() - 9.99, 1.0, 0.2, 4, 256, n)
+    half = plan_steps(tmp_path, cfg, Dist(), __import__("time").perf_counter() - 9.99, 1.0, 0.2, 4, 256, n,
+                      n_trained=n // 2)
+    assert all_trained == (4 + 19, 4)  # 84.8 s at 1 + 0.05 + (1 + 12) / 4 s per step
+    assert half == (4 + 25, 4)         # 84.8 s at 1 + 0.05 + (1 + 4 + 4) / 4 s per step
 
 
 def test_time_budget_plans_after_the_probe_and_resumes_with_the_plan(pair, tmp_path):

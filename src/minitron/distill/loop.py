@@ -286,7 +286,8 @@ def distill(cfg: DistillConfig) -> Path:
         if (total is None and done_steps >= cfg.probe_steps or done_steps == replan_at) and timed:
             first = json.loads((out / "budget.json").read_text()) if done_steps == replan_at and d.main else None
             total, eval_every = plan_steps(out, cfg, d, t_call, probe_s / timed, eval_s, done_steps, tokens_per_step,
-                                           sum(p.numel() for p in student_model.parameters()), first)
+                                           sum(p.numel() for p in student_model.parameters()), first,
+                                           sum(p.numel() for p in student_model.parameters() if p.requires_grad))
             # again a third and two thirds of the way, each from the steps timed since the plan before (the first
             # steps run slower than later ones)
             plans += 1
@@ -311,16 +312,19 @@ def distill(cfg: DistillConfig) -> Path:
 
 
 def plan_steps(out: Path, cfg: DistillConfig, d: Dist, t_call: float, step_s: float, eval_s: float, done: int,
-               tokens_per_step: int, n_params: int, first: dict | None = None) -> tuple[int, int]:
+               tokens_per_step: int, n_params: int, first: dict | None = None,
+               n_trained: int | None = None) -> tuple[int, int]:
     """A time-budgeted run, after its probe: (steps, eval_every). The steps are those whose training, evaluations
-    (every eval_every steps and at the end, each as long as the first), checkpoints (every save_every steps: weights
-    and AdamW states, 12 bytes a parameter) and the final save (4 bytes a parameter) fit in what is left of
+    (every eval_every steps and at the end, each as long as the first), checkpoints (every save_every steps: weights,
+    4 bytes a parameter, and AdamW states, 8 bytes each of the n_trained that train, default all) and the final save
+    (4 bytes a parameter) fit in what is left of
     cfg.seconds, writing at SAVE_BYTES_PER_S. Evaluations are spaced further than cfg.eval_every where all of them
     (the first and the last included) would take more than EVAL_SHARE of the seconds: on a short budget that is
     only the first and the last. With `first` (the plan before), a new plan from the steps timed since, which
     keeps the first's record and adds this one to its `replans`. Rank 0's plan is every rank's (budget.json
     records it; a resumed run reads it)."""
-    save_s, ckpt_s = 1.0 + 4 * n_params / SAVE_BYTES_PER_S, 1.0 + 12 * n_params / SAVE_BYTES_PER_S
+    trained = n_params if n_trained is None else n_trained
+    save_s, ckpt_s = 1.0 + 4 * n_params / SAVE_BYTES_PER_S, 1.0 + (4 * n_params + 8 * trained) / SAVE_BYTES_PER_S
     left = cfg.seconds - (time.perf_counter() - t_call) - save_s - eval_s  # eval_s: the final evaluation
     every = cfg.eval_every
     if every and eval_s > 0:
