@@ -153,14 +153,15 @@ def estimate_lines(cfg: RunConfig, shapes: dict, world: int, cuda: bool, tflops:
     evals = {"teacher_eval": 2 * t * (ppl + mc), "eval": 2 * s * (ppl + mc)}
     secs = {k: v / rate for k, v in {**before, **evals}.items() if v}
     left = total - sum(secs.values())
-    tokens = max(0.0, left) * rate / distill_flops(cfg, shapes)
+    per_token = distill_flops(cfg, shapes)
+    tokens = max(0.0, left) * rate / per_token
     unit = f"{cfg.budget.gpu_hours:g} GPU-hours over {world} GPUs = " if cfg.budget.gpu_hours else ""
     lines = [f"Budget: {unit}{total / 60:.1f} min of wall time, spent as estimated from FLOPs at "
              f"{rate / world / 1e12:g} TFLOP/s achieved per {'GPU' if cuda else 'CPU process'} (the run plans from "
              "what it measures instead):", "", "| stage | minutes |", "|---|---|"]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in secs.items()]
     lines.append(f"| distill | {max(0.0, left) / 60:.1f} (~{tokens / 1e6:,.1f}M tokens at "
-                 f"{rate / distill_flops(cfg, shapes):,.0f} tokens/s) |")
+                 f"{rate / per_token:,.0f} tokens/s) |")
     if left < MIN_DISTILL_S:
         lines.append("The budget leaves no time for distillation: raise budget.minutes / gpu_hours.")
     return lines
