@@ -287,7 +287,7 @@ def distill(cfg: DistillConfig) -> Path:
             first = json.loads((out / "budget.json").read_text()) if done_steps == replan_at and d.main else None
             total, eval_every = plan_steps(out, cfg, d, t_call, probe_s / timed, eval_s, done_steps, tokens_per_step,
                                            sum(p.numel() for p in student_model.parameters()), first,
-                                           sum(p.numel() for p in student_model.parameters() if p.requires_grad))
+                                           sum(p.numel() for p in trained))
             # again a third and two thirds of the way, each from the steps timed since the plan before (the first
             # steps run slower than later ones)
             plans += 1
