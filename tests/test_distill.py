@@ -126,10 +126,10 @@ def test_plan_steps_fits_training_evaluations_and_saving(tmp_path):
 
     cfg = DistillConfig(student="s", out=str(tmp_path), seconds=100.0, eval_every=4, save_every=0)
 
-    def plan(eval_s):
+    def plan(eval_s, n_trained=None):
         t_call = __import__("time").perf_counter() - 9.99  # 10 s already spent (loading, first evaluation, probe)
         return plan_steps(tmp_path, cfg, Dist(), t_call, step_s=1.0, eval_s=eval_s, done=4, tokens_per_step=256,
-                          n_params=int(SAVE_BYTES_PER_S))  # saving: 1 + 4 s
+                          n_params=int(SAVE_BYTES_PER_S), n_trained=n_trained)  # saving: 1 + 4 s
 
     # left = 100 - 10 - 5 - 0.2 (final evaluation) = 84.8 s at 1 s per step + 0.2 s / 4 steps of evaluation
     assert plan(0.2) == (4 + 80, 4)
@@ -141,12 +141,8 @@ def test_plan_steps_fits_training_evaluations_and_saving(tmp_path):
     assert plan(4.0) == (4 + 81, 0)   # the first and the last alone take 8 s: no evaluation between them
     # checkpoints every 4 steps: weights 4 bytes a parameter, AdamW states 8 bytes a trained one (frozen: none)
     cfg.save_every = 4
-    n = int(SAVE_BYTES_PER_S)
-    all_trained = plan_steps(tmp_path, cfg, Dist(), __import__("time").perf_counter() - 9.99, 1.0, 0.2, 4, 256, n)
-    half = plan_steps(tmp_path, cfg, Dist(), __import__("time").perf_counter() - 9.99, 1.0, 0.2, 4, 256, n,
-                      n_trained=n // 2)
-    assert all_trained == (4 + 19, 4)  # 84.8 s at 1 + 0.05 + (1 + 12) / 4 s per step
-    assert half == (4 + 25, 4)         # 84.8 s at 1 + 0.05 + (1 + 4 + 4) / 4 s per step
+    assert plan(0.2) == (4 + 19, 4)  # 84.8 s at 1 + 0.05 + (1 + 12) / 4 s per step
+    assert plan(0.2, n_trained=int(SAVE_BYTES_PER_S) // 2) == (4 + 25, 4)  # at 1 + 0.05 + (1 + 4 + 4) / 4 s per step
 
 
 def test_time_budget_plans_after_the_probe_and_resumes_with_the_plan(pair, tmp_path):
